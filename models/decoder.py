@@ -1,0 +1,80 @@
+"""Feature-prediction decoder of D-iGPT: queries at target positions attend to themselves and,
+layer by layer, to a projection of the encoder's tapped features, under the same mask."""
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Mlp, build_sincos2d_pos_embed
+from timm.models.vision_transformer import Attention
+from torch import nn
+
+LayerNorm = partial(nn.LayerNorm, eps=1e-6)
+
+
+class CrossAttention(nn.Module):
+    # timm has no masked cross-attention layer; this is its self-attention with q and kv split.
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        heads = lambda t: t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+        q = heads(self.q(x))
+        k, v = map(heads, self.kv(context).chunk(2, dim=-1))
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = LayerNorm(dim)
+        self.self_attn = Attention(dim, num_heads=num_heads, qkv_bias=True)
+        self.norm2_q = LayerNorm(dim)
+        self.norm2_kv = LayerNorm(dim)
+        self.cross_attn = CrossAttention(dim, num_heads)
+        self.norm3 = LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, q: torch.Tensor, kv: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        q = q + self.self_attn(self.norm1(q), attn_mask=attn_mask)
+        q = q + self.cross_attn(self.norm2_q(q), self.norm2_kv(kv), attn_mask)
+        return q + self.mlp(self.norm3(q))
+
+
+class FeaturePredictor(nn.Module):
+    """One D-iGPT decoder ("ar" or "kd"): a learned query token plus fixed sin-cos positions of the
+    target patches, `depth` DecoderBlocks, then a LayerNorm + Linear head to the teacher width.
+
+    `enc2dec` maps the concatenated encoder taps to depth x width and is read as (width, depth),
+    depth last, the official checkpoint's layout, so its weights import without reshuffling.
+    """
+
+    def __init__(self, in_dim: int, grid: tuple[int, int], width: int, depth: int, heads: int,
+                 out_dim: int):
+        super().__init__()
+        self.depth = depth
+        self.enc2dec = nn.Linear(in_dim, width * depth)
+        self.query_token = nn.Parameter(torch.zeros(1, 1, width))
+        pos = build_sincos2d_pos_embed(list(grid), width)
+        self.register_buffer("pos_embed", torch.cat([pos, torch.zeros(1, width)]), persistent=False)
+        self.blocks = nn.ModuleList(DecoderBlock(width, heads) for _ in range(depth))
+        self.head_norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, out_dim)
+        nn.init.normal_(self.query_token, std=0.02)
+
+    def forward(self, features: torch.Tensor, query_index: torch.Tensor,
+                attn_mask: torch.Tensor) -> torch.Tensor:
+        """features (B, N+1, in_dim); query_index (B, N) raster positions of the predicted patches;
+        the last query (position row N = zeros) predicts the teacher's cls token."""
+        cls_row = torch.full_like(query_index[:, :1], self.pos_embed.shape[0] - 1)
+        pos = self.pos_embed[torch.cat([query_index, cls_row], dim=1)]
+        q = self.query_token + pos
+        context = self.enc2dec(features).unflatten(-1, (-1, self.depth))
+        for i, block in enumerate(self.blocks):
+            q = block(q, context[..., i], attn_mask)
+        return self.head(self.head_norm(q))

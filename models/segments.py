@@ -1,0 +1,68 @@
+"""Segment layout, per-sample segment order and the block-causal mask (D-iGPT / XTRA style).
+
+A patch grid is cut into `split = (rows, cols)` equal segments. Segments are numbered in raster
+order and so are the patches inside a segment, so `patch_index[s, t]` is the raster index in the
+full grid of token `t` of segment `s`. Every segment has the same shape, which keeps all token
+counts static for XLA: only which segment sits in which sequence slot changes per sample.
+"""
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SegmentLayout:
+    grid: tuple[int, int]
+    split: tuple[int, int]
+
+    def __post_init__(self):
+        for axis, (g, s) in enumerate(zip(self.grid, self.split)):
+            if s < 1 or g % s:
+                raise ValueError(
+                    f"a {self.grid[0]}x{self.grid[1]} token grid does not split into "
+                    f"{self.split[0]}x{self.split[1]} equal segments (axis {axis}: {g} % {s} != 0); "
+                    f"pick an image_size / patch_size whose grid is a multiple of the segment split")
+
+    @property
+    def segment_shape(self) -> tuple[int, int]:
+        return self.grid[0] // self.split[0], self.grid[1] // self.split[1]
+
+    @property
+    def num_segments(self) -> int:
+        return self.split[0] * self.split[1]
+
+    @property
+    def tokens_per_segment(self) -> int:
+        h, w = self.segment_shape
+        return h * w
+
+    def patch_index(self) -> torch.Tensor:
+        """(num_segments, tokens_per_segment) raster indices into the full grid."""
+        gh, gw = self.grid
+        sh, sw = self.segment_shape
+        raster = torch.arange(gh * gw).reshape(self.split[0], sh, self.split[1], sw)
+        return raster.permute(0, 2, 1, 3).reshape(self.num_segments, sh * sw)
+
+
+def segment_order(noise: torch.Tensor) -> torch.Tensor:
+    """Per-sample random permutation of segments from uniform noise (B, S), drawn on the device:
+    argsort of noise keeps shapes static, unlike a host-side randperm per sample."""
+    return noise.argsort(dim=-1)
+
+
+def block_causal_mask(num_blocks: int, block_len: int, cls_visible_to_last_block: bool) -> torch.Tensor:
+    """Boolean (N, N) mask, True = may attend, over `num_blocks` blocks then one cls token at the end.
+
+    Full attention inside a block, causal between blocks; the cls token sees everything. Whether
+    any block sees cls: in the official D-iGPT code the last block does (a side effect of padding
+    its mask), `cls_visible_to_last_block=True` reproduces that; False keeps cls strictly last.
+    """
+    block = torch.arange(num_blocks).repeat_interleave(block_len)
+    mask = block[:, None] >= block[None, :]
+    n = num_blocks * block_len + 1
+    full = torch.zeros(n, n, dtype=torch.bool)
+    full[:-1, :-1] = mask
+    full[-1, :] = True
+    if cls_visible_to_last_block:
+        full[(num_blocks - 1) * block_len:-1, -1] = True
+    return full

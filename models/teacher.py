@@ -1,0 +1,71 @@
+"""The CLIP teacher: OpenCLIP's visual tower, frozen, in eval mode, returning all final tokens
+(cls + patch grid) after ln_post and the projection: D-iGPT's targets."""
+import hashlib
+import os
+from pathlib import Path
+
+import open_clip
+import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from torch import nn
+
+# Small architectures of our own (e.g. the demo teacher) next to open_clip's registry.
+open_clip.add_model_config(Path(__file__).parent / "clip_configs")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def resolve_weights(pretrained: str | None, cache_dir: str) -> str | None:
+    """A gs:// (or any fsspec URL) checkpoint is copied once into cache_dir; local paths and
+    open_clip pretrained tags pass through."""
+    if not pretrained or "://" not in pretrained:
+        return pretrained
+    import fsspec
+    local = Path(cache_dir) / hashlib.sha1(pretrained.encode()).hexdigest()[:16] / Path(pretrained).name
+    if not local.exists():
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_suffix(local.suffix + ".partial")
+        with fsspec.open(pretrained, "rb") as src, open(tmp, "wb") as dst:
+            while chunk := src.read(1 << 24):
+                dst.write(chunk)
+        os.replace(tmp, local)
+    return str(local)
+
+
+class ClipTeacher(nn.Module):
+    def __init__(self, arch: str = "ViT-H-14", pretrained: str | None = None, image_size: int = 224,
+                 input_mean=IMAGENET_MEAN, input_std=IMAGENET_STD,
+                 cache_dir: str = "~/.cache/xla-trainer/teachers"):
+        super().__init__()
+        if arch not in open_clip.list_models():
+            raise ValueError(f"unknown teacher arch {arch!r}; see open_clip.list_models()")
+        weights = resolve_weights(pretrained, os.path.expanduser(cache_dir))
+        clip = open_clip.create_model(arch, pretrained=weights, force_image_size=image_size)
+        self.visual = clip.visual
+        if self.visual.attn_pool is not None or self.visual.proj is None:
+            raise ValueError(f"teacher {arch!r}: only plain ViT towers with a projection are supported")
+        self.visual.eval().requires_grad_(False)
+        # student-normalised pixels -> CLIP-normalised pixels: x * scale + shift
+        mean, std = torch.tensor(input_mean), torch.tensor(input_std)
+        clip_mean, clip_std = torch.tensor(OPENAI_DATASET_MEAN), torch.tensor(OPENAI_DATASET_STD)
+        self.register_buffer("scale", (std / clip_std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", ((mean - clip_mean) / clip_std).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True):
+        return super().train(False)  # always eval: no dropout, frozen statistics
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return tuple(self.visual.grid_size)
+
+    @property
+    def dim(self) -> int:
+        return self.visual.proj.shape[1]
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) student-normalised -> (B, 1 + Gh*Gw, dim) tokens, cls first."""
+        x = self.visual._embeds(images * self.scale + self.shift)
+        x = self.visual.ln_post(self.visual.transformer(x))
+        return x @ self.visual.proj

@@ -1,0 +1,1 @@
+"""Device-agnostic pre-training: XLA SPMD on TPU, DDP on GPUs, CPU for debugging and tests."""

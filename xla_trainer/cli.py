@@ -1,0 +1,92 @@
+"""`xla-trainer` command line: pretrain, bench, info, prepare-data."""
+import argparse
+import json
+import logging
+import sys
+
+from .config import DEFAULT_CONFIG, ConfigError, load_config
+
+OVERRIDES_HELP = "config overrides as key.sub=value (value parsed as YAML), e.g. train.global_batch=64"
+
+
+def _config_args(p: argparse.ArgumentParser):
+    p.add_argument("--config", default=None, help=f"experiment YAML (default: {DEFAULT_CONFIG})")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+
+
+def cmd_pretrain(args):
+    from .train import pretrain
+    summary = pretrain(load_config(args.config, args.overrides))
+    print(f"done: {summary['steps']} steps\n"
+          f"  metrics:     {summary['metrics']}\n"
+          f"  tensorboard: {summary['tensorboard']}\n"
+          f"  checkpoint:  {summary['checkpoint']}")
+
+
+def cmd_bench(args):
+    from .bench import bench
+    result = bench(load_config(args.config, args.overrides), steps=args.steps, warmup=args.warmup)
+    mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None else "n/a (unknown peak)"
+    print(f"{result['device']} x{result['devices']}  batch {result['global_batch']}: "
+          f"{result['images_per_sec']:.1f} images/s, {result['ms_per_step']:.1f} ms/step, "
+          f"{result['achieved_tflops']:.2f} TFLOP/s, MFU {mfu}, "
+          f"compiles {result['compiles']} ({result['compiles_after_warmup']} after warm-up)")
+    print(json.dumps(result))
+
+
+def cmd_info(args):
+    import importlib.metadata as md
+
+    from .runtime import create_runtime
+    runtime = create_runtime(args.backend)
+    info = vars(runtime.info())
+    if runtime.backend == "xla":
+        info["mesh"] = {"shape": list(runtime.mesh.mesh_shape), "axes": list(runtime.mesh.axis_names)}
+    versions = {}
+    for pkg in ("torch", "torch_xla", "torchvision", "timm", "open_clip_torch", "fvcore", "gcsfs"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    info["versions"] = versions
+    print(json.dumps(info, indent=2))
+
+
+def cmd_prepare_data(args):
+    from .embedded_data import prepare_embedded
+    print(prepare_embedded(args.out))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xla-trainer", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("pretrain", help="pre-train (resumes from the newest checkpoint in train.output_dir)")
+    _config_args(p)
+    p.set_defaults(func=cmd_pretrain)
+    p = sub.add_parser("bench", help="time N train steps after warm-up on a fixed device batch")
+    _config_args(p)
+    p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first, compilation included (default 3)")
+    p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("info", help="backend, devices, mesh, process count/index, versions")
+    p.add_argument("--backend", default="auto", choices=("auto", "xla", "cuda", "cpu"))
+    p.set_defaults(func=cmd_info)
+    p = sub.add_parser("prepare-data", help="write the embedded real-image dataset as an ImageFolder tree")
+    p.add_argument("--out", default="~/.cache/xla-trainer/embedded", help="target directory")
+    p.set_defaults(func=cmd_prepare_data)
+    return parser
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("xla_trainer").setLevel(logging.INFO)
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ConfigError as e:
+        print(f"xla-trainer: error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"xla-trainer: error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,64 @@
+"""FLOPs of the real model (fvcore) and the peak of the device, for throughput and MFU."""
+import re
+
+import torch
+from fvcore.nn import FlopCountAnalysis
+from fvcore.nn.jit_handles import get_shape
+
+# Dense bf16 peak per chip / GPU, TFLOP/s, from the vendors' spec sheets.
+PEAK_TFLOPS = (
+    (r"v6e|v6 lite|trillium", 918.0),
+    (r"v5p", 459.0),
+    (r"v5e|v5lite|v5 lite", 197.0),
+    (r"v4", 275.0),
+    (r"H200", 989.0),
+    (r"H100", 989.0),
+    (r"A100", 312.0),
+)
+
+
+def peak_flops(device_kind: str) -> float | None:
+    for pattern, tflops in PEAK_TFLOPS:
+        if re.search(pattern, device_kind, re.IGNORECASE):
+            return tflops * 1e12
+    return None
+
+
+def _sdpa_macs(inputs, outputs):
+    # fvcore skips aten::scaled_dot_product_attention: QK^T and AV are each B*H*L*S*d MACs.
+    q, k = get_shape(inputs[0]), get_shape(inputs[1])
+    *batch, length, dim = q
+    n = 1
+    for b in batch:
+        n *= b
+    return 2 * n * length * k[-2] * dim
+
+
+def forward_flops(module: torch.nn.Module, *inputs) -> float:
+    """FLOPs (2 per multiply-add) of one forward of `module` on `inputs`."""
+    analysis = FlopCountAnalysis(module, inputs)
+    analysis.set_op_handle("aten::scaled_dot_product_attention", _sdpa_macs)
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    return 2.0 * analysis.total()
+
+
+class _LossOnly(torch.nn.Module):
+    def __init__(self, method):
+        super().__init__()
+        self.method = method
+
+    def forward(self, images, targets, noise):
+        return self.method(images, targets, noise)["loss"]
+
+
+def train_flops_per_image(method: torch.nn.Module, teacher: torch.nn.Module | None, image_size: int,
+                          teacher_tokens: tuple[int, int]) -> dict:
+    """Counted on one CPU image before the model moves to its device. Backward = 2 x forward."""
+    images = torch.zeros(1, 3, image_size, image_size)
+    targets = torch.zeros(1, *teacher_tokens)
+    noise = torch.rand(1, *method.noise_shape)
+    with torch.no_grad():
+        student = forward_flops(_LossOnly(method), images, targets, noise)
+        teacher_fwd = forward_flops(teacher, images) if teacher is not None else 0.0
+    return {"student_forward": student, "teacher_forward": teacher_fwd,
+            "train_step": 3 * student + teacher_fwd}

@@ -1,0 +1,224 @@
+"""Device runtime: the one module that knows about torch_xla, CUDA and torch.distributed.
+
+Three backends behind one interface, so the train step is the same everywhere:
+  xla  - SPMD over a 1-D ('data',) mesh of every device of every host; input batches sharded on
+         the batch axis by MpDeviceLoader; the step compiled with torch_xla.compile.
+  cuda - one process per GPU under torchrun, DistributedDataParallel over NCCL.
+  cpu  - one process, or DDP over gloo when started by torchrun (debugging, tests).
+"""
+import contextlib
+import datetime
+import importlib.util
+import os
+import platform
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+
+def _mix_seed(seed: int, step: int) -> int:
+    """Step noise is a function of (seed, step) alone: identical on every replica and process
+    count, and exact after a resume without saving device RNG state."""
+    return (seed * 1_000_003 + step * 7919 + 12345) % (2**31 - 1)
+
+
+def _tpu_present() -> bool:
+    return os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio/0") or \
+        "TPU_ACCELERATOR_TYPE" in os.environ
+
+
+@dataclass
+class RuntimeInfo:
+    backend: str
+    device: str
+    device_kind: str
+    num_devices: int
+    process_index: int
+    process_count: int
+    data_parallel_size: int
+
+
+class Runtime:
+    backend = "cpu"
+
+    def __init__(self, precision: str = "bf16"):
+        self.precision = precision
+        self.device = torch.device("cpu")
+        self.process_index, self.process_count = 0, 1
+        self.num_devices = 1
+
+    # --- topology ---------------------------------------------------------------------------
+    @property
+    def data_parallel_size(self) -> int:
+        """Ways the global batch is split across devices."""
+        return self.num_devices
+
+    @property
+    def is_main(self) -> bool:
+        return self.process_index == 0
+
+    def device_kind(self) -> str:
+        return platform.processor() or "cpu"
+
+    def info(self) -> RuntimeInfo:
+        return RuntimeInfo(self.backend, str(self.device), self.device_kind(), self.num_devices,
+                           self.process_index, self.process_count, self.data_parallel_size)
+
+    # --- model and step ---------------------------------------------------------------------
+    def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(self.device)
+
+    def compile_step(self, fn):
+        return fn
+
+    def autocast(self):
+        enabled = self.precision == "bf16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def step_noise(self, shape: tuple, seed: int, step: int) -> torch.Tensor:
+        g = torch.Generator(self.device)
+        g.manual_seed(_mix_seed(seed, step))
+        return torch.rand(shape, generator=g, device=self.device)
+
+    def no_sync(self, model, last_micro_batch: bool):
+        if isinstance(model, DistributedDataParallel) and not last_micro_batch:
+            return model.no_sync()
+        return contextlib.nullcontext()
+
+    def device_batches(self, loader):
+        for batch in loader:
+            yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def compiles(self) -> int:
+        return 0
+
+    # --- collectives (outside the step only) ------------------------------------------------
+    @property
+    def reporting_processes(self) -> int:
+        """How many processes each report a local part of a step's values."""
+        return self.process_count
+
+    def sum_over_processes(self, values: list[float]) -> list[float]:
+        if self.process_count == 1 or not dist.is_initialized():
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def barrier(self):
+        if dist.is_initialized():
+            dist.barrier()
+
+    def shutdown(self):
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class DdpRuntime(Runtime):
+    """cpu (gloo) or cuda (nccl); DDP when launched by torchrun with WORLD_SIZE > 1."""
+
+    def __init__(self, backend: str, precision: str = "bf16"):
+        super().__init__(precision)
+        self.backend = backend
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if backend == "cuda":
+            torch.cuda.set_device(local_rank)
+            self.device = torch.device("cuda", local_rank)
+        if world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if backend == "cuda" else "gloo",
+                                    timeout=datetime.timedelta(minutes=30))
+        if world > 1:
+            self.process_index, self.process_count = dist.get_rank(), dist.get_world_size()
+        self.num_devices = self.process_count
+        self.torch_compile = False
+
+    def device_kind(self) -> str:
+        if self.backend == "cuda":
+            return torch.cuda.get_device_name(self.device)
+        return super().device_kind()
+
+    def wrap_model(self, model):
+        model = model.to(self.device)
+        if self.torch_compile:
+            model = torch.compile(model)
+        if self.process_count > 1:
+            model = DistributedDataParallel(model, device_ids=[self.device.index] if self.backend == "cuda" else None)
+        return model
+
+
+class XlaRuntime(Runtime):
+    backend = "xla"
+
+    def __init__(self, precision: str = "bf16"):
+        super().__init__(precision)
+        os.environ.setdefault("PJRT_DEVICE", "TPU" if _tpu_present() else "CPU")
+        import numpy as np
+        import torch_xla
+        import torch_xla.core.xla_model as xm
+        import torch_xla.debug.metrics as met
+        import torch_xla.distributed.parallel_loader as pl
+        import torch_xla.distributed.spmd as xs
+        import torch_xla.runtime as xr
+
+        self._torch_xla, self._xm, self._met, self._pl, self._xs = torch_xla, xm, met, pl, xs
+        xr.use_spmd()
+        self.device = torch_xla.device()
+        self.num_devices = xr.global_runtime_device_count()
+        self.process_index, self.process_count = xr.process_index(), xr.process_count()
+        self.mesh = xs.Mesh(np.arange(self.num_devices), (self.num_devices,), ("data",))
+        xs.set_global_mesh(self.mesh)
+
+    def device_kind(self) -> str:
+        hw = self._xm.xla_device_hw(self.device)
+        if hw == "TPU":
+            return os.environ.get("TPU_ACCELERATOR_TYPE", f"TPU v{self._torch_xla.tpu.version()}")
+        return f"XLA:{hw}"
+
+    def compile_step(self, fn):
+        return self._torch_xla.compile(fn, full_graph=True, name="train_step")
+
+    def step_noise(self, shape, seed, step):
+        # Reseeding the device generator is a scalar upload, not a new graph.
+        self._xm.set_rng_state(_mix_seed(seed, step), device=self.device)
+        return torch.rand(shape, device=self.device)
+
+    def device_batches(self, loader):
+        sharding = {
+            "images": self._xs.ShardingSpec(self.mesh, ("data", None, None, None), minibatch=True),
+            "skipped": self._xs.ShardingSpec(self.mesh, ("data",), minibatch=True),
+        }
+        return self._pl.MpDeviceLoader(loader, self.device, input_sharding=sharding)
+
+    def compiles(self) -> int:
+        data = self._met.metric_data("CompileTime")
+        return int(data[0]) if data else 0
+
+    # Under SPMD every value the step returns is already global: one report, no collective.
+    reporting_processes = 1
+
+    def sum_over_processes(self, values):
+        return values
+
+
+def resolve_backend(backend: str) -> str:
+    if backend != "auto":
+        return backend
+    if importlib.util.find_spec("torch_xla") is not None:
+        return "xla"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def create_runtime(backend: str = "auto", precision: str = "bf16", torch_compile: bool = False) -> Runtime:
+    backend = resolve_backend(backend)
+    if backend == "xla":
+        if importlib.util.find_spec("torch_xla") is None:
+            raise RuntimeError("runtime.backend=xla needs torch_xla: pip install -e '.[xla]'")
+        return XlaRuntime(precision)
+    if backend == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("runtime.backend=cuda but no CUDA device is visible; use runtime.backend=cpu")
+    runtime = DdpRuntime(backend, precision)
+    runtime.torch_compile = torch_compile and backend == "cuda"
+    return runtime

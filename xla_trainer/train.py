@@ -1,0 +1,253 @@
+"""Pre-training: build from the config, then one train step for every backend.
+
+Reading order: `pretrain` (the loop) -> `train_step` (one optimizer step) -> the method's forward
+in models/ (the loss). Device specifics live in runtime.py only."""
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import models
+from models.segments import SegmentLayout
+from . import checkpoint
+from .config import Config, ConfigError
+from .data import GlobalBatchSampler, build_dataset, build_loader
+from .embedded_data import prepare_embedded
+from .flops import peak_flops, train_flops_per_image
+from .metrics import MetricsLogger
+from .optim import build_optimizer, lr_at, peak_lr
+from .runtime import Runtime, create_runtime
+
+log = logging.getLogger(__name__)
+EMBEDDED_ROOT = "~/.cache/xla-trainer/embedded"
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+# --- checks and construction ------------------------------------------------------------------
+def check_config(cfg: Config, runtime: Runtime):
+    """Everything that can be wrong with the config, before data, models or compilation."""
+    m, t = cfg.model, cfg.train
+    if len(m.segments) != 2:
+        raise ConfigError(f"model.segments must be [rows, cols], got {m.segments}")
+    if m.image_size % m.patch_size:
+        raise ConfigError(f"model.image_size {m.image_size} is not a multiple of model.patch_size {m.patch_size}")
+    grid = m.image_size // m.patch_size
+    try:
+        SegmentLayout((grid, grid), tuple(m.segments))
+    except ValueError as e:
+        raise ConfigError(f"model.segments: {e}") from None
+    split = runtime.data_parallel_size * t.accum_steps
+    if t.global_batch % split:
+        raise ConfigError(
+            f"train.global_batch {t.global_batch} is not divisible by data-parallel size "
+            f"{runtime.data_parallel_size} x train.accum_steps {t.accum_steps}; use a multiple of {split}")
+    if t.global_batch % runtime.process_count:
+        raise ConfigError(f"train.global_batch {t.global_batch} must split evenly over "
+                          f"{runtime.process_count} hosts")
+    if t.log_every < 1 or t.ckpt_every < 1:
+        raise ConfigError("train.log_every and train.ckpt_every must be >= 1")
+
+
+def data_root(cfg: Config) -> str:
+    if cfg.data.source == "embedded":
+        return str(prepare_embedded(cfg.data.root or EMBEDDED_ROOT))
+    if not cfg.data.root:
+        raise ConfigError("data.root is not set; point it at a directory holding train/<class>/<image>, "
+                          "or use data.source=embedded")
+    if not Path(cfg.data.root).is_dir():
+        raise ConfigError(f"data.root '{cfg.data.root}' does not exist; point it at a directory holding "
+                          "train/<class>/<image>, or use data.source=embedded")
+    return cfg.data.root
+
+
+def build_models(cfg: Config) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(method, teacher) on the CPU, initialised from train.seed."""
+    torch.manual_seed(cfg.train.seed)
+    teacher = models.ClipTeacher(cfg.teacher.arch, cfg.teacher.pretrained, cfg.model.image_size,
+                                 cache_dir=cfg.teacher.cache_dir)
+    m = cfg.model
+    try:
+        method = models.create_method(
+            m.method, backbone=m.backbone, image_size=m.image_size, patch_size=m.patch_size,
+            width=m.width, depth=m.depth, heads=m.heads, teacher_dim=teacher.dim,
+            teacher_grid=teacher.grid, segments=m.segments, taps=m.taps,
+            decoder_width=m.decoder_width, decoder_depth=m.decoder_depth,
+            decoder_heads=m.decoder_heads, shared_tap_norm=m.shared_tap_norm,
+            cls_visible_to_last_segment=m.cls_visible_to_last_segment)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return method, teacher
+
+
+@dataclass
+class Schedule:
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    peak_lr: float
+    min_lr: float
+
+    def lr(self, step: int) -> float:
+        return lr_at(step, self.peak_lr, self.warmup_steps, self.total_steps, self.min_lr)
+
+
+def make_schedule(cfg: Config, dataset_len: int) -> Schedule:
+    steps_per_epoch = dataset_len // cfg.train.global_batch
+    if steps_per_epoch == 0:
+        raise ConfigError(f"the dataset has {dataset_len} images, fewer than train.global_batch "
+                          f"{cfg.train.global_batch}")
+    return Schedule(steps_per_epoch, steps_per_epoch * cfg.train.epochs,
+                    round(steps_per_epoch * cfg.optim.warmup_epochs),
+                    peak_lr(cfg.optim.base_lr, cfg.train.global_batch), cfg.optim.min_lr)
+
+
+# --- the step -----------------------------------------------------------------------------------
+def train_step(model, teacher, optimizer, batch, lr, step, *, runtime: Runtime, cfg: Config):
+    """One optimizer step over the local batch, in train.accum_steps micro-batches. Returns device
+    scalars only: nothing here reads a value back to the host."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    images = batch["images"]
+    unwrapped = getattr(model, "module", model)
+    noise = runtime.step_noise((cfg.train.global_batch, *unwrapped.noise_shape), cfg.train.seed, step)
+    local = images.shape[0]  # DDP: this process's rows of the global noise; SPMD: all of them
+    noise = noise[runtime.process_index * local:(runtime.process_index + 1) * local] \
+        if runtime.backend != "xla" else noise
+    accum = cfg.train.accum_steps
+    totals = {}
+    for i, (x, u) in enumerate(zip(images.chunk(accum), noise.chunk(accum))):
+        with runtime.no_sync(model, i == accum - 1), runtime.autocast():
+            losses = model(x, teacher(x), u)
+            (losses["loss"] / accum).backward()
+        for k, v in losses.items():
+            totals[k] = totals.get(k, 0) + v.detach().float() / accum
+    params = [p for p in model.parameters() if p.grad is not None]
+    if cfg.optim.clip_grad:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {**totals, "grad_norm": grad_norm, "skipped_images": batch["skipped"].sum()}
+
+
+# --- the loop -----------------------------------------------------------------------------------
+class Interval:
+    """Step metrics kept on the device until a log or checkpoint step reads them."""
+
+    def __init__(self):
+        self.rows: list[tuple[int, dict]] = []
+        self.start = time.perf_counter()
+
+    def add(self, step: int, metrics: dict):
+        self.rows.append((step, metrics))
+
+    def read(self) -> list[tuple[int, dict]]:
+        for i, (step, metrics) in enumerate(self.rows):
+            self.rows[i] = (step, {k: float(v) for k, v in metrics.items()})
+        return self.rows
+
+    def summary(self, runtime: Runtime, global_batch: int) -> dict:
+        """Losses averaged over the interval and the processes, the newest grad_norm, the
+        interval's skipped images summed, and its throughput."""
+        rows = self.read()
+        keys = list(rows[-1][1])
+        sums = runtime.sum_over_processes([sum(r[k] for _, r in rows) for k in keys])
+        record = {k: v / (len(rows) * runtime.reporting_processes) for k, v in zip(keys, sums)}
+        record["grad_norm"] = rows[-1][1]["grad_norm"]
+        record["skipped_images"] = sums[keys.index("skipped_images")]
+        record["images_per_sec"] = len(rows) * global_batch / (time.perf_counter() - self.start)
+        return record
+
+    def check_finite(self, checkpoint_hint: str):
+        for step, metrics in self.read():
+            if not math.isfinite(metrics["loss"]):
+                raise TrainingDiverged(f"loss is {metrics['loss']} at step {step}; stopping. "
+                                       f"The last good checkpoint is kept: {checkpoint_hint}")
+
+
+def pretrain(cfg: Config, runtime: Runtime | None = None) -> dict:
+    runtime = runtime or create_runtime(cfg.runtime.backend, cfg.runtime.precision, cfg.runtime.torch_compile)
+    check_config(cfg, runtime)
+    root = data_root(cfg)
+    dataset = build_dataset(root, cfg.model.image_size, cfg.data.crop_scale, cfg.train.seed)
+    schedule = make_schedule(cfg, len(dataset))
+    method, teacher = build_models(cfg)
+    flops = train_flops_per_image(method, teacher, cfg.model.image_size,
+                                  (1 + teacher.grid[0] * teacher.grid[1], teacher.dim))
+    model = runtime.wrap_model(method)
+    teacher = teacher.to(runtime.device)
+    if cfg.runtime.precision == "bf16":
+        teacher.visual.to(torch.bfloat16)
+    optimizer = build_optimizer(method, schedule.peak_lr, cfg.optim.weight_decay, cfg.optim.betas)
+
+    out = cfg.train.output_dir
+    start_step, last_ckpt = 0, checkpoint.latest_checkpoint(out)
+    if last_ckpt:
+        state = checkpoint.load_checkpoint(last_ckpt)
+        method.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        random.setstate(state["rng"]["python"])
+        torch.set_rng_state(state["rng"]["torch"])
+        start_step = state["step"]
+        log.info("resumed from %s at step %d", last_ckpt, start_step)
+    end_step = min(schedule.total_steps, cfg.train.stop_at_step or schedule.total_steps)
+
+    sampler = GlobalBatchSampler(len(dataset), cfg.train.global_batch, runtime.process_index,
+                                 runtime.process_count, cfg.train.seed, start_step, end_step)
+    batches = runtime.device_batches(build_loader(dataset, sampler, cfg.data.num_workers))
+    step_fn = runtime.compile_step(train_step)
+    logger = MetricsLogger(out, runtime.is_main)
+    peak = peak_flops(runtime.device_kind())
+    total_skipped = 0.0
+
+    def save(step):
+        nonlocal last_ckpt
+        state = {"model": method.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                 "data_position": {"epoch": step // schedule.steps_per_epoch,
+                                   "batch_in_epoch": step % schedule.steps_per_epoch},
+                 "rng": {"python": random.getstate(), "torch": torch.get_rng_state()},
+                 "config": cfg.to_dict()}
+        if runtime.is_main:
+            last_ckpt = checkpoint.save_checkpoint(out, step, state, cfg.train.keep_checkpoints)
+            logger.upload()
+        runtime.barrier()
+
+    interval = Interval()
+    bar = tqdm(total=end_step, initial=start_step, desc="pretrain", disable=not runtime.is_main,
+               dynamic_ncols=True)
+    step = start_step
+    for step, batch in zip(range(start_step, end_step), batches):
+        metrics = step_fn(model, teacher, optimizer, batch, schedule.lr(step), step, runtime=runtime, cfg=cfg)
+        interval.add(step, metrics)
+        bar.update(1)
+        done = step + 1
+        is_last = done == end_step
+        if done % cfg.train.log_every == 0 or is_last:
+            interval.check_finite(last_ckpt or "none saved yet")
+            record = interval.summary(runtime, cfg.train.global_batch)
+            total_skipped += record.pop("skipped_images")
+            images_per_sec = record.pop("images_per_sec")
+            record = {"step": done, "epoch": done / schedule.steps_per_epoch, **record,
+                      "lr": schedule.lr(step), "images_per_sec": images_per_sec,
+                      "mfu": images_per_sec * flops["train_step"] / (peak * runtime.num_devices) if peak else None,
+                      "compiles": runtime.compiles(), "skipped_images": int(total_skipped)}
+            logger.log(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{images_per_sec:.1f}")
+            interval = Interval()
+        if done % cfg.train.ckpt_every == 0 or is_last:
+            interval.check_finite(last_ckpt or "none saved yet")
+            save(done)
+    bar.close()
+    logger.close()
+    summary = {"output_dir": out, "metrics": str(logger.path), "tensorboard": str(logger.local_dir / "tb"),
+               "checkpoint": last_ckpt, "steps": end_step, "compiles": runtime.compiles()}
+    return summary
