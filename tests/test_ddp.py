@@ -1,0 +1,29 @@
+"""DistributedDataParallel over gloo with 2 real processes (torchrun) against 1 process."""
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, read_metrics, run_cli, tiny_overrides
+
+STEPS = 5
+
+
+def test_two_process_ddp_matches_one_process(embedded_root, tmp_path):
+    args = tiny_overrides(embedded_root, tmp_path / "one", **{"train.stop_at_step": STEPS})
+    single = run_cli(["pretrain", *args])
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    args = tiny_overrides(embedded_root, tmp_path / "two", **{"train.stop_at_step": STEPS})
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "xla_trainer", "pretrain", *args],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [r["step"] for r in two] == list(range(1, STEPS + 1))  # host 0 alone writes
+    for a, b in zip(one, two):
+        for key in ("loss", "loss_ar", "loss_kd", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=2e-3, abs=2e-3), (a["step"], key)
+    assert one[0]["loss"] != pytest.approx(one[-1]["loss"], abs=1e-3)
