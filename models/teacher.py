@@ -45,12 +45,13 @@ class ClipTeacher(nn.Module):
         self.visual = clip.visual
         if self.visual.attn_pool is not None or self.visual.proj is None:
             raise ValueError(f"teacher {arch!r}: only plain ViT towers with a projection are supported")
-        self.visual.eval().requires_grad_(False)
+        self.requires_grad_(False)
         # student-normalised pixels -> CLIP-normalised pixels: x * scale + shift
         mean, std = torch.tensor(input_mean), torch.tensor(input_std)
         clip_mean, clip_std = torch.tensor(OPENAI_DATASET_MEAN), torch.tensor(OPENAI_DATASET_STD)
         self.register_buffer("scale", (std / clip_std).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("shift", ((mean - clip_mean) / clip_std).view(1, 3, 1, 1), persistent=False)
+        self.eval()
 
     def train(self, mode: bool = True):
         return super().train(False)  # always eval: no dropout, frozen statistics

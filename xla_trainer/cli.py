@@ -1,10 +1,15 @@
 """`xla-trainer` command line: pretrain, bench, info, prepare-data."""
 import argparse
+import importlib.metadata as md
 import json
 import logging
 import sys
 
+from .bench import bench
 from .config import DEFAULT_CONFIG, ConfigError, load_config
+from .embedded_data import prepare_embedded
+from .runtime import create_runtime
+from .train import TrainingDiverged, pretrain
 
 OVERRIDES_HELP = "config overrides as key.sub=value (value parsed as YAML), e.g. train.global_batch=64"
 
@@ -15,7 +20,6 @@ def _config_args(p: argparse.ArgumentParser):
 
 
 def cmd_pretrain(args):
-    from .train import pretrain
     summary = pretrain(load_config(args.config, args.overrides))
     print(f"done: {summary['steps']} steps\n"
           f"  metrics:     {summary['metrics']}\n"
@@ -24,7 +28,6 @@ def cmd_pretrain(args):
 
 
 def cmd_bench(args):
-    from .bench import bench
     result = bench(load_config(args.config, args.overrides), steps=args.steps, warmup=args.warmup)
     mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None else "n/a (unknown peak)"
     print(f"{result['device']} x{result['devices']}  batch {result['global_batch']}: "
@@ -35,9 +38,6 @@ def cmd_bench(args):
 
 
 def cmd_info(args):
-    import importlib.metadata as md
-
-    from .runtime import create_runtime
     runtime = create_runtime(args.backend)
     info = vars(runtime.info())
     if runtime.backend == "xla":
@@ -53,7 +53,6 @@ def cmd_info(args):
 
 
 def cmd_prepare_data(args):
-    from .embedded_data import prepare_embedded
     print(prepare_embedded(args.out))
 
 
@@ -89,4 +88,7 @@ def main(argv=None) -> int:
     except FileNotFoundError as e:
         print(f"xla-trainer: error: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:
+        print(f"xla-trainer: error: {e}", file=sys.stderr)
+        return 3
     return 0

@@ -148,6 +148,9 @@ def _apply(section, values: dict, prefix: str):
     for name, value in values.items():
         key = prefix + str(name)
         if name not in fields:
+            while isinstance(value, dict) and len(value) == 1:  # name the whole key: optimizer.lr
+                (sub, value), = value.items()
+                key += f".{sub}"
             raise _unknown_key(key)
         current = getattr(section, name)
         if dataclasses.is_dataclass(current):

@@ -227,9 +227,9 @@ def pretrain(cfg: Config, runtime: Runtime | None = None) -> dict:
     step = start_step
     for step, batch in zip(range(start_step, end_step), batches):
         metrics = step_fn(model, teacher, optimizer, batch, schedule.lr(step), step, runtime=runtime, cfg=cfg)
-        interval.add(step, metrics)
+        done = step + 1  # steps completed; the step number every log and message uses
+        interval.add(done, metrics)
         bar.update(1)
-        done = step + 1
         is_last = done == end_step
         if done % cfg.train.log_every == 0 or is_last:
             interval.check_finite(last_ckpt or "none saved yet")

@@ -1,0 +1,20 @@
+# `make demo` and `make test` each create .venv and install what they need on first use.
+PYTHON ?= python3
+VENV ?= .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet -e '.[xla,test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	PJRT_DEVICE=CPU $(VENV)/bin/xla-trainer pretrain
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q

@@ -1,0 +1,31 @@
+"""fvcore FLOP counts of the real models against the figures derived in shared/METHODS.md."""
+import pytest
+import torch
+
+from models.digpt import DiGPT
+from models.vit import SegmentViT
+from xla_trainer.flops import forward_flops, peak_flops, train_flops_per_image
+
+
+def test_sdpa_is_counted():
+    class Sdpa(torch.nn.Module):
+        def forward(self, q, k, v):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    x = torch.randn(2, 4, 10, 16)
+    assert forward_flops(Sdpa(), x, x, x) == 2 * 2 * (2 * 4 * 10 * 10 * 16)
+
+
+def test_digpt_vit_b16_student_forward_is_51_gflops():
+    torch.manual_seed(0)
+    method = DiGPT(SegmentViT("base", 224, 16), teacher_dim=1024, teacher_grid=(16, 16))
+    flops = train_flops_per_image(method, None, 224, (257, 1024))
+    assert flops["student_forward"] / 1e9 == pytest.approx(51.1, rel=0.02)
+    assert flops["train_step"] == 3 * flops["student_forward"]
+
+
+def test_peak_table():
+    assert peak_flops("v5litepod-8") == 197e12 and peak_flops("v4-32") == 275e12
+    assert peak_flops("v5p-128") == 459e12 and peak_flops("v6e-8") == 918e12
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and peak_flops("NVIDIA A100-SXM4-40GB") == 312e12
+    assert peak_flops("x86_64") is None
