@@ -18,11 +18,11 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 3, runtime: Runtime | None
     flops = train_flops_per_image(method, teacher, cfg.model.image_size,
                                   (1 + teacher.grid[0] * teacher.grid[1], teacher.dim))
     model = runtime.wrap_model(method)
-    teacher = teacher.to(runtime.device)
     if cfg.runtime.precision == "bf16":
         teacher.visual.to(torch.bfloat16)
+    teacher = teacher.to(runtime.device)
     optimizer = build_optimizer(method, peak_lr(cfg.optim.base_lr, cfg.train.global_batch),
-                                cfg.optim.weight_decay, cfg.optim.betas)
+                                cfg.optim.weight_decay, cfg.optim.betas, **runtime.optimizer_options())
     local = cfg.train.global_batch // runtime.process_count
     batch = {"images": torch.randn(local, 3, cfg.model.image_size, cfg.model.image_size),
              "skipped": torch.zeros(local, dtype=torch.bool)}

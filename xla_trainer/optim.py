@@ -5,10 +5,11 @@ import torch
 from timm.optim import param_groups_weight_decay
 
 
-def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas,
+                    **options) -> torch.optim.AdamW:
     # no decay on biases and 1-D parameters (norms), as in the official recipe
     groups = param_groups_weight_decay(model, weight_decay)
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), **options)
 
 
 def peak_lr(base_lr: float, global_batch: int) -> float:

@@ -73,6 +73,9 @@ class Runtime:
     def compile_step(self, fn):
         return fn
 
+    def optimizer_options(self) -> dict:
+        return {}
+
     def autocast(self):
         enabled = self.precision == "bf16"
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
@@ -179,6 +182,12 @@ class XlaRuntime(Runtime):
 
     def compile_step(self, fn):
         return self._torch_xla.compile(fn, full_graph=True, name="train_step")
+
+    def optimizer_options(self) -> dict:
+        # capturable keeps AdamW's step count on the device. Otherwise its bias corrections are
+        # host floats that round to exactly 1.0 in float32 (steps ~160 and ~340), which XLA folds
+        # into a constant: two recompilations in every run.
+        return {"capturable": True, "foreach": False}
 
     def step_noise(self, shape, seed, step):
         # Reseeding the device generator is a scalar upload, not a new graph.

@@ -113,9 +113,13 @@ def make_schedule(cfg: Config, dataset_len: int) -> Schedule:
 def train_step(model, teacher, optimizer, batch, lr, step, *, runtime: Runtime, cfg: Config):
     """One optimizer step over the local batch, in train.accum_steps micro-batches. Returns device
     scalars only: nothing here reads a value back to the host."""
+    images = batch["images"]
+    if optimizer.defaults.get("capturable"):
+        # a device tensor, not a host float: XLA folds a float that rounds 1 - lr * wd to 1.0
+        # (the last steps of the cosine) into a constant, and would recompile
+        lr = torch.tensor(lr, dtype=torch.float32, device=images.device)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    images = batch["images"]
     unwrapped = getattr(model, "module", model)
     noise = runtime.step_noise((cfg.train.global_batch, *unwrapped.noise_shape), cfg.train.seed, step)
     local = images.shape[0]  # DDP: this process's rows of the global noise; SPMD: all of them
@@ -184,10 +188,11 @@ def pretrain(cfg: Config, runtime: Runtime | None = None) -> dict:
     flops = train_flops_per_image(method, teacher, cfg.model.image_size,
                                   (1 + teacher.grid[0] * teacher.grid[1], teacher.dim))
     model = runtime.wrap_model(method)
-    teacher = teacher.to(runtime.device)
     if cfg.runtime.precision == "bf16":
         teacher.visual.to(torch.bfloat16)
-    optimizer = build_optimizer(method, schedule.peak_lr, cfg.optim.weight_decay, cfg.optim.betas)
+    teacher = teacher.to(runtime.device)
+    optimizer = build_optimizer(method, schedule.peak_lr, cfg.optim.weight_decay, cfg.optim.betas,
+                                **runtime.optimizer_options())
 
     out = cfg.train.output_dir
     start_step, last_ckpt = 0, checkpoint.latest_checkpoint(out)
