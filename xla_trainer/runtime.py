@@ -80,10 +80,14 @@ class Runtime:
         enabled = self.precision == "bf16"
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
-    def step_noise(self, shape: tuple, seed: int, step: int) -> torch.Tensor:
+    def step_noise(self, shape: tuple, global_batch: int, seed: int, step: int) -> torch.Tensor:
+        """Uniform noise of `shape` per sample, drawn on the device for the global batch; this
+        process's rows of it."""
         g = torch.Generator(self.device)
         g.manual_seed(_mix_seed(seed, step))
-        return torch.rand(shape, generator=g, device=self.device)
+        noise = torch.rand((global_batch, *shape), generator=g, device=self.device)
+        local = global_batch // self.process_count
+        return noise[self.process_index * local:(self.process_index + 1) * local]
 
     def no_sync(self, model, last_micro_batch: bool):
         if isinstance(model, DistributedDataParallel) and not last_micro_batch:
@@ -189,10 +193,11 @@ class XlaRuntime(Runtime):
         # into a constant: two recompilations in every run.
         return {"capturable": True, "foreach": False}
 
-    def step_noise(self, shape, seed, step):
-        # Reseeding the device generator is a scalar upload, not a new graph.
+    def step_noise(self, shape, global_batch, seed, step):
+        # Reseeding the device generator is a scalar upload, not a new graph. Under SPMD the
+        # step sees the global batch, so it takes every row.
         self._xm.set_rng_state(_mix_seed(seed, step), device=self.device)
-        return torch.rand(shape, device=self.device)
+        return torch.rand((global_batch, *shape), device=self.device)
 
     def device_batches(self, loader):
         sharding = {

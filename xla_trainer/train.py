@@ -110,6 +110,12 @@ def make_schedule(cfg: Config, dataset_len: int) -> Schedule:
 
 
 # --- the step -----------------------------------------------------------------------------------
+def micro_batch(batch: torch.Tensor, i: int, accum: int) -> torch.Tensor:
+    """Rows i, i + accum, i + 2 accum, ...: strided, so that under SPMD every device keeps its
+    own rows of a batch-sharded tensor and no micro-batch needs resharding."""
+    return batch if accum == 1 else batch.unflatten(0, (-1, accum)).select(1, i)
+
+
 def train_step(model, teacher, optimizer, batch, lr, step, *, runtime: Runtime, cfg: Config):
     """One optimizer step over the local batch, in train.accum_steps micro-batches. Returns device
     scalars only: nothing here reads a value back to the host."""
@@ -121,15 +127,14 @@ def train_step(model, teacher, optimizer, batch, lr, step, *, runtime: Runtime, 
     for group in optimizer.param_groups:
         group["lr"] = lr
     unwrapped = getattr(model, "module", model)
-    noise = runtime.step_noise((cfg.train.global_batch, *unwrapped.noise_shape), cfg.train.seed, step)
-    local = images.shape[0]  # DDP: this process's rows of the global noise; SPMD: all of them
-    noise = noise[runtime.process_index * local:(runtime.process_index + 1) * local] \
-        if runtime.backend != "xla" else noise
+    noise = runtime.step_noise(unwrapped.noise_shape, cfg.train.global_batch, cfg.train.seed, step)
     accum = cfg.train.accum_steps
     totals = {}
-    for i, (x, u) in enumerate(zip(images.chunk(accum), noise.chunk(accum))):
-        with runtime.no_sync(model, i == accum - 1), runtime.autocast():
-            losses = model(x, teacher(x), u)
+    for i in range(accum):
+        x, u = micro_batch(images, i, accum), micro_batch(noise, i, accum)
+        with runtime.no_sync(model, i == accum - 1):
+            with runtime.autocast():
+                losses = model(x, teacher(x), u)
             (losses["loss"] / accum).backward()
         for k, v in losses.items():
             totals[k] = totals.get(k, 0) + v.detach().float() / accum
