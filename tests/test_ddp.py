@@ -9,12 +9,16 @@ from conftest import REPO, read_metrics, run_cli, tiny_overrides
 STEPS = 5
 
 
-def test_two_process_ddp_matches_one_process(embedded_root, tmp_path):
+@pytest.mark.parametrize("accum", [1, 2])
+def test_two_process_ddp_matches_one_process(embedded_root, tmp_path, accum):
+    """Each process loads half the global batch; with accum 2 the first micro-batch runs under
+    no_sync. Losses and gradient norms must equal the single process's."""
     args = tiny_overrides(embedded_root, tmp_path / "one", **{"train.stop_at_step": STEPS})
     single = run_cli(["pretrain", *args])
     assert single.returncode == 0, single.stderr[-3000:]
 
-    args = tiny_overrides(embedded_root, tmp_path / "two", **{"train.stop_at_step": STEPS})
+    args = tiny_overrides(embedded_root, tmp_path / "two", **{"train.stop_at_step": STEPS,
+                                                              "train.accum_steps": accum})
     ddp = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          "-m", "xla_trainer", "pretrain", *args],

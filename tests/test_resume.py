@@ -18,6 +18,9 @@ def test_resumed_run_matches_uninterrupted(embedded_root, tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     state = load_checkpoint(list_checkpoints(str(resumed_dir))[-1])
     assert state["step"] == 3 and state["data_position"] == {"epoch": 0, "batch_in_epoch": 3}
+    # as if the run had logged two more steps and died before checkpointing them
+    with open(resumed_dir / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "loss": 99.0}\n{"step": 5, "loss": 99.0}\n')
     second = run_cli(["pretrain", *common, f"train.stop_at_step={STEPS}"])
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stderr

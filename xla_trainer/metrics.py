@@ -14,7 +14,7 @@ from tensorboardX import SummaryWriter
 
 
 class MetricsLogger:
-    def __init__(self, output_dir: str, enabled: bool):
+    def __init__(self, output_dir: str, enabled: bool, start_step: int = 0):
         self.output_dir, self.enabled = output_dir, enabled
         self.remote = "://" in output_dir and not output_dir.startswith("file://")
         if self.remote:
@@ -26,7 +26,19 @@ class MetricsLogger:
         self.writer = None
         if enabled:
             self.local_dir.mkdir(parents=True, exist_ok=True)
-            self.writer = SummaryWriter(str(self.local_dir / "tb"))
+            self._drop_rows_after(start_step)
+            # purge_step drops events a crashed run logged after its last checkpoint
+            self.writer = SummaryWriter(str(self.local_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+
+    def _drop_rows_after(self, step: int):
+        """A resumed run repeats the steps after its checkpoint: forget their old rows."""
+        if not self.path.exists():
+            return
+        with open(self.path) as f:
+            keep = [line for line in f if json.loads(line)["step"] <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, self.path)
 
     def log(self, record: dict):
         if not self.enabled:

@@ -215,7 +215,7 @@ def pretrain(cfg: Config, runtime: Runtime | None = None) -> dict:
                                  runtime.process_count, cfg.train.seed, start_step, end_step)
     batches = runtime.device_batches(build_loader(dataset, sampler, cfg.data.num_workers))
     step_fn = runtime.compile_step(train_step)
-    logger = MetricsLogger(out, runtime.is_main)
+    logger = MetricsLogger(out, runtime.is_main, start_step)
     peak = peak_flops(runtime.device_kind())
     total_skipped = 0.0
 
