@@ -1,14 +1,17 @@
-"""`xla-trainer` command line: pretrain, bench, info, prepare-data."""
+"""`xla-trainer` command line: pretrain, bench, bench-data, make-shards, precompute-targets, info,
+prepare-data."""
 import argparse
 import importlib.metadata as md
 import json
 import logging
 import sys
 
-from .bench import bench
+from .bench import bench, bench_data
 from .config import DEFAULT_CONFIG, ConfigError, load_config
 from .embedded_data import prepare_embedded
 from .runtime import create_runtime
+from .shards import make_shards
+from .targets import precompute_targets
 from .train import TrainingDiverged, pretrain
 
 OVERRIDES_HELP = "config overrides as key.sub=value (value parsed as YAML), e.g. train.global_batch=64"
@@ -35,6 +38,27 @@ def cmd_bench(args):
           f"{result['achieved_tflops']:.2f} TFLOP/s, MFU {mfu}, "
           f"compiles {result['compiles']} ({result['compiles_after_warmup']} after warm-up)")
     print(json.dumps(result))
+
+
+def cmd_bench_data(args):
+    r = bench_data(load_config(args.config, args.overrides), batches=args.batches)
+    print(f"{r['source']} (targets {r['targets']}), {r['workers']} workers: "
+          f"{r['images_per_sec']:.1f} images/s, {r['images_per_sec_per_core']:.1f} images/s per worker core")
+    print(json.dumps(r))
+
+
+def cmd_make_shards(args):
+    manifest = make_shards(args.images, args.out, args.shard_size, args.max_side, args.quality,
+                           args.seed, args.workers)
+    print(f"{manifest.num_samples} images in {len(manifest.shards)} shards under {args.out}")
+
+
+def cmd_precompute_targets(args):
+    cfg = load_config(args.config, args.overrides)
+    runtime = create_runtime(cfg.runtime.backend, cfg.runtime.precision)
+    manifest = precompute_targets(cfg, runtime)
+    print(f"targets of {len(manifest.shards)} shards under {cfg.targets.prefix}: {manifest.num_views} "
+          f"views x {manifest.dtype}, {manifest.bytes_per_image / 1e3:.1f} kB per image")
 
 
 def cmd_info(args):
@@ -67,6 +91,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first, compilation included (default 3)")
     p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("bench-data", help="images/s of the input pipeline alone (local or gs:// shards)")
+    _config_args(p)
+    p.add_argument("--batches", type=int, default=20, help="timed batches (default 20)")
+    p.set_defaults(func=cmd_bench_data)
+    p = sub.add_parser("make-shards", help="ImageFolder tree -> webdataset tar shards + manifest")
+    p.add_argument("images", help="ImageFolder root: <root>/<class>/<image> (e.g. imagenet/train)")
+    p.add_argument("out", help="output prefix, local or gs://")
+    p.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
+    p.add_argument("--max-side", type=int, default=None, help="re-encode so the longest side is at most this")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality when re-encoding (default 90)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the order images are dealt into shards")
+    p.add_argument("--workers", type=int, default=2, help="encoding processes (default 2)")
+    p.set_defaults(func=cmd_make_shards)
+    p = sub.add_parser("precompute-targets",
+                       help="run the teacher over the image shards (data.shards) into target shards (targets.prefix)")
+    _config_args(p)
+    p.set_defaults(func=cmd_precompute_targets)
     p = sub.add_parser("info", help="backend, devices, mesh, process count/index, versions")
     p.add_argument("--backend", default="auto", choices=("auto", "xla", "cuda", "cpu"))
     p.set_defaults(func=cmd_info)

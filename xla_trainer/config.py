@@ -45,10 +45,21 @@ class TeacherConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "imagefolder"  # imagefolder | embedded (built from images shipped in packages)
+    source: str = "imagefolder"  # imagefolder | embedded (built from images shipped in packages) | shards
     root: Optional[str] = None  # holds train/<class>/<image>; embedded: where to build it
+    shards: Optional[str] = None  # source=shards: local or gs:// prefix holding manifest.json + tars
+    shuffle_buffer: int = 1000  # samples per loader worker (shards)
     num_workers: int = 4
     crop_scale: list = field(default_factory=lambda: [0.2, 1.0])
+
+
+@dataclass
+class TargetsConfig:
+    source: str = "online"  # online: the teacher runs in the step | precomputed: read from shards
+    prefix: Optional[str] = None  # target shards (local or gs://), one per image shard
+    num_views: int = 1  # precompute-targets: augmented views stored per image
+    dtype: str = "float16"  # float16 | int8 (with a scale per token)
+    batch_size: int = 64  # precompute-targets: images per teacher forward
 
 
 @dataclass
@@ -85,6 +96,7 @@ class RuntimeConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    targets: TargetsConfig = field(default_factory=TargetsConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -96,7 +108,9 @@ class Config:
 
 CHOICES = {
     "model.backbone": ("tiny", "small", "base", "large", "huge"),
-    "data.source": ("imagefolder", "embedded"),
+    "data.source": ("imagefolder", "embedded", "shards"),
+    "targets.source": ("online", "precomputed"),
+    "targets.dtype": ("float16", "int8"),
     "runtime.backend": ("auto", "xla", "cuda", "cpu"),
     "runtime.precision": ("bf16", "fp32"),
 }

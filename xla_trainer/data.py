@@ -3,7 +3,9 @@ whose order depends only on (seed, step), so a resumed run reads exactly what th
 run would have read, whatever the number of processes."""
 import hashlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -11,6 +13,13 @@ from torchvision import datasets, transforms
 from torchvision.transforms import InterpolationMode
 
 from models.teacher import IMAGENET_MEAN, IMAGENET_STD
+from .config import Config, ConfigError
+from .embedded_data import prepare_embedded
+from .shard_loader import ShardStream, build_shard_loader
+from .shards import ImageManifest
+from .targets import TargetManifest
+
+EMBEDDED_ROOT = "~/.cache/xla-trainer/embedded"
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +101,18 @@ class GlobalBatchSampler:
             yield [(int(i), epoch) for i in perm[start:start + self.local_batch]]
 
 
+def image_root(cfg: Config) -> str:
+    if cfg.data.source == "embedded":
+        return str(prepare_embedded(cfg.data.root or EMBEDDED_ROOT))
+    if not cfg.data.root:
+        raise ConfigError("data.root is not set; point it at a directory holding train/<class>/<image>, "
+                          "or use data.source=embedded")
+    if not Path(cfg.data.root).is_dir():
+        raise ConfigError(f"data.root '{cfg.data.root}' does not exist; point it at a directory holding "
+                          "train/<class>/<image>, or use data.source=embedded")
+    return cfg.data.root
+
+
 def build_dataset(root: str, image_size: int, crop_scale, seed: int) -> PretrainImageFolder:
     train_dir = Path(root) / "train"
     if not train_dir.is_dir():
@@ -103,3 +124,37 @@ def build_dataset(root: str, image_size: int, crop_scale, seed: int) -> Pretrain
 def build_loader(dataset, sampler: GlobalBatchSampler, num_workers: int) -> DataLoader:
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
                       persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers else None)
+
+
+@dataclass
+class TrainData:
+    num_samples: int
+    loader: Callable  # (start_step, end_step) -> this host's batches of those global steps
+    targets: TargetManifest | None = None  # precomputed targets, checked against the config
+
+
+def open_train_data(cfg: Config, runtime) -> TrainData:
+    """The training input named by the config, checked before any model is built."""
+    seed, workers = cfg.train.seed, cfg.data.num_workers
+    local_batch = cfg.train.global_batch // runtime.process_count
+    if cfg.data.source != "shards":
+        dataset = build_dataset(image_root(cfg), cfg.model.image_size, cfg.data.crop_scale, seed)
+        sampler = lambda start, end: GlobalBatchSampler(
+            len(dataset), cfg.train.global_batch, runtime.process_index, runtime.process_count, seed, start, end)
+        return TrainData(len(dataset), lambda start, end: build_loader(dataset, sampler(start, end), workers))
+
+    images = ImageManifest.load(cfg.data.shards)
+    targets = None
+    if cfg.targets.source == "precomputed":
+        targets = TargetManifest.load(cfg.targets.prefix)
+        targets.check_against(cfg, images)
+    if len(images.shards) < runtime.process_count * max(1, workers):
+        raise ConfigError(f"{len(images.shards)} shards cannot feed {runtime.process_count} hosts x "
+                          f"{max(1, workers)} loader workers; lower data.num_workers or write smaller shards")
+    steps_per_epoch = images.num_samples // cfg.train.global_batch
+    stream = lambda start, end: ShardStream(
+        images, cfg.data.shards, targets, cfg.targets.prefix, image_size=cfg.model.image_size,
+        crop_scale=cfg.data.crop_scale, seed=seed, local_batch=local_batch, steps_per_epoch=steps_per_epoch,
+        start_step=start, total_steps=end, process_index=runtime.process_index,
+        process_count=runtime.process_count, shuffle_buffer=cfg.data.shuffle_buffer)
+    return TrainData(images.num_samples, lambda start, end: build_shard_loader(stream(start, end), workers), targets)

@@ -9,6 +9,7 @@ Three backends behind one interface, so the train step is the same everywhere:
 import contextlib
 import datetime
 import importlib.util
+import itertools
 import os
 import platform
 from dataclasses import dataclass
@@ -70,7 +71,8 @@ class Runtime:
     def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return model.to(self.device)
 
-    def compile_step(self, fn):
+    def compile_fn(self, fn, name: str):
+        """The function compiled for the device (XLA); as it is elsewhere."""
         return fn
 
     def optimizer_options(self) -> dict:
@@ -96,7 +98,11 @@ class Runtime:
 
     def device_batches(self, loader):
         for batch in loader:
-            yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            yield self.shard_batch(batch)
+
+    def shard_batch(self, batch: dict) -> dict:
+        """A host batch (this process's rows) on the device."""
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def compiles(self) -> int:
         return 0
@@ -184,8 +190,8 @@ class XlaRuntime(Runtime):
             return os.environ.get("TPU_ACCELERATOR_TYPE", f"TPU v{self._torch_xla.tpu.version()}")
         return f"XLA:{hw}"
 
-    def compile_step(self, fn):
-        return self._torch_xla.compile(fn, full_graph=True, name="train_step")
+    def compile_fn(self, fn, name: str):
+        return self._torch_xla.compile(fn, full_graph=True, name=name)
 
     def optimizer_options(self) -> dict:
         # capturable keeps AdamW's step count on the device. Otherwise its bias corrections are
@@ -199,12 +205,22 @@ class XlaRuntime(Runtime):
         self._xm.set_rng_state(_mix_seed(seed, step), device=self.device)
         return torch.rand((global_batch, *shape), device=self.device)
 
+    def _batch_sharding(self, batch: dict) -> dict:
+        # batch axis over 'data'; minibatch: each host passes only its own rows
+        return {k: self._xs.ShardingSpec(self.mesh, ("data",) + (None,) * (v.dim() - 1), minibatch=True)
+                for k, v in batch.items()}
+
     def device_batches(self, loader):
-        sharding = {
-            "images": self._xs.ShardingSpec(self.mesh, ("data", None, None, None), minibatch=True),
-            "skipped": self._xs.ShardingSpec(self.mesh, ("data",), minibatch=True),
-        }
-        return self._pl.MpDeviceLoader(loader, self.device, input_sharding=sharding)
+        batches = iter(loader)
+        first = next(batches, None)
+        if first is None:
+            return iter(())
+        return self._pl.MpDeviceLoader(itertools.chain([first], batches), self.device,
+                                       input_sharding=self._batch_sharding(first))
+
+    def shard_batch(self, batch: dict) -> dict:
+        sharding = self._batch_sharding(batch)
+        return {k: self._xm.send_cpu_data_to_device(v, self.device, sharding[k])[0] for k, v in batch.items()}
 
     def compiles(self) -> int:
         data = self._met.metric_data("CompileTime")

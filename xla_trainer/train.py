@@ -7,7 +7,6 @@ import math
 import random
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -16,15 +15,14 @@ import models
 from models.segments import SegmentLayout
 from . import checkpoint
 from .config import Config, ConfigError
-from .data import GlobalBatchSampler, build_dataset, build_loader
-from .embedded_data import prepare_embedded
+from .data import open_train_data
 from .flops import peak_flops, train_flops_per_image
 from .metrics import MetricsLogger
 from .optim import build_optimizer, lr_at, peak_lr
 from .runtime import Runtime, create_runtime
+from .targets import TargetManifest
 
 log = logging.getLogger(__name__)
-EMBEDDED_ROOT = "~/.cache/xla-trainer/embedded"
 
 
 class TrainingDiverged(RuntimeError):
@@ -32,8 +30,9 @@ class TrainingDiverged(RuntimeError):
 
 
 # --- checks and construction ------------------------------------------------------------------
-def check_config(cfg: Config, runtime: Runtime):
-    """Everything that can be wrong with the config, before data, models or compilation."""
+def check_config(cfg: Config, runtime: Runtime, for_bench: bool = False):
+    """Everything that can be wrong with the config, before data, models or compilation. `bench`
+    needs no data, so neither data nor target locations."""
     m, t = cfg.model, cfg.train
     if len(m.segments) != 2:
         raise ConfigError(f"model.segments must be [rows, cols], got {m.segments}")
@@ -54,37 +53,53 @@ def check_config(cfg: Config, runtime: Runtime):
                           f"{runtime.process_count} hosts")
     if t.log_every < 1 or t.ckpt_every < 1:
         raise ConfigError("train.log_every and train.ckpt_every must be >= 1")
+    if for_bench:
+        return
+    if cfg.data.source == "shards" and not cfg.data.shards:
+        raise ConfigError("data.source=shards needs data.shards, the prefix holding manifest.json")
+    if cfg.targets.source == "precomputed" and (cfg.data.source != "shards" or not cfg.targets.prefix):
+        raise ConfigError("targets.source=precomputed needs data.source=shards and targets.prefix "
+                          "(made by `xla-trainer precompute-targets`)")
 
 
-def data_root(cfg: Config) -> str:
-    if cfg.data.source == "embedded":
-        return str(prepare_embedded(cfg.data.root or EMBEDDED_ROOT))
-    if not cfg.data.root:
-        raise ConfigError("data.root is not set; point it at a directory holding train/<class>/<image>, "
-                          "or use data.source=embedded")
-    if not Path(cfg.data.root).is_dir():
-        raise ConfigError(f"data.root '{cfg.data.root}' does not exist; point it at a directory holding "
-                          "train/<class>/<image>, or use data.source=embedded")
-    return cfg.data.root
+def build_teacher(cfg: Config) -> models.ClipTeacher:
+    torch.manual_seed(cfg.train.seed)  # a random teacher (pretrained: null) is the same every time
+    return models.ClipTeacher(cfg.teacher.arch, cfg.teacher.pretrained, cfg.model.image_size,
+                              cache_dir=cfg.teacher.cache_dir)
 
 
-def build_models(cfg: Config) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(method, teacher) on the CPU, initialised from train.seed."""
-    torch.manual_seed(cfg.train.seed)
-    teacher = models.ClipTeacher(cfg.teacher.arch, cfg.teacher.pretrained, cfg.model.image_size,
-                                 cache_dir=cfg.teacher.cache_dir)
+def build_models(cfg: Config, targets: TargetManifest | None = None):
+    """(method, teacher) on the CPU, the method initialised from train.seed. With precomputed
+    targets there is no teacher: the target width and grid come from their manifest."""
+    teacher = None if targets else build_teacher(cfg)
+    dim, grid = (targets.dim, tuple(targets.grid)) if targets else (teacher.dim, teacher.grid)
     m = cfg.model
+    torch.manual_seed(cfg.train.seed)
     try:
         method = models.create_method(
             m.method, backbone=m.backbone, image_size=m.image_size, patch_size=m.patch_size,
-            width=m.width, depth=m.depth, heads=m.heads, teacher_dim=teacher.dim,
-            teacher_grid=teacher.grid, segments=m.segments, taps=m.taps,
-            decoder_width=m.decoder_width, decoder_depth=m.decoder_depth,
-            decoder_heads=m.decoder_heads, shared_tap_norm=m.shared_tap_norm,
-            cls_visible_to_last_segment=m.cls_visible_to_last_segment)
+            width=m.width, depth=m.depth, heads=m.heads, teacher_dim=dim, teacher_grid=grid,
+            segments=m.segments, taps=m.taps, decoder_width=m.decoder_width,
+            decoder_depth=m.decoder_depth, decoder_heads=m.decoder_heads,
+            shared_tap_norm=m.shared_tap_norm, cls_visible_to_last_segment=m.cls_visible_to_last_segment)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return method, teacher
+
+
+def place_teacher(teacher, runtime: Runtime, precision: str):
+    if teacher is None:
+        return None
+    if precision == "bf16":
+        teacher.visual.to(torch.bfloat16)  # on the host: no cast graph on the device
+    return teacher.to(runtime.device)
+
+
+def count_flops(method, teacher, cfg: Config, targets) -> dict:
+    """Train-step FLOPs per image; `targets` (a TargetManifest or the teacher) gives the target
+    shape when the teacher is not in the step."""
+    grid, dim = (targets.grid, targets.dim) if targets else (teacher.grid, teacher.dim)
+    return train_flops_per_image(method, teacher, cfg.model.image_size, (1 + grid[0] * grid[1], dim))
 
 
 @dataclass
@@ -116,6 +131,15 @@ def micro_batch(batch: torch.Tensor, i: int, accum: int) -> torch.Tensor:
     return batch if accum == 1 else batch.unflatten(0, (-1, accum)).select(1, i)
 
 
+def step_targets(batch: dict, teacher) -> torch.Tensor:
+    """The teacher's tokens: read from the batch (precomputed, dequantised here on the device) or
+    computed online by the teacher on the same crop."""
+    if "targets" not in batch:
+        return teacher(batch["images"])
+    targets = batch["targets"].float()
+    return targets * batch["target_scale"][..., None] if "target_scale" in batch else targets
+
+
 def train_step(model, teacher, optimizer, batch, lr, step, *, runtime: Runtime, cfg: Config):
     """One optimizer step over the local batch, in train.accum_steps micro-batches. Returns device
     scalars only: nothing here reads a value back to the host."""
@@ -131,10 +155,10 @@ def train_step(model, teacher, optimizer, batch, lr, step, *, runtime: Runtime, 
     accum = cfg.train.accum_steps
     totals = {}
     for i in range(accum):
-        x, u = micro_batch(images, i, accum), micro_batch(noise, i, accum)
+        micro = {k: micro_batch(v, i, accum) for k, v in batch.items()}
         with runtime.no_sync(model, i == accum - 1):
             with runtime.autocast():
-                losses = model(x, teacher(x), u)
+                losses = model(micro["images"], step_targets(micro, teacher), micro_batch(noise, i, accum))
             (losses["loss"] / accum).backward()
         for k, v in losses.items():
             totals[k] = totals.get(k, 0) + v.detach().float() / accum
@@ -186,16 +210,12 @@ class Interval:
 def pretrain(cfg: Config, runtime: Runtime | None = None) -> dict:
     runtime = runtime or create_runtime(cfg.runtime.backend, cfg.runtime.precision, cfg.runtime.torch_compile)
     check_config(cfg, runtime)
-    root = data_root(cfg)
-    dataset = build_dataset(root, cfg.model.image_size, cfg.data.crop_scale, cfg.train.seed)
-    schedule = make_schedule(cfg, len(dataset))
-    method, teacher = build_models(cfg)
-    flops = train_flops_per_image(method, teacher, cfg.model.image_size,
-                                  (1 + teacher.grid[0] * teacher.grid[1], teacher.dim))
+    data = open_train_data(cfg, runtime)
+    schedule = make_schedule(cfg, data.num_samples)
+    method, teacher = build_models(cfg, data.targets)
+    flops = count_flops(method, teacher, cfg, data.targets)
     model = runtime.wrap_model(method)
-    if cfg.runtime.precision == "bf16":
-        teacher.visual.to(torch.bfloat16)
-    teacher = teacher.to(runtime.device)
+    teacher = place_teacher(teacher, runtime, cfg.runtime.precision)
     optimizer = build_optimizer(method, schedule.peak_lr, cfg.optim.weight_decay, cfg.optim.betas,
                                 **runtime.optimizer_options())
 
@@ -211,10 +231,8 @@ def pretrain(cfg: Config, runtime: Runtime | None = None) -> dict:
         log.info("resumed from %s at step %d", last_ckpt, start_step)
     end_step = min(schedule.total_steps, cfg.train.stop_at_step or schedule.total_steps)
 
-    sampler = GlobalBatchSampler(len(dataset), cfg.train.global_batch, runtime.process_index,
-                                 runtime.process_count, cfg.train.seed, start_step, end_step)
-    batches = runtime.device_batches(build_loader(dataset, sampler, cfg.data.num_workers))
-    step_fn = runtime.compile_step(train_step)
+    batches = runtime.device_batches(data.loader(start_step, end_step))
+    step_fn = runtime.compile_fn(train_step, "train_step")
     logger = MetricsLogger(out, runtime.is_main, start_step)
     peak = peak_flops(runtime.device_kind())
     total_skipped = 0.0

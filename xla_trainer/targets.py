@@ -1,0 +1,204 @@
+"""Precomputed teacher targets: `precompute-targets` runs the CLIP teacher once over K augmented
+views of every image and writes one target shard per image shard (same keys, same order).
+
+Per sample a target shard holds `<key>.views.json` (crop boxes and flips), `<key>.tokens.npy`
+(K, 1 + grid, dim) in float16 or int8, and for int8 `<key>.scale.npy` (K, 1 + grid) float32, one
+scale per token. A shard is written under a temporary name and moved into place when complete,
+then its info file `<shard>.json`; a re-run skips shards whose info file agrees with them, so a
+killed job resumes without redoing or corrupting work. The manifest is written last.
+"""
+import hashlib
+import io
+import json
+import logging
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import remote_io
+from .config import Config, ConfigError
+from .shards import MANIFEST, ImageManifest, ShardInfo, iter_samples, join, keys_digest, tar_bytes
+from .views import decode_view, image_size_of, sample_view
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TargetManifest:
+    teacher: str
+    pretrained: str | None
+    weights_sha256: str
+    image_size: int
+    grid: list
+    dim: int
+    num_views: int
+    dtype: str
+    seed: int
+    crop_scale: list
+    bytes_per_image: float
+    shards: list
+
+    @classmethod
+    def load(cls, prefix: str) -> "TargetManifest":
+        url = join(prefix, MANIFEST)
+        if not remote_io.exists(url):
+            raise ConfigError(f"no target manifest at {url}; run `xla-trainer precompute-targets` "
+                              f"with targets.prefix={prefix}")
+        meta = json.loads(remote_io.read_bytes(url))
+        meta["shards"] = [ShardInfo(**s) for s in meta["shards"]]
+        return cls(**meta)
+
+    def check_against(self, cfg: Config, images: ImageManifest):
+        """Targets from another teacher, resolution or image set fail here, before training."""
+        expected = (cfg.teacher.arch, cfg.teacher.pretrained, cfg.model.image_size)
+        found = (self.teacher, self.pretrained, self.image_size)
+        if expected == found and self.pretrained is None and self.seed != cfg.train.seed:
+            raise ConfigError(f"targets at {cfg.targets.prefix} come from a random teacher drawn with "
+                              f"seed {self.seed}, the config has train.seed {cfg.train.seed}")
+        if expected != found:
+            raise ConfigError(f"targets at {cfg.targets.prefix} were made by teacher {found[0]} "
+                              f"({found[1]}) at {found[2]} px, but the config expects {expected[0]} "
+                              f"({expected[1]}) at {expected[2]} px; precompute them again or fix the config")
+        by_name = {s.name: s for s in self.shards}
+        fs, root = remote_io.filesystem(cfg.targets.prefix)
+        present = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)}
+        for shard in images.shards:
+            t = by_name.get(shard.name)
+            if t is None or shard.name not in present:
+                raise ConfigError(f"target shard {join(cfg.targets.prefix, shard.name)} is missing; "
+                                  f"run precompute-targets again to complete {cfg.targets.prefix}")
+            if (t.samples, t.keys_sha256) != (shard.samples, shard.keys_sha256):
+                raise ConfigError(f"target shard {join(cfg.targets.prefix, shard.name)} has "
+                                  f"{t.samples} samples with other keys than image shard {shard.name} "
+                                  f"({shard.samples}); precompute it again")
+
+
+def weights_digest(teacher) -> str:
+    h = hashlib.sha256()
+    for name, tensor in sorted(teacher.visual.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def quantize(tokens: np.ndarray, dtype: str) -> dict:
+    """float32 (K, T, C) -> the stored arrays."""
+    if dtype == "float16":
+        return {"tokens": tokens.astype(np.float16)}
+    scale = np.maximum(np.abs(tokens).max(-1), 1e-12) / 127.0
+    q = np.clip(np.rint(tokens / scale[..., None]), -127, 127).astype(np.int8)
+    return {"tokens": q, "scale": scale.astype(np.float32)}
+
+
+def dequantize(tokens: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
+    tokens = tokens.astype(np.float32)
+    return tokens if scale is None else tokens * scale[..., None]
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    np.save(out, array, allow_pickle=False)
+    return out.getvalue()
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+class TeacherRunner:
+    """Teacher forward over fixed-size batches on the runtime's device (the last batch padded, so
+    XLA compiles once)."""
+
+    def __init__(self, teacher, runtime, batch_size: int):
+        self.teacher, self.runtime, self.batch_size = teacher.to(runtime.device), runtime, batch_size
+        self.forward = runtime.compile_fn(self._forward, name="teacher")
+
+    def _forward(self, images):
+        with self.runtime.autocast():
+            return self.teacher(images).float()
+
+    def __call__(self, views: np.ndarray) -> np.ndarray:
+        outs = []
+        for start in range(0, len(views), self.batch_size):
+            chunk = views[start:start + self.batch_size]
+            padded = np.zeros((self.batch_size, *chunk.shape[1:]), np.float32)
+            padded[:len(chunk)] = chunk
+            images = self.runtime.shard_batch({"images": torch.from_numpy(padded)})["images"]
+            outs.append(self.forward(images).cpu().numpy()[:len(chunk)])
+        return np.concatenate(outs)
+
+
+def compute_shard(url: str, runner: TeacherRunner, cfg: Config, bar) -> tuple[bytes, list[str]]:
+    t = cfg.targets
+    members, keys = [], []
+    for key, sample in iter_samples(url):
+        jpeg = sample.get("jpg") or sample.get("jpeg")
+        try:
+            width, height = image_size_of(jpeg)
+            views = [sample_view(cfg.train.seed, key, k, width, height, cfg.data.crop_scale)
+                     for k in range(t.num_views)]
+            pixels = np.stack([decode_view(jpeg, box, flip, cfg.model.image_size) for box, flip in views])
+        except Exception as e:
+            log.warning("precompute: skipping unreadable image %s in %s: %s", key, url, e)
+            continue
+        stored = quantize(runner(pixels), t.dtype)
+        meta = {"boxes": [list(box) for box, _ in views], "flips": [flip for _, flip in views]}
+        members.append((f"{key}.views.json", json.dumps(meta).encode()))
+        members += [(f"{key}.{name}.npy", npy_bytes(a)) for name, a in stored.items()]
+        keys.append(key)
+        bar.update(1)
+    return tar_bytes(members), keys
+
+
+def committed(target_url: str, image_shard: ShardInfo) -> ShardInfo | None:
+    """The info of a finished target shard that agrees with its image shard, else None."""
+    info_url = target_url + ".json"
+    if not (remote_io.exists(info_url) and remote_io.exists(target_url)):
+        return None
+    info = ShardInfo(**json.loads(remote_io.read_bytes(info_url)))
+    fs, path = remote_io.filesystem(target_url)
+    if info.bytes != fs.size(path) or info.samples != image_shard.samples:
+        log.warning("target shard %s does not match its info file; computing it again", target_url)
+        return None
+    return info
+
+
+def precompute_targets(cfg: Config, runtime) -> TargetManifest:
+    from .train import build_teacher
+    t = cfg.targets
+    if not cfg.data.shards or not t.prefix:
+        raise ConfigError("precompute-targets needs data.shards (image shards) and targets.prefix (output)")
+    if t.batch_size % runtime.data_parallel_size:
+        raise ConfigError(f"targets.batch_size {t.batch_size} is not divisible by {runtime.data_parallel_size} devices")
+    images = ImageManifest.load(cfg.data.shards)
+    teacher = build_teacher(cfg)
+    runner = TeacherRunner(teacher, runtime, t.batch_size)
+    mine = images.shards[runtime.process_index::runtime.process_count]
+    bar = tqdm(total=sum(s.samples for s in mine), desc="precompute-targets", unit="img",
+               disable=not runtime.is_main, dynamic_ncols=True)
+    for shard in mine:
+        target_url = join(t.prefix, shard.name)
+        if committed(target_url, shard):
+            bar.update(shard.samples)
+            continue
+        blob, keys = compute_shard(join(cfg.data.shards, shard.name), runner, cfg, bar)
+        remote_io.write_bytes_atomic(target_url, blob)
+        info = ShardInfo(shard.name, len(keys), len(blob), hashlib.sha256(blob).hexdigest(), keys_digest(keys))
+        remote_io.write_bytes_atomic(target_url + ".json", json.dumps(asdict(info)).encode())
+    bar.close()
+    runtime.barrier()
+    infos = [committed(join(t.prefix, s.name), s) for s in images.shards]
+    missing = [s.name for s, i in zip(images.shards, infos) if i is None]
+    if missing:
+        raise RuntimeError(f"target shards not finished: {missing[:5]}{'...' if len(missing) > 5 else ''}")
+    manifest = TargetManifest(
+        teacher=cfg.teacher.arch, pretrained=cfg.teacher.pretrained, weights_sha256=weights_digest(teacher),
+        image_size=cfg.model.image_size, grid=list(teacher.grid), dim=teacher.dim, num_views=t.num_views,
+        dtype=t.dtype, seed=cfg.train.seed, crop_scale=list(cfg.data.crop_scale),
+        bytes_per_image=sum(i.bytes for i in infos) / max(1, sum(i.samples for i in infos)), shards=infos)
+    if runtime.is_main:
+        meta = asdict(manifest)
+        remote_io.write_bytes_atomic(join(t.prefix, MANIFEST), json.dumps(meta, indent=1).encode())
+    return manifest
