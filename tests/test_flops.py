@@ -24,6 +24,14 @@ def test_digpt_vit_b16_student_forward_is_51_gflops():
     assert flops["train_step"] == 3 * flops["student_forward"]
 
 
+def test_vit_h14_teacher_forward_is_335_gflops():
+    """OpenCLIP's attention runs as one fused op in eval mode, which fvcore alone does not count."""
+    from models.teacher import ClipTeacher
+    torch.manual_seed(0)
+    teacher = ClipTeacher("ViT-H-14", None, image_size=224)
+    assert forward_flops(teacher, torch.zeros(1, 3, 224, 224)) / 1e9 == pytest.approx(335.3, rel=0.02)
+
+
 def test_peak_table():
     assert peak_flops("v5litepod-8") == 197e12 and peak_flops("v4-32") == 275e12
     assert peak_flops("v5p-128") == 459e12 and peak_flops("v6e-8") == 918e12

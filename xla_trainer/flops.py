@@ -34,10 +34,19 @@ def _sdpa_macs(inputs, outputs):
     return 2 * n * length * k[-2] * dim
 
 
+def _fused_mha_macs(inputs, outputs):
+    # nn.MultiheadAttention's eval fast path (OpenCLIP's towers) is one op fvcore skips whole:
+    # q and output projections over L queries, k and v over S keys, QK^T and AV.
+    batch, length, dim = get_shape(inputs[0])
+    keys = get_shape(inputs[1])[1]
+    return batch * (2 * length * dim * dim + 2 * keys * dim * dim + 2 * length * keys * dim)
+
+
 def forward_flops(module: torch.nn.Module, *inputs) -> float:
     """FLOPs (2 per multiply-add) of one forward of `module` on `inputs`."""
     analysis = FlopCountAnalysis(module, inputs)
     analysis.set_op_handle("aten::scaled_dot_product_attention", _sdpa_macs)
+    analysis.set_op_handle("aten::_native_multi_head_attention", _fused_mha_macs)
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
     return 2.0 * analysis.total()
 
