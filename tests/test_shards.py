@@ -2,18 +2,23 @@
 import hashlib
 import io
 import json
+import shutil
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import read_metrics, run_cli, tiny_overrides
+from conftest import REPO, read_metrics, run_cli, tiny_overrides
 from xla_trainer.config import load_config
 from xla_trainer.shard_loader import ShardStream
-from xla_trainer.shards import ImageManifest, iter_samples, join, make_shards
-from xla_trainer.targets import TargetManifest, dequantize, load_npy
+from xla_trainer.shards import ImageManifest, iter_samples, make_shards, tar_bytes
+from xla_trainer.targets import TargetManifest, build_teacher, dequantize, load_npy
 from xla_trainer.views import decode_view, sample_view
 
 SHARD_SIZE = 50
@@ -84,7 +89,6 @@ def test_precomputed_targets_match_online_teacher(request, embedded_root, image_
     prefix = request.getfixturevalue("fp16_targets" if dtype == "float16" else "int8_targets")
     manifest = TargetManifest.load(str(prefix))
     assert (manifest.num_views, manifest.dtype, manifest.image_size, manifest.grid) == (2, dtype, 32, [4, 4])
-    from xla_trainer.train import build_teacher
     cfg = load_config(None, shard_overrides(embedded_root, tmp_path, image_shards))
     teacher = build_teacher(cfg)
     name = manifest.shards[0].name
@@ -103,6 +107,22 @@ def test_precomputed_targets_match_online_teacher(request, embedded_root, image_
             online = teacher(pixels)[0]
             cosines += torch.nn.functional.cosine_similarity(online, torch.from_numpy(stored[k]), dim=-1).tolist()
     assert min(cosines) >= min_cos
+
+
+def test_precompute_on_a_4_device_xla_mesh_matches_cpu(embedded_root, image_shards, fp16_targets, tmp_path):
+    out = tmp_path / "xla"
+    args = shard_overrides(embedded_root, "unused", image_shards, **{
+        "targets.prefix": str(out), "targets.num_views": 2, "runtime.precision": "fp32",
+        "runtime.backend": "xla", "targets.batch_size": 8})
+    result = run_cli(["precompute-targets", *args], env={"PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "4"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("shard-000000.tar", "shard-000010.tar"):
+        xla, cpu = dict(iter_samples(str(out / name))), dict(iter_samples(str(fp16_targets / name)))
+        assert list(xla) == list(cpu)
+        for key in cpu:
+            assert xla[key]["views.json"] == cpu[key]["views.json"]
+            a, b = load_npy(xla[key]["tokens.npy"]).astype(np.float32), load_npy(cpu[key]["tokens.npy"]).astype(np.float32)
+            assert np.allclose(a, b, atol=2e-2, rtol=1e-2)
 
 
 def test_int8_targets_take_about_half_the_bytes(fp16_targets, int8_targets):
@@ -156,14 +176,12 @@ def test_pretrain_online_teacher_on_shards(embedded_root, image_shards, tmp_path
 
 # --- faults and bad input -------------------------------------------------------------------
 def copy_shards(src, dst):
-    import shutil
     shutil.copytree(src, dst)
     return dst
 
 
 def rewrite_member(shard_path, member_suffix, new_bytes):
     """Replace the bytes of the first member ending in member_suffix; returns its key."""
-    from xla_trainer.shards import tar_bytes
     with tarfile.open(shard_path) as tar:
         members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
     name = next(n for n, _ in members if n.endswith(member_suffix))
@@ -231,11 +249,6 @@ def test_targets_of_another_teacher_or_resolution_fail_before_training(embedded_
 
 
 def test_precompute_killed_mid_shard_resumes_to_identical_shards(embedded_root, image_shards, fp16_targets, tmp_path):
-    import signal
-    import subprocess
-    import sys
-    import time
-    from conftest import REPO
     out = tmp_path / "targets"
     args = shard_overrides(embedded_root, "unused", image_shards, **{
         "targets.prefix": str(out), "targets.num_views": 2, "runtime.precision": "fp32", "targets.batch_size": 4})

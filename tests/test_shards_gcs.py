@@ -6,7 +6,7 @@ import torch
 
 from conftest import run_cli, tiny_overrides
 from xla_trainer.shard_loader import ShardStream
-from xla_trainer.shards import ImageManifest, join
+from xla_trainer.shards import ImageManifest, make_shards
 
 
 def test_make_shards_precompute_and_pretrain_on_gs(embedded_root, gcs_bucket, tmp_path):
@@ -34,7 +34,6 @@ def test_make_shards_precompute_and_pretrain_on_gs(embedded_root, gcs_bucket, tm
 
 def test_loader_survives_a_server_restart_mid_read(embedded_root, gcs_bucket, gcs_server, caplog):
     images = f"{gcs_bucket}/images"
-    from xla_trainer.shards import make_shards
     make_shards(str(embedded_root / "train"), images, 40, max_side=64, workers=1)
     manifest = ImageManifest.load(images)
 

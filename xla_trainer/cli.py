@@ -33,7 +33,8 @@ def cmd_pretrain(args):
 def cmd_bench(args):
     result = bench(load_config(args.config, args.overrides), steps=args.steps, warmup=args.warmup)
     mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None else "n/a (unknown peak)"
-    print(f"{result['device']} x{result['devices']}  batch {result['global_batch']}: "
+    print(f"{result['device']} x{result['devices']}  batch {result['global_batch']}, targets {result['targets']}, "
+          f"{result['gflops_per_image']:.1f} GFLOPs/image: "
           f"{result['images_per_sec']:.1f} images/s, {result['ms_per_step']:.1f} ms/step, "
           f"{result['achieved_tflops']:.2f} TFLOP/s, MFU {mfu}, "
           f"compiles {result['compiles']} ({result['compiles_after_warmup']} after warm-up)")
@@ -57,6 +58,8 @@ def cmd_precompute_targets(args):
     cfg = load_config(args.config, args.overrides)
     runtime = create_runtime(cfg.runtime.backend, cfg.runtime.precision)
     manifest = precompute_targets(cfg, runtime)
+    if manifest is None:  # not host 0: its shards are done, host 0 writes the manifest
+        return
     print(f"targets of {len(manifest.shards)} shards under {cfg.targets.prefix}: {manifest.num_views} "
           f"views x {manifest.dtype}, {manifest.bytes_per_image / 1e3:.1f} kB per image")
 

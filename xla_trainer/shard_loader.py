@@ -68,14 +68,18 @@ class ShardStream(IterableDataset):
         rng = random.Random(f"{self.seed}/{epoch}/{self.process_index}/{worker}")
         buffer = []
         while True:  # cycle: a worker whose shards run short reads them again
+            read = 0
             for name in shards:
                 for item in self._shard_samples(name):
+                    read += 1
                     if len(buffer) < self.shuffle_buffer:
                         buffer.append(item)
                         continue
                     i = rng.randrange(len(buffer))
                     buffer[i], item = item, buffer[i]
                     yield item
+            if read == 0:
+                raise RuntimeError(f"shards {shards} hold no readable samples")
 
     # --- decoded batches --------------------------------------------------------------------
     def _decode(self, item, epoch: int):

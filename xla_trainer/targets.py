@@ -11,12 +11,14 @@ import hashlib
 import io
 import json
 import logging
+import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from models.teacher import ClipTeacher
 from . import remote_io
 from .config import Config, ConfigError
 from .shards import MANIFEST, ImageManifest, ShardInfo, iter_samples, join, keys_digest, tar_bytes
@@ -73,6 +75,12 @@ class TargetManifest:
                 raise ConfigError(f"target shard {join(cfg.targets.prefix, shard.name)} has "
                                   f"{t.samples} samples with other keys than image shard {shard.name} "
                                   f"({shard.samples}); precompute it again")
+
+
+def build_teacher(cfg: Config) -> ClipTeacher:
+    torch.manual_seed(cfg.train.seed)  # a random teacher (pretrained: null) is the same every time
+    return ClipTeacher(cfg.teacher.arch, cfg.teacher.pretrained, cfg.model.image_size,
+                       cache_dir=cfg.teacher.cache_dir)
 
 
 def weights_digest(teacher) -> str:
@@ -165,8 +173,24 @@ def committed(target_url: str, image_shard: ShardInfo) -> ShardInfo | None:
     return info
 
 
-def precompute_targets(cfg: Config, runtime) -> TargetManifest:
-    from .train import build_teacher
+def wait_for_shards(images: ImageManifest, prefix: str, process_count: int, poll: float = 10.0,
+                    timeout: float = 24 * 3600) -> list[ShardInfo]:
+    """Host 0 writes the manifest once every host's shards are committed. Polling the info files
+    needs no collective, which SPMD hosts do not have outside a compiled graph."""
+    deadline = time.time() + (timeout if process_count > 1 else 0)
+    while True:
+        infos = [committed(join(prefix, s.name), s) for s in images.shards]
+        missing = [s.name for s, i in zip(images.shards, infos) if i is None]
+        if not missing:
+            return infos
+        if time.time() > deadline:
+            raise RuntimeError(f"target shards not finished: {missing[:5]}{'...' if len(missing) > 5 else ''}")
+        log.info("waiting for %d target shards from other hosts", len(missing))
+        time.sleep(poll)
+
+
+def precompute_targets(cfg: Config, runtime) -> TargetManifest | None:
+    """Host 0 returns the manifest; the others return None once their shards are written."""
     t = cfg.targets
     if not cfg.data.shards or not t.prefix:
         raise ConfigError("precompute-targets needs data.shards (image shards) and targets.prefix (output)")
@@ -188,17 +212,13 @@ def precompute_targets(cfg: Config, runtime) -> TargetManifest:
         info = ShardInfo(shard.name, len(keys), len(blob), hashlib.sha256(blob).hexdigest(), keys_digest(keys))
         remote_io.write_bytes_atomic(target_url + ".json", json.dumps(asdict(info)).encode())
     bar.close()
-    runtime.barrier()
-    infos = [committed(join(t.prefix, s.name), s) for s in images.shards]
-    missing = [s.name for s, i in zip(images.shards, infos) if i is None]
-    if missing:
-        raise RuntimeError(f"target shards not finished: {missing[:5]}{'...' if len(missing) > 5 else ''}")
+    if not runtime.is_main:
+        return None
+    infos = wait_for_shards(images, t.prefix, runtime.process_count)
     manifest = TargetManifest(
         teacher=cfg.teacher.arch, pretrained=cfg.teacher.pretrained, weights_sha256=weights_digest(teacher),
         image_size=cfg.model.image_size, grid=list(teacher.grid), dim=teacher.dim, num_views=t.num_views,
         dtype=t.dtype, seed=cfg.train.seed, crop_scale=list(cfg.data.crop_scale),
         bytes_per_image=sum(i.bytes for i in infos) / max(1, sum(i.samples for i in infos)), shards=infos)
-    if runtime.is_main:
-        meta = asdict(manifest)
-        remote_io.write_bytes_atomic(join(t.prefix, MANIFEST), json.dumps(meta, indent=1).encode())
+    remote_io.write_bytes_atomic(join(t.prefix, MANIFEST), json.dumps(asdict(manifest), indent=1).encode())
     return manifest

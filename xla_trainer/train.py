@@ -20,7 +20,7 @@ from .flops import peak_flops, train_flops_per_image
 from .metrics import MetricsLogger
 from .optim import build_optimizer, lr_at, peak_lr
 from .runtime import Runtime, create_runtime
-from .targets import TargetManifest
+from .targets import TargetManifest, build_teacher
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +60,6 @@ def check_config(cfg: Config, runtime: Runtime, for_bench: bool = False):
     if cfg.targets.source == "precomputed" and (cfg.data.source != "shards" or not cfg.targets.prefix):
         raise ConfigError("targets.source=precomputed needs data.source=shards and targets.prefix "
                           "(made by `xla-trainer precompute-targets`)")
-
-
-def build_teacher(cfg: Config) -> models.ClipTeacher:
-    torch.manual_seed(cfg.train.seed)  # a random teacher (pretrained: null) is the same every time
-    return models.ClipTeacher(cfg.teacher.arch, cfg.teacher.pretrained, cfg.model.image_size,
-                              cache_dir=cfg.teacher.cache_dir)
 
 
 def build_models(cfg: Config, targets: TargetManifest | None = None):
