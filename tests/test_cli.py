@@ -8,7 +8,8 @@ from xla_trainer.cli import main
 from xla_trainer.config import ConfigError, load_config
 
 
-@pytest.mark.parametrize("command", ["pretrain", "bench", "info", "prepare-data"])
+@pytest.mark.parametrize("command", ["pretrain", "bench", "bench-data", "info", "prepare-data", "make-shards",
+                                     "index-shards", "precompute-targets"])
 def test_help(command, capsys):
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])

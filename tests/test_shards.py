@@ -82,6 +82,15 @@ def test_make_shards_manifest(embedded_root, image_shards):
     assert len(set(labels)) > 3  # shuffled before sharding: classes are mixed
 
 
+def test_index_shards_of_existing_webdataset(image_shards, tmp_path):
+    """Shards written by another tool (here: ours, manifest removed) get the same index back."""
+    shards = copy_shards(image_shards, tmp_path / "shards")
+    (shards / "manifest.json").unlink()
+    result = run_cli(["index-shards", str(shards)])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert ImageManifest.load(str(shards)).shards == ImageManifest.load(str(image_shards)).shards
+
+
 @pytest.mark.parametrize("dtype,min_cos", [("float16", 0.9999), ("int8", 0.999)])
 def test_precomputed_targets_match_online_teacher(request, embedded_root, image_shards, tmp_path, dtype, min_cos):
     """The stored view reproduces the crop and flip, and its stored targets are the online

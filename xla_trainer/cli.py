@@ -10,7 +10,7 @@ from .bench import bench, bench_data
 from .config import DEFAULT_CONFIG, ConfigError, load_config
 from .embedded_data import prepare_embedded
 from .runtime import create_runtime
-from .shards import make_shards
+from .shards import index_shards, make_shards
 from .targets import precompute_targets
 from .train import TrainingDiverged, pretrain
 
@@ -52,6 +52,11 @@ def cmd_make_shards(args):
     manifest = make_shards(args.images, args.out, args.shard_size, args.max_side, args.quality,
                            args.seed, args.workers)
     print(f"{manifest.num_samples} images in {len(manifest.shards)} shards under {args.out}")
+
+
+def cmd_index_shards(args):
+    manifest = index_shards(args.prefix)
+    print(f"{manifest.num_samples} images in {len(manifest.shards)} shards: {args.prefix}/manifest.json")
 
 
 def cmd_precompute_targets(args):
@@ -107,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the order images are dealt into shards")
     p.add_argument("--workers", type=int, default=2, help="encoding processes (default 2)")
     p.set_defaults(func=cmd_make_shards)
+    p = sub.add_parser("index-shards", help="write manifest.json for existing webdataset shards (e.g. img2dataset's)")
+    p.add_argument("prefix", help="local or gs:// prefix holding the .tar shards")
+    p.set_defaults(func=cmd_index_shards)
     p = sub.add_parser("precompute-targets",
                        help="run the teacher over the image shards (data.shards) into target shards (targets.prefix)")
     _config_args(p)

@@ -167,3 +167,20 @@ def make_shards(image_root: str, prefix: str, shard_size: int, max_side: int | N
     manifest = ImageManifest(infos, folder.classes, max_side, quality)
     remote_io.write_bytes_atomic(join(prefix, MANIFEST), manifest.to_json().encode())
     return manifest
+
+
+def index_shards(prefix: str) -> ImageManifest:
+    """Write the manifest of existing webdataset shards (e.g. from img2dataset) under a prefix:
+    the one time the objects are listed; training then reads the manifest only."""
+    fs, root = remote_io.filesystem(prefix)
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False) if p.endswith(".tar"))
+    if not names:
+        raise FileNotFoundError(f"no .tar shards under {prefix}")
+    infos = []
+    for name in tqdm(names, desc="index-shards", unit="shard"):
+        blob = remote_io.read_bytes(join(prefix, name))
+        keys = [key for key, sample in iter_samples(join(prefix, name)) if "jpg" in sample or "jpeg" in sample]
+        infos.append(ShardInfo(name, len(keys), len(blob), hashlib.sha256(blob).hexdigest(), keys_digest(keys)))
+    manifest = ImageManifest(infos)
+    remote_io.write_bytes_atomic(join(prefix, MANIFEST), manifest.to_json().encode())
+    return manifest
