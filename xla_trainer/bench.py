@@ -2,6 +2,7 @@
 the figure is the step's speed, not the input pipeline's. With targets.source=precomputed the
 batch carries stored-dtype targets and the teacher leaves the step."""
 import time
+from dataclasses import asdict
 
 import torch
 
@@ -14,7 +15,7 @@ from .train import build_models, check_config, count_flops, place_teacher, train
 
 
 def bench(cfg: Config, steps: int = 10, warmup: int = 3, runtime: Runtime | None = None) -> dict:
-    runtime = runtime or create_runtime(cfg.runtime.backend, cfg.runtime.precision, cfg.runtime.torch_compile)
+    runtime = runtime or create_runtime(**asdict(cfg.runtime))
     check_config(cfg, runtime, for_bench=True)
     precomputed = cfg.targets.source == "precomputed"
     method, teacher = build_models(cfg)

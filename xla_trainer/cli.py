@@ -1,6 +1,7 @@
 """`xla-trainer` command line: pretrain, bench, bench-data, make-shards, precompute-targets, info,
 prepare-data."""
 import argparse
+from dataclasses import asdict
 import importlib.metadata as md
 import json
 import logging
@@ -61,7 +62,7 @@ def cmd_index_shards(args):
 
 def cmd_precompute_targets(args):
     cfg = load_config(args.config, args.overrides)
-    runtime = create_runtime(cfg.runtime.backend, cfg.runtime.precision)
+    runtime = create_runtime(**asdict(cfg.runtime))
     manifest = precompute_targets(cfg, runtime)
     if manifest is None:  # not host 0: its shards are done, host 0 writes the manifest
         return

@@ -83,6 +83,7 @@ class TrainConfig:
     ckpt_every: int = 1000
     keep_checkpoints: int = 2  # newest N kept; 0 keeps all
     stop_at_step: Optional[int] = None  # end early (debugging); the schedule is unchanged
+    profile_steps: Optional[list] = None  # [first, last): trace these steps into <output_dir>/profile
 
 
 @dataclass
@@ -90,6 +91,7 @@ class RuntimeConfig:
     backend: str = "auto"  # auto | xla | cuda | cpu
     precision: str = "bf16"  # bf16 | fp32
     torch_compile: bool = False  # cuda only
+    compile_cache: Optional[str] = None  # xla: persistent compilation cache directory (TPU)
 
 
 @dataclass

@@ -3,6 +3,7 @@ whose order depends only on (seed, step), so a resumed run reads exactly what th
 run would have read, whatever the number of processes."""
 import hashlib
 import logging
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -121,9 +122,16 @@ def build_dataset(root: str, image_size: int, crop_scale, seed: int) -> Pretrain
     return PretrainImageFolder(str(train_dir), image_size, crop_scale, seed)
 
 
+def ignore_sigterm(_worker_id: int):
+    """Loader workers leave SIGTERM to the trainer, which finishes its step and saves first; they
+    end with it."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def build_loader(dataset, sampler: GlobalBatchSampler, num_workers: int) -> DataLoader:
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
-                      persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers else None)
+                      persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers else None,
+                      worker_init_fn=ignore_sigterm)
 
 
 @dataclass

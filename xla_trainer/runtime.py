@@ -120,9 +120,31 @@ class Runtime:
         dist.all_reduce(t)
         return t.tolist()
 
+    def any_process(self, flag: bool) -> bool:
+        """True on every process if it is True on any (a collective: call it on all of them)."""
+        if self.process_count == 1 or not dist.is_initialized():
+            return flag
+        t = torch.tensor([int(flag)], device=self.collective_device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    @property
+    def collective_device(self):
+        return self.device
+
     def barrier(self):
         if dist.is_initialized():
             dist.barrier()
+
+    # --- profiling --------------------------------------------------------------------------
+    def start_trace(self, logdir: str):
+        from torch.profiler import ProfilerActivity, profile, tensorboard_trace_handler
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        self._profile = profile(activities=activities, on_trace_ready=tensorboard_trace_handler(logdir))
+        self._profile.__enter__()
+
+    def stop_trace(self):
+        self._profile.__exit__(None, None, None)
 
     def shutdown(self):
         if dist.is_initialized():
@@ -165,7 +187,7 @@ class DdpRuntime(Runtime):
 class XlaRuntime(Runtime):
     backend = "xla"
 
-    def __init__(self, precision: str = "bf16"):
+    def __init__(self, precision: str = "bf16", compile_cache: str | None = None):
         super().__init__(precision)
         os.environ.setdefault("PJRT_DEVICE", "TPU" if _tpu_present() else "CPU")
         import numpy as np
@@ -177,12 +199,18 @@ class XlaRuntime(Runtime):
         import torch_xla.runtime as xr
 
         self._torch_xla, self._xm, self._met, self._pl, self._xs = torch_xla, xm, met, pl, xs
+        if compile_cache:  # before anything compiles; one cache per host, shared by its runs
+            xr.initialize_cache(os.path.expanduser(compile_cache), readonly=False)
         xr.use_spmd()
         self.device = torch_xla.device()
         self.num_devices = xr.global_runtime_device_count()
         self.process_index, self.process_count = xr.process_index(), xr.process_count()
         self.mesh = xs.Mesh(np.arange(self.num_devices), (self.num_devices,), ("data",))
         xs.set_global_mesh(self.mesh)
+        if self.process_count > 1 and not dist.is_initialized():
+            # host-side agreement (preemption, barriers): gloo over the XLA runtime's rendezvous
+            import torch_xla.distributed.xla_backend  # noqa: F401  (registers xla://)
+            dist.init_process_group("gloo", init_method="xla://")
 
     def device_kind(self) -> str:
         hw = self._xm.xla_device_hw(self.device)
@@ -222,6 +250,18 @@ class XlaRuntime(Runtime):
         sharding = self._batch_sharding(batch)
         return {k: self._xm.send_cpu_data_to_device(v, self.device, sharding[k])[0] for k, v in batch.items()}
 
+    @property
+    def collective_device(self):
+        return torch.device("cpu")  # gloo
+
+    def start_trace(self, logdir: str):
+        import torch_xla.debug.profiler as xp
+        xp.start_trace(logdir)
+
+    def stop_trace(self):
+        import torch_xla.debug.profiler as xp
+        xp.stop_trace()
+
     def compiles(self) -> int:
         data = self._met.metric_data("CompileTime")
         return int(data[0]) if data else 0
@@ -241,12 +281,13 @@ def resolve_backend(backend: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def create_runtime(backend: str = "auto", precision: str = "bf16", torch_compile: bool = False) -> Runtime:
+def create_runtime(backend: str = "auto", precision: str = "bf16", torch_compile: bool = False,
+                   compile_cache: str | None = None) -> Runtime:
     backend = resolve_backend(backend)
     if backend == "xla":
         if importlib.util.find_spec("torch_xla") is None:
             raise RuntimeError("runtime.backend=xla needs torch_xla: pip install -e '.[xla]'")
-        return XlaRuntime(precision)
+        return XlaRuntime(precision, compile_cache)
     if backend == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("runtime.backend=cuda but no CUDA device is visible; use runtime.backend=cpu")
     runtime = DdpRuntime(backend, precision)

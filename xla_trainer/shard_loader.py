@@ -134,5 +134,6 @@ class ShardStream(IterableDataset):
 
 
 def build_shard_loader(stream: ShardStream, num_workers: int) -> DataLoader:
+    from .data import ignore_sigterm
     return DataLoader(stream, batch_size=None, num_workers=num_workers,
-                      prefetch_factor=4 if num_workers else None)
+                      prefetch_factor=4 if num_workers else None, worker_init_fn=ignore_sigterm)

@@ -5,8 +5,9 @@ in models/ (the loss). Device specifics live in runtime.py only."""
 import logging
 import math
 import random
+import signal
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from tqdm import tqdm
@@ -167,6 +168,41 @@ def train_step(model, teacher, optimizer, batch, lr, step, *, runtime: Runtime, 
 
 
 # --- the loop -----------------------------------------------------------------------------------
+class Preemption:
+    """SIGTERM (spot TPU reclaim, Slurm time limit) asks the run to finish its step, save and
+    exit 0. All processes must stop after the same step: one process agrees with itself at every
+    step; several agree through a collective at log steps, where they synchronise anyway."""
+
+    def __init__(self, runtime: Runtime, every: int):
+        self.runtime, self.every, self.requested = runtime, every, False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def agreed(self, done: int) -> bool:
+        if self.runtime.process_count == 1:
+            return self.requested
+        return done % self.every == 0 and self.runtime.any_process(self.requested)
+
+
+class StepProfile:
+    """A device trace of the steps in train.profile_steps = [first, last) into <output_dir>/profile."""
+
+    def __init__(self, runtime: Runtime, steps, output_dir: str):
+        self.runtime, self.steps = runtime, steps
+        self.logdir = f"{output_dir.rstrip('/')}/profile"
+
+    def before(self, step: int):
+        if self.steps and step == self.steps[0]:
+            self.runtime.start_trace(self.logdir)
+
+    def after(self, step: int):
+        if self.steps and step == self.steps[1] - 1:
+            self.runtime.stop_trace()
+            log.info("profile of steps %d-%d written to %s", self.steps[0], step, self.logdir)
+
+
 class Interval:
     """Step metrics kept on the device until a log or checkpoint step reads them."""
 
@@ -202,7 +238,7 @@ class Interval:
 
 
 def pretrain(cfg: Config, runtime: Runtime | None = None) -> dict:
-    runtime = runtime or create_runtime(cfg.runtime.backend, cfg.runtime.precision, cfg.runtime.torch_compile)
+    runtime = runtime or create_runtime(**asdict(cfg.runtime))
     check_config(cfg, runtime)
     data = open_train_data(cfg, runtime)
     schedule = make_schedule(cfg, data.num_samples)
@@ -246,13 +282,17 @@ def pretrain(cfg: Config, runtime: Runtime | None = None) -> dict:
     interval = Interval()
     bar = tqdm(total=end_step, initial=start_step, desc="pretrain", disable=not runtime.is_main,
                dynamic_ncols=True)
-    step = start_step
+    preemption = Preemption(runtime, cfg.train.log_every)
+    profile = StepProfile(runtime, cfg.train.profile_steps, out)
     for step, batch in zip(range(start_step, end_step), batches):
+        profile.before(step)
         metrics = step_fn(model, teacher, optimizer, batch, schedule.lr(step), step, runtime=runtime, cfg=cfg)
+        profile.after(step)
         done = step + 1  # steps completed; the step number every log and message uses
         interval.add(done, metrics)
         bar.update(1)
-        is_last = done == end_step
+        stop = preemption.agreed(done)
+        is_last = done == end_step or stop
         if done % cfg.train.log_every == 0 or is_last:
             interval.check_finite(last_ckpt or "none saved yet")
             record = interval.summary(runtime, cfg.train.global_batch)
@@ -268,6 +308,10 @@ def pretrain(cfg: Config, runtime: Runtime | None = None) -> dict:
         if done % cfg.train.ckpt_every == 0 or is_last:
             interval.check_finite(last_ckpt or "none saved yet")
             save(done)
+        if stop:
+            log.warning("SIGTERM: saved step %d to %s; exiting (a relaunch resumes from it)", done, last_ckpt)
+            end_step = done
+            break
     bar.close()
     logger.close()
     summary = {"output_dir": out, "metrics": str(logger.path), "tensorboard": str(logger.local_dir / "tb"),

@@ -1,0 +1,53 @@
+"""SIGTERM to a real training process: it finishes its step, saves, exits 0, and the relaunch
+continues the loss curve as if uninterrupted."""
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, read_metrics, run_cli, tiny_overrides
+
+
+def test_sigterm_saves_exits_zero_and_resumes(embedded_root, tmp_path):
+    steps = {"train.stop_at_step": 40, "data.num_workers": 2}
+    full = run_cli(["pretrain", *tiny_overrides(embedded_root, tmp_path / "full", **steps)])
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    out = tmp_path / "run"
+    args = tiny_overrides(embedded_root, out, **steps, **{"train.ckpt_every": 1000})
+    proc = subprocess.Popen([sys.executable, "-m", "xla_trainer", "pretrain", *args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    stopped = read_metrics(out)[-1]["step"]
+    assert 5 <= stopped < 40
+    assert (out / f"checkpoint-{stopped:08d}.pt").exists()  # saved although ckpt_every is 1000
+    assert f"SIGTERM: saved step {stopped}" in err
+
+    again = run_cli(["pretrain", *args])
+    assert again.returncode == 0, again.stderr[-3000:]
+    a, b = read_metrics(tmp_path / "full"), read_metrics(out)
+    assert [r["step"] for r in b] == list(range(1, 41))
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5, abs=1e-6), x["step"]
+
+
+@pytest.mark.parametrize("backend,trace_glob", [("xla", "profile/plugins/profile/*/*.xplane.pb"),
+                                                ("cpu", "profile/*.pt.trace.json")])
+def test_profile_steps_write_a_trace(embedded_root, tmp_path, backend, trace_glob):
+    extra = {"runtime.backend": backend, "train.profile_steps": "[2, 4]", "train.stop_at_step": 5}
+    if backend == "xla":  # the persistent cache is for TPUs; here only that the setting is taken
+        extra["runtime.compile_cache"] = str(tmp_path / "cache")
+    result = run_cli(["pretrain", *tiny_overrides(embedded_root, tmp_path, **extra)], env={"PJRT_DEVICE": "CPU"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    traces = list(tmp_path.glob(trace_glob))
+    assert traces and traces[0].stat().st_size > 1000
+    assert "profile of steps 2-3 written" in result.stderr
