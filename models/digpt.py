@@ -5,7 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .decoder import FeaturePredictor
+from timm.models.vision_transformer import Block
+
+from .decoder import DecoderBlock, FeaturePredictor
 from .registry import register_method
 from .segments import SegmentLayout, block_causal_mask, segment_order
 from .vit import SegmentViT
@@ -26,6 +28,7 @@ def cosine_distance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 class DiGPT(nn.Module):
     # (name, first segment slot queried): "ar" predicts slots 1..S-1, "kd" slots 0..S-2.
     DECODERS = (("ar", 1), ("kd", 0))
+    fsdp_blocks = (Block, DecoderBlock)  # the units FSDP shards and gathers one at a time
 
     def __init__(self, encoder: SegmentViT, teacher_dim: int, teacher_grid: tuple[int, int],
                  segments=(2, 2), taps=None, decoder_width=1024, decoder_depth=2,

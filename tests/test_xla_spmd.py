@@ -19,13 +19,16 @@ def runs(embedded_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("xla")
     runs = {n: xla_run(embedded_root, out / f"dev{n}", n) for n in (1, 4)}
     runs["4, accum 2"] = xla_run(embedded_root, out / "accum", 4, "train.accum_steps=2")
+    runs["4, fsdp"] = xla_run(embedded_root, out / "fsdp", 4, "runtime.mesh=[1,-1]")
+    runs["2x2"] = xla_run(embedded_root, out / "2x2", 4, "runtime.mesh=[2,2]")
     return runs
 
 
-@pytest.mark.parametrize("other", [4, "4, accum 2"])
+@pytest.mark.parametrize("other", [4, "4, accum 2", "4, fsdp", "2x2"])
 def test_four_devices_match_one_device(runs, other):
     """Same global batch, same samples, same segment orders: the same losses on a 4-device mesh,
-    also when each step is two accumulated micro-batches."""
+    also when each step is two accumulated micro-batches, with FSDP (parameters and optimizer state
+    sharded over 4 devices) and on a 2 (data) x 2 (fsdp) mesh."""
     one, four = runs[1], runs[other]
     assert [r["step"] for r in one] == [r["step"] for r in four] == list(range(1, STEPS + 1))
     for a, b in zip(one, four):
@@ -48,3 +51,23 @@ def test_batch_not_divisible_by_mesh_fails_before_compiling(embedded_root, tmp_p
     assert result.returncode == 2
     assert "train.global_batch 6 is not divisible by data-parallel size 4" in result.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_fsdp_shrinks_parameter_bytes_per_device(embedded_root, tmp_path):
+    import json
+    sizes = {}
+    for mesh in ("[-1,1]", "[2,2]", "[1,-1]"):
+        result = run_cli(["bench", "--steps", "1", "--warmup", "1",
+                          *tiny_overrides(embedded_root, tmp_path, **{"runtime.backend": "xla", "runtime.mesh": mesh})],
+                         env={"PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "4"})
+        assert result.returncode == 0, result.stderr[-3000:]
+        sizes[mesh] = json.loads(result.stdout.strip().splitlines()[-1])["parameter_bytes_per_device"]
+    assert sizes["[2,2]"] < 0.6 * sizes["[-1,1]"] and sizes["[1,-1]"] < 0.6 * sizes["[2,2]"]
+
+
+def test_mesh_that_does_not_fit_the_devices(embedded_root, tmp_path):
+    result = run_cli(["pretrain", *tiny_overrides(embedded_root, tmp_path, **{"runtime.backend": "xla",
+                                                                              "runtime.mesh": "[3,-1]"})],
+                     env={"PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "4"})
+    assert result.returncode == 2
+    assert "runtime.mesh [3, -1] does not fit 4 devices" in result.stderr

@@ -2,7 +2,6 @@
 the figure is the step's speed, not the input pipeline's. With targets.source=precomputed the
 batch carries stored-dtype targets and the teacher leaves the step."""
 import time
-from dataclasses import asdict
 
 import torch
 
@@ -11,11 +10,11 @@ from .data import open_train_data
 from .flops import peak_flops
 from .optim import build_optimizer, peak_lr
 from .runtime import Runtime, create_runtime
-from .train import build_models, check_config, count_flops, place_teacher, train_step
+from .train import build_models, check_config, count_flops, make_runtime, place_teacher, train_step
 
 
 def bench(cfg: Config, steps: int = 10, warmup: int = 3, runtime: Runtime | None = None) -> dict:
-    runtime = runtime or create_runtime(**asdict(cfg.runtime))
+    runtime = runtime or make_runtime(cfg)
     check_config(cfg, runtime, for_bench=True)
     precomputed = cfg.targets.source == "precomputed"
     method, teacher = build_models(cfg)
@@ -56,7 +55,8 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 3, runtime: Runtime | None
             "images_per_sec": images_per_sec, "ms_per_step": 1000 * seconds / steps,
             "gflops_per_image": flops["train_step"] / 1e9, "achieved_tflops": achieved / 1e12,
             "mfu": achieved / (peak * runtime.num_devices) if peak else None,
-            "compiles": runtime.compiles(), "compiles_after_warmup": compiles_after_warmup}
+            "compiles": runtime.compiles(), "compiles_after_warmup": compiles_after_warmup,
+            "parameter_bytes_per_device": runtime.parameter_bytes_per_device(model)}
 
 
 def bench_data(cfg: Config, batches: int = 20, warmup: int = 2) -> dict:

@@ -14,6 +14,17 @@ def to_cpu(tree):
     return tree_map(lambda x: x.detach().cpu() if isinstance(x, torch.Tensor) else x, tree)
 
 
+def model_state(module: torch.nn.Module) -> dict:
+    """The state_dict under the model's own names, whatever wrappers (FSDPv2's `_orig_module`)
+    the runtime put inside it: checkpoints move between meshes."""
+    return {k.replace("_orig_module.", ""): v for k, v in module.state_dict().items()}
+
+
+def load_model_state(module: torch.nn.Module, state: dict):
+    names = {k.replace("_orig_module.", ""): k for k in module.state_dict()}
+    module.load_state_dict({names.get(k, k): v for k, v in state.items()})
+
+
 def _fs(output_dir: str):
     return fsspec.core.url_to_fs(output_dir)
 

@@ -1,7 +1,6 @@
 """`xla-trainer` command line: pretrain, bench, bench-data, make-shards, precompute-targets, info,
 prepare-data."""
 import argparse
-from dataclasses import asdict
 import importlib.metadata as md
 import json
 import logging
@@ -13,7 +12,7 @@ from .embedded_data import prepare_embedded
 from .runtime import create_runtime
 from .shards import index_shards, make_shards
 from .targets import precompute_targets
-from .train import TrainingDiverged, pretrain
+from .train import TrainingDiverged, make_runtime, pretrain
 
 OVERRIDES_HELP = "config overrides as key.sub=value (value parsed as YAML), e.g. train.global_batch=64"
 
@@ -62,7 +61,7 @@ def cmd_index_shards(args):
 
 def cmd_precompute_targets(args):
     cfg = load_config(args.config, args.overrides)
-    runtime = create_runtime(**asdict(cfg.runtime))
+    runtime = make_runtime(cfg)
     manifest = precompute_targets(cfg, runtime)
     if manifest is None:  # not host 0: its shards are done, host 0 writes the manifest
         return

@@ -92,6 +92,8 @@ class RuntimeConfig:
     precision: str = "bf16"  # bf16 | fp32
     torch_compile: bool = False  # cuda only
     compile_cache: Optional[str] = None  # xla: persistent compilation cache directory (TPU)
+    mesh: list = field(default_factory=lambda: [-1, 1])  # xla: [data, fsdp]; [1, -1] = FSDP, -1 = the rest
+    slices: int = 1  # xla: TPU slices; > 1 makes a HybridMesh, data axis over DCN
 
 
 @dataclass

@@ -78,6 +78,9 @@ class Runtime:
     def optimizer_options(self) -> dict:
         return {}
 
+    def parameter_bytes_per_device(self, model) -> int:
+        return sum(p.numel() * p.element_size() for p in model.parameters())
+
     def autocast(self):
         enabled = self.precision == "bf16"
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
@@ -187,10 +190,10 @@ class DdpRuntime(Runtime):
 class XlaRuntime(Runtime):
     backend = "xla"
 
-    def __init__(self, precision: str = "bf16", compile_cache: str | None = None):
+    def __init__(self, precision: str = "bf16", compile_cache: str | None = None, mesh=(-1, 1),
+                 slices: int = 1):
         super().__init__(precision)
         os.environ.setdefault("PJRT_DEVICE", "TPU" if _tpu_present() else "CPU")
-        import numpy as np
         import torch_xla
         import torch_xla.core.xla_model as xm
         import torch_xla.debug.metrics as met
@@ -205,12 +208,53 @@ class XlaRuntime(Runtime):
         self.device = torch_xla.device()
         self.num_devices = xr.global_runtime_device_count()
         self.process_index, self.process_count = xr.process_index(), xr.process_count()
-        self.mesh = xs.Mesh(np.arange(self.num_devices), (self.num_devices,), ("data",))
+        self.mesh = self._make_mesh(mesh_shape(self.num_devices, mesh), slices)
         xs.set_global_mesh(self.mesh)
         if self.process_count > 1 and not dist.is_initialized():
             # host-side agreement (preemption, barriers): gloo over the XLA runtime's rendezvous
             import torch_xla.distributed.xla_backend  # noqa: F401  (registers xla://)
             dist.init_process_group("gloo", init_method="xla://")
+
+    def _make_mesh(self, shape: tuple[int, int], slices: int):
+        """('data', 'fsdp') mesh; over several slices (multi-slice TPU) a HybridMesh whose data
+        axis spans the slices over DCN and everything else stays on ICI."""
+        if slices > 1:
+            if shape[0] % slices:
+                raise ValueError(f"runtime.slices {slices} must divide the data axis {shape[0]}")
+            return self._xs.HybridMesh(ici_mesh_shape=(shape[0] // slices, shape[1]),
+                                       dcn_mesh_shape=(slices, 1), axis_names=("data", "fsdp"))
+        import numpy as np
+        return self._xs.Mesh(np.arange(self.num_devices), shape, ("data", "fsdp"))
+
+    @property
+    def fsdp_size(self) -> int:
+        return self.mesh.mesh_shape[1]
+
+    def wrap_model(self, model):
+        """Data-parallel: parameters replicated. With an fsdp axis > 1: FSDPv2, each of the
+        model's `fsdp_blocks` wrapped on its own (its parameters, gradients and optimizer state
+        sharded over 'fsdp', gathered for its forward), then the rest of the parameters."""
+        model = model.to(self.device)
+        if self.fsdp_size == 1:
+            return model
+        from torch_xla.experimental.spmd_fully_sharded_data_parallel import \
+            SpmdFullyShardedDataParallel as FSDPv2
+        block_types = tuple(getattr(model, "fsdp_blocks", ()))
+        for name, module in list(model.named_modules()):
+            if block_types and isinstance(module, block_types):
+                parent_name, _, child = name.rpartition(".")
+                parent = model.get_submodule(parent_name) if parent_name else model
+                setattr(parent, child, FSDPv2(module, mesh=self.mesh, extra_data_axis="data"))
+        # the root's output is a dict of scalar losses: nothing to shard there
+        return FSDPv2(model, mesh=self.mesh, shard_output=lambda output, mesh: None)
+
+    def parameter_bytes_per_device(self, model) -> int:
+        from torch_xla.distributed.spmd.xla_sharding import wrap_as_sharded_tensor
+        total = 0
+        for p in model.parameters():
+            shard = wrap_as_sharded_tensor(p).local_shards[0].data
+            total += shard.numel() * shard.element_size()
+        return total
 
     def device_kind(self) -> str:
         hw = self._xm.xla_device_hw(self.device)
@@ -234,8 +278,9 @@ class XlaRuntime(Runtime):
         return torch.rand((global_batch, *shape), device=self.device)
 
     def _batch_sharding(self, batch: dict) -> dict:
-        # batch axis over 'data'; minibatch: each host passes only its own rows
-        return {k: self._xs.ShardingSpec(self.mesh, ("data",) + (None,) * (v.dim() - 1), minibatch=True)
+        # batch axis over every device ('data' x 'fsdp'); minibatch: each host passes its own rows
+        return {k: self._xs.ShardingSpec(self.mesh, (("data", "fsdp"),) + (None,) * (v.dim() - 1),
+                                         minibatch=True)
                 for k, v in batch.items()}
 
     def device_batches(self, loader):
@@ -273,6 +318,20 @@ class XlaRuntime(Runtime):
         return values
 
 
+def mesh_shape(num_devices: int, mesh) -> tuple[int, int]:
+    """runtime.mesh [data, fsdp] with at most one -1 (the rest of the devices): [-1, 1] is
+    data-parallel, [1, -1] FSDP over every device, [2, 2] both."""
+    data, fsdp = mesh
+    if data == -1 and fsdp > 0 and num_devices % fsdp == 0:
+        data = num_devices // fsdp
+    elif fsdp == -1 and data > 0 and num_devices % data == 0:
+        fsdp = num_devices // data
+    if data < 1 or fsdp < 1 or data * fsdp != num_devices:
+        raise ValueError(f"runtime.mesh {list(mesh)} does not fit {num_devices} devices; give "
+                         f"[data, fsdp] with data x fsdp = {num_devices}, -1 for one of them")
+    return data, fsdp
+
+
 def resolve_backend(backend: str) -> str:
     if backend != "auto":
         return backend
@@ -282,12 +341,14 @@ def resolve_backend(backend: str) -> str:
 
 
 def create_runtime(backend: str = "auto", precision: str = "bf16", torch_compile: bool = False,
-                   compile_cache: str | None = None) -> Runtime:
+                   compile_cache: str | None = None, mesh=(-1, 1), slices: int = 1) -> Runtime:
     backend = resolve_backend(backend)
     if backend == "xla":
         if importlib.util.find_spec("torch_xla") is None:
             raise RuntimeError("runtime.backend=xla needs torch_xla: pip install -e '.[xla]'")
-        return XlaRuntime(precision, compile_cache)
+        return XlaRuntime(precision, compile_cache, mesh, slices)
+    if tuple(mesh) not in ((-1, 1), (1, 1)) or slices != 1:
+        raise ValueError("runtime.mesh and runtime.slices are for the xla backend; cuda and cpu are data-parallel")
     if backend == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("runtime.backend=cuda but no CUDA device is visible; use runtime.backend=cpu")
     runtime = DdpRuntime(backend, precision)

@@ -31,6 +31,13 @@ class TrainingDiverged(RuntimeError):
 
 
 # --- checks and construction ------------------------------------------------------------------
+def make_runtime(cfg: Config) -> Runtime:
+    try:
+        return create_runtime(**asdict(cfg.runtime))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def check_config(cfg: Config, runtime: Runtime, for_bench: bool = False):
     """Everything that can be wrong with the config, before data, models or compilation. `bench`
     needs no data, so neither data nor target locations."""
@@ -238,7 +245,7 @@ class Interval:
 
 
 def pretrain(cfg: Config, runtime: Runtime | None = None) -> dict:
-    runtime = runtime or create_runtime(**asdict(cfg.runtime))
+    runtime = runtime or make_runtime(cfg)
     check_config(cfg, runtime)
     data = open_train_data(cfg, runtime)
     schedule = make_schedule(cfg, data.num_samples)
@@ -253,7 +260,7 @@ def pretrain(cfg: Config, runtime: Runtime | None = None) -> dict:
     start_step, last_ckpt = 0, checkpoint.latest_checkpoint(out)
     if last_ckpt:
         state = checkpoint.load_checkpoint(last_ckpt)
-        method.load_state_dict(state["model"])
+        checkpoint.load_model_state(method, state["model"])
         optimizer.load_state_dict(state["optimizer"])
         random.setstate(state["rng"]["python"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -269,7 +276,7 @@ def pretrain(cfg: Config, runtime: Runtime | None = None) -> dict:
 
     def save(step):
         nonlocal last_ckpt
-        state = {"model": method.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+        state = {"model": checkpoint.model_state(method), "optimizer": optimizer.state_dict(), "step": step,
                  "data_position": {"epoch": step // schedule.steps_per_epoch,
                                    "batch_in_epoch": step % schedule.steps_per_epoch},
                  "rng": {"python": random.getstate(), "torch": torch.get_rng_state()},
