@@ -59,3 +59,77 @@ def save_checkpoint(output_dir: str, step: int, state: dict, keep: int) -> str:
 def load_checkpoint(path: str) -> dict:
     with fsspec.open(path, "rb") as f:
         return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=False)
+
+
+class FileCheckpoints:
+    """`checkpoint-<step>.pt` files written whole by process 0 (DDP, CPU, single-host XLA)."""
+
+    def __init__(self, output_dir: str, keep: int, is_main: bool):
+        self.output_dir, self.keep, self.is_main = output_dir, keep, is_main
+
+    def latest(self) -> int | None:
+        path = latest_checkpoint(self.output_dir)
+        return int(PATTERN.search(path).group(1)) if path else None
+
+    def location(self, step: int) -> str:
+        return f"{self.output_dir.rstrip('/')}/checkpoint-{step:08d}.pt"
+
+    def save(self, step: int, model, optimizer, extra: dict):
+        state = {"model": model_state(model), "optimizer": optimizer.state_dict(), **extra}
+        if self.is_main:
+            save_checkpoint(self.output_dir, step, state, self.keep)
+
+    def restore(self, step: int, model, optimizer, template: dict) -> dict:
+        state = load_checkpoint(self.location(step))
+        load_model_state(model, state.pop("model"))
+        optimizer.load_state_dict(state.pop("optimizer"))
+        return state
+
+    def close(self):
+        pass
+
+
+class DistributedCheckpoints:
+    """torch.distributed.checkpoint through torch_xla's CheckpointManager (XLA SPMD): every host
+    writes its own shards, asynchronously (the step goes on while the CPU copy is written), into
+    <output_dir>/checkpoints/<step>/, local or gs://. A checkpoint counts once its manager
+    metadata is written, after all shards: a crash during a save leaves the previous one whole.
+    Restoring loads into the current model's sharding, so a checkpoint saved on one mesh restores
+    onto another."""
+
+    def __init__(self, output_dir: str, keep: int):
+        import torch.distributed as dist
+        from torch_xla.experimental.distributed_checkpoint import CheckpointManager
+        if not dist.is_initialized():  # DCP coordinates over a process group; gloo over XLA's rendezvous
+            import torch_xla.distributed.xla_backend  # noqa: F401
+            dist.init_process_group("gloo", init_method="xla://")
+        self.dir = f"{output_dir.rstrip('/')}/checkpoints"
+        self.manager = CheckpointManager(self.dir, save_interval=1, max_to_keep=keep,
+                                         chkpt_on_preemption=False)
+
+    def latest(self) -> int | None:
+        steps = self.manager.all_steps()
+        return steps[-1] if steps else None
+
+    def location(self, step: int) -> str:
+        return f"{self.dir}/{step}"
+
+    def save(self, step: int, model, optimizer, extra: dict):
+        # only the optimizer's tensors: its param_groups come from the config (the lr from the
+        # schedule, a device tensor under XLA, which DCP would flatten under other names)
+        state = {"model": model_state(model), "optimizer": optimizer.state_dict()["state"], "extra": extra}
+        self.manager.save_async(step, state, force=True)
+
+    def restore(self, step: int, model, optimizer, template: dict) -> dict:
+        """`template`: an `extra` of the same structure as the saved one, loaded into."""
+        from torch_xla.experimental.distributed_checkpoint import prime_optimizer
+        prime_optimizer(optimizer)  # the state tensors must exist to be loaded into
+        current = optimizer.state_dict()
+        state = {"model": model_state(model), "optimizer": current["state"], "extra": template}
+        self.manager.restore(step, state)
+        load_model_state(model, state["model"])
+        optimizer.load_state_dict({"state": state["optimizer"], "param_groups": current["param_groups"]})
+        return state["extra"]
+
+    def close(self):
+        self.manager.join()

@@ -123,6 +123,10 @@ class Runtime:
         dist.all_reduce(t)
         return t.tolist()
 
+    def checkpoints(self, output_dir: str, keep: int):
+        from .checkpoint import FileCheckpoints
+        return FileCheckpoints(output_dir, keep, self.is_main)
+
     def any_process(self, flag: bool) -> bool:
         """True on every process if it is True on any (a collective: call it on all of them)."""
         if self.process_count == 1 or not dist.is_initialized():
@@ -298,6 +302,10 @@ class XlaRuntime(Runtime):
     @property
     def collective_device(self):
         return torch.device("cpu")  # gloo
+
+    def checkpoints(self, output_dir: str, keep: int):
+        from .checkpoint import DistributedCheckpoints
+        return DistributedCheckpoints(output_dir, keep)
 
     def start_trace(self, logdir: str):
         import torch_xla.debug.profiler as xp

@@ -257,14 +257,20 @@ def pretrain(cfg: Config, runtime: Runtime | None = None) -> dict:
                                 **runtime.optimizer_options())
 
     out = cfg.train.output_dir
-    start_step, last_ckpt = 0, checkpoint.latest_checkpoint(out)
-    if last_ckpt:
-        state = checkpoint.load_checkpoint(last_ckpt)
-        checkpoint.load_model_state(method, state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        random.setstate(state["rng"]["python"])
-        torch.set_rng_state(state["rng"]["torch"])
-        start_step = state["step"]
+    store = runtime.checkpoints(out, cfg.train.keep_checkpoints)
+
+    def extra_state(step: int) -> dict:
+        return {"step": step, "data_position": {"epoch": step // schedule.steps_per_epoch,
+                                                "batch_in_epoch": step % schedule.steps_per_epoch},
+                "rng": {"python": random.getstate(), "torch": torch.get_rng_state()},
+                "config": cfg.to_dict()}
+
+    start_step, last_ckpt = store.latest() or 0, None
+    if start_step:
+        extra = store.restore(start_step, method, optimizer, extra_state(0))
+        random.setstate(extra["rng"]["python"])
+        torch.set_rng_state(extra["rng"]["torch"])
+        last_ckpt = store.location(start_step)
         log.info("resumed from %s at step %d", last_ckpt, start_step)
     end_step = min(schedule.total_steps, cfg.train.stop_at_step or schedule.total_steps)
 
@@ -276,14 +282,9 @@ def pretrain(cfg: Config, runtime: Runtime | None = None) -> dict:
 
     def save(step):
         nonlocal last_ckpt
-        state = {"model": checkpoint.model_state(method), "optimizer": optimizer.state_dict(), "step": step,
-                 "data_position": {"epoch": step // schedule.steps_per_epoch,
-                                   "batch_in_epoch": step % schedule.steps_per_epoch},
-                 "rng": {"python": random.getstate(), "torch": torch.get_rng_state()},
-                 "config": cfg.to_dict()}
-        if runtime.is_main:
-            last_ckpt = checkpoint.save_checkpoint(out, step, state, cfg.train.keep_checkpoints)
-            logger.upload()
+        store.save(step, method, optimizer, extra_state(step))
+        last_ckpt = store.location(step)
+        logger.upload()
         runtime.barrier()
 
     interval = Interval()
@@ -320,6 +321,7 @@ def pretrain(cfg: Config, runtime: Runtime | None = None) -> dict:
             end_step = done
             break
     bar.close()
+    store.close()
     logger.close()
     summary = {"output_dir": out, "metrics": str(logger.path), "tensorboard": str(logger.local_dir / "tb"),
                "checkpoint": last_ckpt, "steps": end_step, "compiles": runtime.compiles()}
