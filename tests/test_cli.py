@@ -91,7 +91,7 @@ def test_info_xla_mesh():
     result = run_cli(["info", "--backend", "xla"], env={"PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "4"})
     assert result.returncode == 0, result.stderr[-2000:]
     info = json.loads(result.stdout)
-    assert info["num_devices"] == 4 and info["mesh"] == {"shape": [4], "axes": ["data"]}
+    assert info["num_devices"] == 4 and info["mesh"] == {"shape": [4, 1], "axes": ["data", "fsdp"]}
 
 
 def test_bench_prints_throughput(embedded_root, tmp_path):

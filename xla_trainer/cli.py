@@ -27,7 +27,8 @@ def cmd_pretrain(args):
     print(f"done: {summary['steps']} steps\n"
           f"  metrics:     {summary['metrics']}\n"
           f"  tensorboard: {summary['tensorboard']}\n"
-          f"  checkpoint:  {summary['checkpoint']}")
+          f"  checkpoint:  {summary['checkpoint']}\n"
+          f"  parameters:  {summary['parameter_bytes_per_device'] / 2**20:.3f} MiB per device")
 
 
 def cmd_bench(args):

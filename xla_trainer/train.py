@@ -324,5 +324,6 @@ def pretrain(cfg: Config, runtime: Runtime | None = None) -> dict:
     store.close()
     logger.close()
     summary = {"output_dir": out, "metrics": str(logger.path), "tensorboard": str(logger.local_dir / "tb"),
-               "checkpoint": last_ckpt, "steps": end_step, "compiles": runtime.compiles()}
+               "checkpoint": last_ckpt, "steps": end_step, "compiles": runtime.compiles(),
+               "parameter_bytes_per_device": runtime.parameter_bytes_per_device(model)}
     return summary
