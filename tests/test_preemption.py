@@ -1,5 +1,6 @@
 """SIGTERM to a real training process: it finishes its step, saves, exits 0, and the relaunch
 continues the loss curve as if uninterrupted."""
+import os
 import signal
 import subprocess
 import sys
@@ -10,15 +11,19 @@ import pytest
 from conftest import REPO, read_metrics, run_cli, tiny_overrides
 
 
-def test_sigterm_saves_exits_zero_and_resumes(embedded_root, tmp_path):
-    steps = {"train.stop_at_step": 40, "data.num_workers": 2}
-    full = run_cli(["pretrain", *tiny_overrides(embedded_root, tmp_path / "full", **steps)])
+@pytest.mark.parametrize("backend,env,ckpt", [
+    ("cpu", {}, "checkpoint-{step:08d}.pt"),
+    ("xla", {"PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "4"}, "checkpoints/{step}"),
+])
+def test_sigterm_saves_exits_zero_and_resumes(embedded_root, tmp_path, backend, env, ckpt):
+    steps = {"train.stop_at_step": 40, "data.num_workers": 2, "runtime.backend": backend}
+    full = run_cli(["pretrain", *tiny_overrides(embedded_root, tmp_path / "full", **steps)], env=env)
     assert full.returncode == 0, full.stderr[-3000:]
 
     out = tmp_path / "run"
     args = tiny_overrides(embedded_root, out, **steps, **{"train.ckpt_every": 1000})
     proc = subprocess.Popen([sys.executable, "-m", "xla_trainer", "pretrain", *args], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if (out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 5:
@@ -29,15 +34,15 @@ def test_sigterm_saves_exits_zero_and_resumes(embedded_root, tmp_path):
     assert proc.returncode == 0, err[-3000:]
     stopped = read_metrics(out)[-1]["step"]
     assert 5 <= stopped < 40
-    assert (out / f"checkpoint-{stopped:08d}.pt").exists()  # saved although ckpt_every is 1000
+    assert (out / ckpt.format(step=stopped)).exists()  # saved although ckpt_every is 1000
     assert f"SIGTERM: saved step {stopped}" in err
 
-    again = run_cli(["pretrain", *args])
+    again = run_cli(["pretrain", *args], env=env)
     assert again.returncode == 0, again.stderr[-3000:]
     a, b = read_metrics(tmp_path / "full"), read_metrics(out)
     assert [r["step"] for r in b] == list(range(1, 41))
     for x, y in zip(a, b):
-        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5, abs=1e-6), x["step"]
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-4, abs=1e-4), x["step"]
 
 
 @pytest.mark.parametrize("backend,trace_glob", [("xla", "profile/plugins/profile/*/*.xplane.pb"),

@@ -98,11 +98,8 @@ class DistributedCheckpoints:
     onto another."""
 
     def __init__(self, output_dir: str, keep: int):
-        import torch.distributed as dist
+        # coordinates over the default process group, which the XLA runtime creates (gloo)
         from torch_xla.experimental.distributed_checkpoint import CheckpointManager
-        if not dist.is_initialized():  # DCP coordinates over a process group; gloo over XLA's rendezvous
-            import torch_xla.distributed.xla_backend  # noqa: F401
-            dist.init_process_group("gloo", init_method="xla://")
         self.dir = f"{output_dir.rstrip('/')}/checkpoints"
         self.manager = CheckpointManager(self.dir, save_interval=1, max_to_keep=keep,
                                          chkpt_on_preemption=False)

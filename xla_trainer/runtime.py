@@ -12,6 +12,7 @@ import importlib.util
 import itertools
 import os
 import platform
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -214,10 +215,16 @@ class XlaRuntime(Runtime):
         self.process_index, self.process_count = xr.process_index(), xr.process_count()
         self.mesh = self._make_mesh(mesh_shape(self.num_devices, mesh), slices)
         xs.set_global_mesh(self.mesh)
-        if self.process_count > 1 and not dist.is_initialized():
-            # host-side agreement (preemption, barriers): gloo over the XLA runtime's rendezvous
+        if not dist.is_initialized():
+            # a CPU process group for distributed checkpoints and host-side agreement (preemption):
+            # gloo over the XLA runtime's rendezvous across hosts; a file store for one process,
+            # so that several runs on one machine do not fight over a port
             import torch_xla.distributed.xla_backend  # noqa: F401  (registers xla://)
-            dist.init_process_group("gloo", init_method="xla://")
+            if self.process_count > 1:
+                dist.init_process_group("gloo", init_method="xla://")
+            else:
+                store = tempfile.NamedTemporaryFile(prefix="xla-trainer-pg-", delete=False).name
+                dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
 
     def _make_mesh(self, shape: tuple[int, int], slices: int):
         """('data', 'fsdp') mesh; over several slices (multi-slice TPU) a HybridMesh whose data
@@ -291,9 +298,15 @@ class XlaRuntime(Runtime):
         batches = iter(loader)
         first = next(batches, None)
         if first is None:
-            return iter(())
-        return self._pl.MpDeviceLoader(itertools.chain([first], batches), self.device,
-                                       input_sharding=self._batch_sharding(first))
+            return
+        per_device = iter(self._pl.MpDeviceLoader(itertools.chain([first], batches), self.device,
+                                                  input_sharding=self._batch_sharding(first)))
+        try:
+            yield from per_device
+        finally:
+            # stop the upload threads, which hold the DataLoader: its workers then shut down
+            # instead of blocking the interpreter's exit (a run stopped early, e.g. by SIGTERM)
+            per_device._loader.close()
 
     def shard_batch(self, batch: dict) -> dict:
         sharding = self._batch_sharding(batch)

@@ -14,7 +14,6 @@ from tqdm import tqdm
 
 import models
 from models.segments import SegmentLayout
-from . import checkpoint
 from .config import Config, ConfigError
 from .data import open_train_data
 from .flops import peak_flops, train_flops_per_image
@@ -292,34 +291,37 @@ def pretrain(cfg: Config, runtime: Runtime | None = None) -> dict:
                dynamic_ncols=True)
     preemption = Preemption(runtime, cfg.train.log_every)
     profile = StepProfile(runtime, cfg.train.profile_steps, out)
-    for step, batch in zip(range(start_step, end_step), batches):
-        profile.before(step)
-        metrics = step_fn(model, teacher, optimizer, batch, schedule.lr(step), step, runtime=runtime, cfg=cfg)
-        profile.after(step)
-        done = step + 1  # steps completed; the step number every log and message uses
-        interval.add(done, metrics)
-        bar.update(1)
-        stop = preemption.agreed(done)
-        is_last = done == end_step or stop
-        if done % cfg.train.log_every == 0 or is_last:
-            interval.check_finite(last_ckpt or "none saved yet")
-            record = interval.summary(runtime, cfg.train.global_batch)
-            total_skipped += record.pop("skipped_images")
-            images_per_sec = record.pop("images_per_sec")
-            record = {"step": done, "epoch": done / schedule.steps_per_epoch, **record,
-                      "lr": schedule.lr(step), "images_per_sec": images_per_sec,
-                      "mfu": images_per_sec * flops["train_step"] / (peak * runtime.num_devices) if peak else None,
-                      "compiles": runtime.compiles(), "skipped_images": int(total_skipped)}
-            logger.log(record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{images_per_sec:.1f}")
-            interval = Interval()
-        if done % cfg.train.ckpt_every == 0 or is_last:
-            interval.check_finite(last_ckpt or "none saved yet")
-            save(done)
-        if stop:
-            log.warning("SIGTERM: saved step %d to %s; exiting (a relaunch resumes from it)", done, last_ckpt)
-            end_step = done
-            break
+    try:
+        for step, batch in zip(range(start_step, end_step), batches):
+            profile.before(step)
+            metrics = step_fn(model, teacher, optimizer, batch, schedule.lr(step), step, runtime=runtime, cfg=cfg)
+            profile.after(step)
+            done = step + 1  # steps completed; the step number every log and message uses
+            interval.add(done, metrics)
+            bar.update(1)
+            stop = preemption.agreed(done)
+            is_last = done == end_step or stop
+            if done % cfg.train.log_every == 0 or is_last:
+                interval.check_finite(last_ckpt or "none saved yet")
+                record = interval.summary(runtime, cfg.train.global_batch)
+                total_skipped += record.pop("skipped_images")
+                images_per_sec = record.pop("images_per_sec")
+                record = {"step": done, "epoch": done / schedule.steps_per_epoch, **record,
+                          "lr": schedule.lr(step), "images_per_sec": images_per_sec,
+                          "mfu": images_per_sec * flops["train_step"] / (peak * runtime.num_devices) if peak else None,
+                          "compiles": runtime.compiles(), "skipped_images": int(total_skipped)}
+                logger.log(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{images_per_sec:.1f}")
+                interval = Interval()
+            if done % cfg.train.ckpt_every == 0 or is_last:
+                interval.check_finite(last_ckpt or "none saved yet")
+                save(done)
+            if stop:
+                log.warning("SIGTERM: saved step %d to %s; exiting (a relaunch resumes from it)", done, last_ckpt)
+                end_step = done
+                break
+    finally:
+        batches.close()  # a run stopped early must not wait on its loader workers
     bar.close()
     store.close()
     logger.close()
