@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest import tiny_overrides  # noqa: E402
-from xla_trainer.checkpoint import DistributedCheckpoints, model_state  # noqa: E402
+from xla_trainer.checkpoint import model_state  # noqa: E402
 from xla_trainer.config import load_config  # noqa: E402
 from xla_trainer.optim import build_optimizer  # noqa: E402
 from xla_trainer.train import build_models, make_runtime  # noqa: E402
@@ -23,7 +23,7 @@ runtime = make_runtime(cfg)
 method, _ = build_models(cfg)
 runtime.wrap_model(method)
 optimizer = build_optimizer(method, 1e-3, 0.05, [0.9, 0.95], **runtime.optimizer_options())
-store = DistributedCheckpoints(out, keep=2)
+store = runtime.checkpoints(out, keep=2)
 
 
 def snapshot():

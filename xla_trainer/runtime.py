@@ -215,16 +215,8 @@ class XlaRuntime(Runtime):
         self.process_index, self.process_count = xr.process_index(), xr.process_count()
         self.mesh = self._make_mesh(mesh_shape(self.num_devices, mesh), slices)
         xs.set_global_mesh(self.mesh)
-        if not dist.is_initialized():
-            # a CPU process group for distributed checkpoints and host-side agreement (preemption):
-            # gloo over the XLA runtime's rendezvous across hosts; a file store for one process,
-            # so that several runs on one machine do not fight over a port
-            import torch_xla.distributed.xla_backend  # noqa: F401  (registers xla://)
-            if self.process_count > 1:
-                dist.init_process_group("gloo", init_method="xla://")
-            else:
-                store = tempfile.NamedTemporaryFile(prefix="xla-trainer-pg-", delete=False).name
-                dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+        if self.process_count > 1:
+            self._ensure_process_group()  # host-side agreement (preemption) from the start
 
     def _make_mesh(self, shape: tuple[int, int], slices: int):
         """('data', 'fsdp') mesh; over several slices (multi-slice TPU) a HybridMesh whose data
@@ -316,8 +308,22 @@ class XlaRuntime(Runtime):
     def collective_device(self):
         return torch.device("cpu")  # gloo
 
+    def _ensure_process_group(self):
+        """A CPU (gloo) process group, which distributed checkpoints and host-side agreement
+        need: over the XLA runtime's rendezvous across hosts; on a file store for one process,
+        so that several runs on one machine do not fight over a port."""
+        if dist.is_initialized():
+            return
+        import torch_xla.distributed.xla_backend  # noqa: F401  (registers xla://)
+        if self.process_count > 1:
+            dist.init_process_group("gloo", init_method="xla://")
+        else:
+            store = tempfile.NamedTemporaryFile(prefix="xla-trainer-pg-", delete=False).name
+            dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+
     def checkpoints(self, output_dir: str, keep: int):
         from .checkpoint import DistributedCheckpoints
+        self._ensure_process_group()
         return DistributedCheckpoints(output_dir, keep)
 
     def start_trace(self, logdir: str):
