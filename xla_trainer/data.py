@@ -1,7 +1,6 @@
 """Training input: ImageFolder trees, the pre-training augmentation, and a per-host batch sampler
 whose order depends only on (seed, step), so a resumed run reads exactly what the interrupted
 run would have read, whatever the number of processes."""
-import hashlib
 import logging
 import signal
 from dataclasses import dataclass
@@ -19,15 +18,11 @@ from .embedded_data import prepare_embedded
 from .shard_loader import ShardStream, build_shard_loader
 from .shards import ImageManifest
 from .targets import TargetManifest
+from .views import derive_seed
 
 EMBEDDED_ROOT = "~/.cache/xla-trainer/embedded"
 
 log = logging.getLogger(__name__)
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    digest = hashlib.blake2b(f"{seed}/{epoch}/{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 def pretrain_transform(image_size: int, crop_scale) -> transforms.Compose:
@@ -64,7 +59,7 @@ class PretrainImageFolder(Dataset):
                 log.warning("skipping unreadable image %s: %s", path, e)
                 continue
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(sample_seed(self.seed, epoch, i))
+                torch.manual_seed(derive_seed(self.seed, epoch, i))
                 return self.transform(image), attempt > 0
         raise RuntimeError(f"no readable image in {self.folder.root}")
 

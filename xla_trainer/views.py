@@ -16,7 +16,8 @@ _MEAN = np.array(IMAGENET_MEAN, dtype=np.float32).reshape(3, 1, 1)
 _STD = np.array(IMAGENET_STD, dtype=np.float32).reshape(3, 1, 1)
 
 
-def _seed(*parts) -> int:
+def derive_seed(*parts) -> int:
+    """A 63-bit seed from (seed, epoch, key, ...): the same on every worker, host and restart."""
     digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
@@ -25,7 +26,7 @@ def sample_view(seed: int, key: str, index: int, width: int, height: int, crop_s
     """((top, left, height, width), flip) of the pre-training augmentation: torchvision's
     RandomResizedCrop parameters and a coin flip, under a generator seeded by (seed, key, index)."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_seed(seed, key, index))
+        torch.manual_seed(derive_seed(seed, key, index))
         box = RandomResizedCrop.get_params(torch.empty(0, height, width), tuple(crop_scale), (3 / 4, 4 / 3))
         flip = bool(torch.rand(1) < 0.5)
     return tuple(int(v) for v in box), flip
@@ -33,7 +34,7 @@ def sample_view(seed: int, key: str, index: int, width: int, height: int, crop_s
 
 def view_index(seed: int, epoch: int, key: str, num_views: int) -> int:
     """Which stored view a sample uses in an epoch."""
-    return _seed(seed, epoch, key) % num_views
+    return derive_seed(seed, epoch, key) % num_views
 
 
 def image_size_of(jpeg: bytes) -> tuple[int, int]:
