@@ -4,9 +4,11 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Mlp, build_sincos2d_pos_embed
+from timm.layers import Mlp
 from timm.models.vision_transformer import Attention
 from torch import nn
+
+from .pos_embed import sincos_2d
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
@@ -47,30 +49,46 @@ class DecoderBlock(nn.Module):
 
 
 class FeaturePredictor(nn.Module):
-    """One D-iGPT decoder ("ar" or "kd"): a learned query token plus fixed sin-cos positions of the
-    target patches, `depth` DecoderBlocks, then a LayerNorm + Linear head to the teacher width.
+    """One D-iGPT decoder ("ar" or "kd"): LayerNorms over the tapped encoder outputs, a learned
+    query token plus fixed sin-cos positions of the target patches, `depth` DecoderBlocks, then a
+    LayerNorm + Linear head to the teacher width.
 
-    `enc2dec` maps the concatenated encoder taps to depth x width and is read as (width, depth),
-    depth last, the official checkpoint's layout, so its weights import without reshuffling.
+    Each decoder owns its tap norm, as in the official model: one LayerNorm applied to every tap
+    when `shared_tap_norm`, else one per tap. `enc2dec` maps the concatenated taps to
+    depth x width and is read as (width, depth), depth last, the official checkpoint's layout, so
+    its weights import without reshuffling.
     """
 
-    def __init__(self, in_dim: int, grid: tuple[int, int], width: int, depth: int, heads: int,
-                 out_dim: int):
+    def __init__(self, enc_dim: int, num_taps: int, grid: tuple[int, int], width: int, depth: int,
+                 heads: int, out_dim: int, shared_tap_norm: bool = True):
         super().__init__()
-        self.depth = depth
-        self.enc2dec = nn.Linear(in_dim, width * depth)
+        self.depth, self.num_taps = depth, num_taps
+        # eps 1e-5 (torch's default), unlike the 1e-6 elsewhere: the official tap norms
+        self.tap_norm = nn.LayerNorm(enc_dim) if shared_tap_norm else nn.ModuleList(
+            nn.LayerNorm(enc_dim) for _ in range(num_taps))
+        self.enc2dec = nn.Linear(enc_dim * num_taps, width * depth)
         self.query_token = nn.Parameter(torch.zeros(1, 1, width))
-        pos = build_sincos2d_pos_embed(list(grid), width)
+        pos = sincos_2d(grid, width)
         self.register_buffer("pos_embed", torch.cat([pos, torch.zeros(1, width)]), persistent=False)
         self.blocks = nn.ModuleList(DecoderBlock(width, heads) for _ in range(depth))
-        self.head_norm = nn.LayerNorm(width)
+        self.head_norm = LayerNorm(width)  # eps 1e-6, as the official ar_norm / kd_norm
         self.head = nn.Linear(width, out_dim)
         nn.init.normal_(self.query_token, std=0.02)
 
-    def forward(self, features: torch.Tensor, query_index: torch.Tensor,
+    def tap_norms(self) -> list[nn.LayerNorm]:
+        """The LayerNorm of each tap, in tap order."""
+        if isinstance(self.tap_norm, nn.LayerNorm):
+            return [self.tap_norm] * self.num_taps
+        return list(self.tap_norm)
+
+    def forward(self, taps: list[torch.Tensor], query_index: torch.Tensor,
                 attn_mask: torch.Tensor) -> torch.Tensor:
-        """features (B, N+1, in_dim); query_index (B, N) raster positions of the predicted patches;
-        the last query (position row N = zeros) predicts the teacher's cls token."""
+        """taps: the tapped encoder outputs, each (B, N+1, enc_dim); query_index (B, N) raster
+        positions of the predicted patches; the last query (position row N = zeros) predicts the
+        teacher's cls token."""
+        if len(taps) != self.num_taps:
+            raise ValueError(f"expected {self.num_taps} encoder taps, got {len(taps)}")
+        features = torch.cat([norm(t) for norm, t in zip(self.tap_norms(), taps)], dim=-1)
         cls_row = torch.full_like(query_index[:, :1], self.pos_embed.shape[0] - 1)
         pos = self.pos_embed[torch.cat([query_index, cls_row], dim=1)]
         q = self.query_token + pos

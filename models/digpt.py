@@ -48,12 +48,9 @@ class DiGPT(nn.Module):
         self.register_buffer("teacher_index", self.teacher_layout.patch_index() + 1, persistent=False)
         self.register_buffer("attn_mask", block_causal_mask(S - 1, T, cls_visible_to_last_segment),
                              persistent=False)
-        dim = encoder.embed_dim
-        self.tap_norm = nn.LayerNorm(dim) if shared_tap_norm else nn.ModuleList(
-            nn.LayerNorm(dim) for _ in self.taps)
         self.decoders = nn.ModuleDict({
-            name: FeaturePredictor(dim * len(self.taps), encoder.grid, decoder_width, decoder_depth,
-                                   decoder_heads, teacher_dim)
+            name: FeaturePredictor(encoder.embed_dim, len(self.taps), encoder.grid, decoder_width,
+                                   decoder_depth, decoder_heads, teacher_dim, shared_tap_norm)
             for name, _ in self.DECODERS})
 
     @property
@@ -69,12 +66,10 @@ class DiGPT(nn.Module):
         seg_patches = self.patch_index[order]  # (B, S, T)
         taps = self.encoder.forward_taps(images, seg_patches[:, :-1].flatten(1), self.attn_mask,
                                          self.taps)
-        norms = [self.tap_norm] * len(taps) if isinstance(self.tap_norm, nn.LayerNorm) else self.tap_norm
-        features = torch.cat([norm(t) for norm, t in zip(norms, taps)], dim=-1)
         losses = {}
         for name, first in self.DECODERS:
             slots = order[:, first:first + S - 1]
-            pred = self.decoders[name](features, self.patch_index[slots].flatten(1), self.attn_mask)
+            pred = self.decoders[name](taps, self.patch_index[slots].flatten(1), self.attn_mask)
             losses[f"loss_{name}"] = self._loss(pred, targets, slots)
         losses["loss"] = sum(losses.values())
         return losses

@@ -2,11 +2,15 @@
 (cls + patch grid) after ln_post and the projection: D-iGPT's targets."""
 import hashlib
 import os
+import pickle
 from pathlib import Path
 
 import open_clip
+import safetensors
+import safetensors.torch
 import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from open_clip.model import resize_pos_embed
 from torch import nn
 
 # Small architectures of our own (e.g. the demo teacher) next to open_clip's registry.
@@ -33,6 +37,53 @@ def resolve_weights(pretrained: str | None, cache_dir: str) -> str | None:
     return str(local)
 
 
+def read_visual_state(path: str) -> dict | None:
+    """The visual tower's state_dict (keys without `visual.`) when the file holds only that
+    tower, bare or under `visual.`, possibly in {"state_dict": ...} and/or with DDP's `module.`
+    prefix; None for a full CLIP checkpoint (or a format only open_clip reads), which open_clip
+    then loads itself."""
+    try:
+        state = _unwrap(_open_lazily(path))
+    except (RuntimeError, pickle.UnpicklingError):  # e.g. OpenAI's TorchScript archives
+        return None
+    prefixed = [k.startswith("visual.") for k in state or {}]
+    if state is None or (any(prefixed) and not all(prefixed)):  # other towers too: full CLIP
+        return None
+    if path.endswith(".safetensors"):
+        state = _unwrap(safetensors.torch.load_file(path))
+    return {k.removeprefix("visual."): v for k, v in state.items()}
+
+
+def _open_lazily(path: str):
+    """A torch file memory-mapped; of a safetensors file only the names (values None): enough to
+    tell a full checkpoint (e.g. ViT-H's 4 GB) without reading it twice."""
+    if path.endswith(".safetensors"):
+        with safetensors.safe_open(path, "pt") as f:
+            return dict.fromkeys(f.keys())
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+
+
+def _unwrap(state) -> dict | None:
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        return None
+    if state and all(k.startswith("module.") for k in state):  # saved from DDP
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def load_visual_state(clip: nn.Module, state: dict, what: str):
+    """Strict load into clip.visual, the position grid resized to the model's (as open_clip does
+    for full checkpoints)."""
+    prefixed = {f"visual.{k}": v for k, v in state.items()}
+    resize_pos_embed(prefixed, clip)
+    try:
+        clip.visual.load_state_dict({k[len("visual."):]: v for k, v in prefixed.items()})
+    except RuntimeError as e:
+        raise ValueError(f"{what}: not an OpenCLIP visual tower of this arch: {e}") from None
+
+
 class ClipTeacher(nn.Module):
     def __init__(self, arch: str = "ViT-H-14", pretrained: str | None = None, image_size: int = 224,
                  input_mean=IMAGENET_MEAN, input_std=IMAGENET_STD,
@@ -41,7 +92,11 @@ class ClipTeacher(nn.Module):
         if arch not in open_clip.list_models():
             raise ValueError(f"unknown teacher arch {arch!r}; see open_clip.list_models()")
         weights = resolve_weights(pretrained, os.path.expanduser(cache_dir))
-        clip = open_clip.create_model(arch, pretrained=weights, force_image_size=image_size)
+        visual_state = read_visual_state(weights) if weights and os.path.isfile(weights) else None
+        clip = open_clip.create_model(arch, pretrained=None if visual_state is not None else weights,
+                                      force_image_size=image_size)
+        if visual_state is not None:
+            load_visual_state(clip, visual_state, f"teacher {arch!r} from {pretrained}")
         self.visual = clip.visual
         if self.visual.attn_pool is not None or self.visual.proj is None:
             raise ValueError(f"teacher {arch!r}: only plain ViT towers with a projection are supported")

@@ -1,15 +1,17 @@
 """The student encoder: timm's VisionTransformer run over a chosen subset of patch tokens in a
 chosen order, with an attention mask, returning the outputs of selected blocks.
 
-Subclassing timm keeps the state_dict in timm's layout, so fine-tuning can load the encoder with
-`timm.create_model('vit_base_patch16_224', ...)` after dropping the decoder keys.
+Subclassing timm keeps the state_dict in timm's layout: for timm's standard cls-first ViT
+(`timm.create_model('vit_base_patch16_224', ...)`), models.convert.encoder_to_timm only drops the
+decoder keys and gives pos_embed its zero cls row.
 """
 from functools import partial
 
 import torch
-from timm.layers import build_sincos2d_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+
+from .pos_embed import sincos_2d
 
 # (width, depth, heads) of the standard ViT sizes.
 VIT_SIZES = {
@@ -44,7 +46,7 @@ class SegmentViT(VisionTransformer):
 
     def _init_d_igpt_weights(self):
         with torch.no_grad():
-            self.pos_embed.copy_(build_sincos2d_pos_embed(list(self.grid), self.embed_dim)[None])
+            self.pos_embed.copy_(sincos_2d(self.grid, self.embed_dim)[None])
             nn.init.zeros_(self.cls_token)
         for m in self.modules():
             if isinstance(m, nn.Linear):

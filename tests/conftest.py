@@ -41,3 +41,22 @@ def read_metrics(output_dir) -> list[dict]:
 def embedded_root(tmp_path_factory):
     from xla_trainer.embedded_data import prepare_embedded
     return prepare_embedded(tmp_path_factory.mktemp("data") / "embedded")
+
+
+@pytest.fixture(scope="session")
+def digits_root(tmp_path_factory):
+    from xla_trainer.embedded_data import prepare_digits
+    return prepare_digits(tmp_path_factory.mktemp("data") / "digits")
+
+
+def tiny_eval_overrides(digits_root, output_dir, **extra) -> list[str]:
+    """An evaluation small enough for 2 CPU cores: a 2-block width-32 ViT on 32-px digits."""
+    values = {
+        "model.backbone": "tiny", "model.image_size": 32, "model.patch_size": 8, "model.width": 32,
+        "model.depth": 2, "model.heads": 2, "model.init": None, "data.source": "digits",
+        "data.root": str(digits_root), "data.num_workers": 0, "data.eval_resize": 32,
+        "train.global_batch": 64, "train.eval_batch": 96, "train.epochs": 1, "train.log_every": 5,
+        "train.output_dir": str(output_dir),
+    }
+    values.update(extra)
+    return [f"{k}={'null' if v is None else v}" for k, v in values.items()]

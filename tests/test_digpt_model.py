@@ -133,8 +133,7 @@ def test_forward_is_block_causal_in_the_drawn_order():
     assert not torch.allclose(taps_a[-1][:, -1], taps_b[-1][:, -1], atol=1e-3)
     # the "ar" queries of slot 0 (positions of the next segment) see only slot 0's features
     queries = model.patch_index[order[:, 1:]].flatten(1)
-    preds = [model.decoders["ar"](torch.cat([model.tap_norm(t) for t in taps], -1), queries, model.attn_mask)
-             for taps in (taps_a, taps_b)]
+    preds = [model.decoders["ar"](taps, queries, model.attn_mask) for taps in (taps_a, taps_b)]
     assert torch.allclose(preds[0][:, :16], preds[1][:, :16], atol=1e-5)
     assert not torch.allclose(preds[0][:, 16:32], preds[1][:, 16:32], atol=1e-3)
 
@@ -159,8 +158,10 @@ def test_teacher_grid_must_split_into_segments():
 def test_official_quirk_flags():
     shared = tiny_digpt()
     separate = tiny_digpt(shared_tap_norm=False, cls_visible_to_last_segment=False)
-    assert isinstance(shared.tap_norm, torch.nn.LayerNorm)
-    assert len(separate.tap_norm) == len(separate.taps)
+    for name in ("ar", "kd"):  # each decoder owns its tap norm, as in the official model
+        assert isinstance(shared.decoders[name].tap_norm, torch.nn.LayerNorm)
+        assert len(separate.decoders[name].tap_norm) == len(separate.taps)
+    assert shared.decoders["ar"].tap_norm is not shared.decoders["kd"].tap_norm
     assert shared.attn_mask[-2, -1] and not separate.attn_mask[-2, -1]
 
 

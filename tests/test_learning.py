@@ -1,10 +1,32 @@
-"""The demo config, unchanged, learns on the embedded real images through the XLA path."""
+"""The demo config, unchanged, learns on the embedded real images through the XLA path, and what
+it learns carries over: a linear probe on real labelled digits (scikit-learn's, upscaled) beats
+the same encoder at random init."""
+import os
+import re
+import subprocess
+import sys
 from statistics import mean
 
-from conftest import read_metrics, run_cli
+from conftest import REPO, read_metrics, run_cli
+
+MARGIN = 10.0  # top-1 points; measured 56.6 (pre-trained) vs 34.1 (random init) on this machine
 
 
-def test_demo_config_loss_falls(embedded_root, tmp_path):
+def linprobe(digits_root, output_dir, init) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "xla_trainer", "linprobe", f"model.init={init}", f"data.root={digits_root}",
+         f"train.output_dir={output_dir}"],
+        cwd=REPO, env={**os.environ, "PJRT_DEVICE": "CPU"}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+
+
+def top1(proc: subprocess.Popen) -> float:
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    return float(re.search(r"linprobe: top-1 ([\d.]+)%", out).group(1))
+
+
+def test_demo_config_loss_falls_and_the_encoder_learns(embedded_root, digits_root, tmp_path):
     result = run_cli(["pretrain", f"data.root={embedded_root}", f"train.output_dir={tmp_path}"],
                      env={"PJRT_DEVICE": "CPU"})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -16,3 +38,9 @@ def test_demo_config_loss_falls(embedded_root, tmp_path):
     # still improving after the first quick drop, not just leaving the initialisation
     assert mean(losses[-5:]) < mean(losses[3:8]) - 0.1
     assert rows[-1]["compiles"] == rows[2]["compiles"]  # no recompilation after warm-up
+
+    # the demo linear-probe config, from the pre-training output_dir and from random init, side by side
+    pretrained = linprobe(digits_root, tmp_path / "probe", tmp_path)
+    random_init = linprobe(digits_root, tmp_path / "probe-random", "null")
+    pretrained_top1, random_top1 = top1(pretrained), top1(random_init)
+    assert pretrained_top1 > random_top1 + MARGIN, (pretrained_top1, random_top1)

@@ -1,5 +1,5 @@
-"""`xla-trainer` command line: pretrain, bench, bench-data, make-shards, precompute-targets, info,
-prepare-data."""
+"""`xla-trainer` command line: pretrain, the evaluations (finetune, linprobe, attnprobe, knn),
+export-timm, bench, bench-data, make-shards, index-shards, precompute-targets, info, prepare-data."""
 import argparse
 import importlib.metadata as md
 import json
@@ -7,8 +7,10 @@ import logging
 import sys
 
 from .bench import bench, bench_data
-from .config import DEFAULT_CONFIG, ConfigError, load_config
+from .config import CONFIG_DIR, DEFAULT_CONFIG, ConfigError, EvalConfig, load_config
 from .embedded_data import prepare_embedded
+from .evaluate import MODES, knn, train_classifier
+from .pretrained import export_timm
 from .runtime import create_runtime
 from .shards import index_shards, make_shards
 from .targets import precompute_targets
@@ -17,9 +19,13 @@ from .train import TrainingDiverged, make_runtime, pretrain
 OVERRIDES_HELP = "config overrides as key.sub=value (value parsed as YAML), e.g. train.global_batch=64"
 
 
-def _config_args(p: argparse.ArgumentParser):
-    p.add_argument("--config", default=None, help=f"experiment YAML (default: {DEFAULT_CONFIG})")
+def _config_args(p: argparse.ArgumentParser, default=DEFAULT_CONFIG):
+    p.add_argument("--config", default=str(default), help=f"experiment YAML (default: {default})")
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+
+
+def eval_default(command: str):
+    return CONFIG_DIR / command / "demo.yaml"
 
 
 def cmd_pretrain(args):
@@ -29,6 +35,21 @@ def cmd_pretrain(args):
           f"  tensorboard: {summary['tensorboard']}\n"
           f"  checkpoint:  {summary['checkpoint']}\n"
           f"  parameters:  {summary['parameter_bytes_per_device'] / 2**20:.3f} MiB per device")
+
+
+def cmd_evaluate(args):
+    cfg = load_config(args.config, args.overrides, schema=EvalConfig)
+    r = knn(cfg) if args.command == "knn" else train_classifier(cfg, args.command)
+    line = f"{r['mode']}: top-1 {r['val_top1']:.2f}%, top-5 {r['val_top5']:.2f}% on {r['val_images']} val images"
+    if "best_top1" in r:
+        line += f" (best top-1 {r['best_top1']:.2f}% at epoch {r['best_epoch']}; checkpoint {r['best_checkpoint']})"
+    print(f"{line}; metrics: {r['metrics']}")
+
+
+def cmd_export_timm(args):
+    export_timm(args.checkpoint, args.out)
+    print(f"timm state_dict written to {args.out}; load it with timm.create_model('vit_base_patch16_224', "
+          f"pretrained=True, pretrained_cfg_overlay=dict(file='{args.out}'), global_pool='avg', fc_norm=True)")
 
 
 def cmd_bench(args):
@@ -95,6 +116,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="pre-train (resumes from the newest checkpoint in train.output_dir)")
     _config_args(p)
     p.set_defaults(func=cmd_pretrain)
+    helps = {"finetune": "fine-tune the encoder with a classification head (layer decay, mixup, ...)",
+             "linprobe": "linear probe (BatchNorm + linear) on the frozen encoder",
+             "attnprobe": "attentive probe (one learned query, cross-attention, linear) on the frozen encoder",
+             "knn": "cosine k-NN on the frozen encoder's features"}
+    for command in (*MODES, "knn"):
+        p = sub.add_parser(command, help=helps[command])
+        _config_args(p, eval_default(command))
+        p.set_defaults(func=cmd_evaluate)
+    p = sub.add_parser("export-timm", help="write an encoder as a timm ViT state_dict")
+    p.add_argument("checkpoint", help="our checkpoint (file, checkpoint directory or output_dir), an official "
+                                      "D-iGPT checkpoint, or a timm state_dict; local or gs://")
+    p.add_argument("out", help="output file (.pth or .safetensors)")
+    p.set_defaults(func=cmd_export_timm)
     p = sub.add_parser("bench", help="time N train steps after warm-up on a fixed device batch")
     _config_args(p)
     p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")

@@ -96,8 +96,17 @@ class RuntimeConfig:
     slices: int = 1  # xla: TPU slices; > 1 makes a HybridMesh, data axis over DCN
 
 
+class Sections:
+    """A whole experiment: one dataclass field per config section; CHOICES: the allowed values of
+    the keys that have a fixed set."""
+    CHOICES: typing.ClassVar[dict] = {}
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 @dataclass
-class Config:
+class Config(Sections):
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     targets: TargetsConfig = field(default_factory=TargetsConfig)
@@ -105,19 +114,97 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    CHOICES: typing.ClassVar[dict] = {
+        "model.backbone": ("tiny", "small", "base", "large", "huge"),
+        "data.source": ("imagefolder", "embedded", "shards"),
+        "targets.source": ("online", "precomputed"),
+        "targets.dtype": ("float16", "int8"),
+        "runtime.backend": ("auto", "xla", "cuda", "cpu"),
+        "runtime.precision": ("bf16", "fp32"),
+    }
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+
+# --- evaluation: finetune, linprobe, attnprobe, knn --------------------------------------------
+@dataclass
+class EncoderConfig:
+    backbone: str = "base"  # tiny | small | base | large | huge (a timm VisionTransformer)
+    image_size: int = 224
+    patch_size: int = 16
+    width: Optional[int] = None
+    depth: Optional[int] = None
+    heads: Optional[int] = None
+    drop_path: float = 0.1  # finetune only
+    # weights: our pre-training checkpoint (file, checkpoint directory or output_dir), an official
+    # D-iGPT pre-training / fine-tuning checkpoint, or a timm ViT state_dict; null = random init
+    init: Optional[str] = None
 
 
-CHOICES = {
-    "model.backbone": ("tiny", "small", "base", "large", "huge"),
-    "data.source": ("imagefolder", "embedded", "shards"),
-    "targets.source": ("online", "precomputed"),
-    "targets.dtype": ("float16", "int8"),
-    "runtime.backend": ("auto", "xla", "cuda", "cpu"),
-    "runtime.precision": ("bf16", "fp32"),
-}
+@dataclass
+class EvalDataConfig:
+    source: str = "imagefolder"  # imagefolder (root/train, root/val) | digits (scikit-learn's, upscaled)
+    root: Optional[str] = None  # holds train/<class>/<image> and val/<class>/<image>; digits: where to write it
+    num_workers: int = 8
+    crop_scale: list = field(default_factory=lambda: [0.08, 1.0])
+    eval_resize: int = 256  # val: resize the short side to this, then center-crop model.image_size
+
+
+@dataclass
+class AugmentConfig:
+    rand_augment: Optional[str] = "rand-m9-mstd0.5-inc1"  # timm's RandAugment spec; null = none
+    random_erasing: float = 0.25
+    mixup: float = 0.8  # alpha; 0 = off
+    cutmix: float = 1.0  # alpha; 0 = off
+    label_smoothing: float = 0.1
+
+
+@dataclass
+class EvalOptimConfig:
+    name: str = "adamw"  # adamw | sgd | lars
+    base_lr: float = 1e-4  # lr = base_lr * global_batch / 256
+    layer_decay: float = 0.65  # finetune: lr x layer_decay^(depth - layer); 1 = off
+    weight_decay: float = 0.05
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    momentum: float = 0.9  # sgd, lars
+    warmup_epochs: float = 5.0
+    min_lr: float = 1e-6
+    clip_grad: Optional[float] = None
+
+
+@dataclass
+class ProbeConfig:
+    heads: int = 16  # attnprobe: heads of the attentive pooling
+    k: int = 20  # knn: neighbours
+    temperature: float = 0.07  # knn: vote weight exp(cos / temperature)
+
+
+@dataclass
+class EvalTrainConfig:
+    epochs: int = 100
+    global_batch: int = 1024
+    eval_batch: int = 1024  # global; the last val batch is padded to it (no recompilation)
+    seed: int = 0
+    output_dir: str = "runs/finetune"  # local path or gs:// URL
+    log_every: int = 50
+    eval_every: int = 1  # epochs
+    keep_checkpoints: int = 1  # newest "last" checkpoints kept; the best one is kept apart
+
+
+@dataclass
+class EvalConfig(Sections):
+    model: EncoderConfig = field(default_factory=EncoderConfig)
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: EvalOptimConfig = field(default_factory=EvalOptimConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    train: EvalTrainConfig = field(default_factory=EvalTrainConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    CHOICES: typing.ClassVar[dict] = {
+        "model.backbone": Config.CHOICES["model.backbone"],
+        "data.source": ("imagefolder", "digits"),
+        "optim.name": ("adamw", "sgd", "lars"),
+        "runtime.backend": Config.CHOICES["runtime.backend"],
+        "runtime.precision": Config.CHOICES["runtime.precision"],
+    }
 
 
 def _all_keys(cls, prefix="") -> list[str]:
@@ -130,9 +217,10 @@ def _all_keys(cls, prefix="") -> list[str]:
     return keys
 
 
-def _unknown_key(key: str) -> ConfigError:
-    close = difflib.get_close_matches(key, _all_keys(Config), n=1, cutoff=0.5)
-    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(_all_keys(Config))}"
+def _unknown_key(key: str, schema) -> ConfigError:
+    keys = _all_keys(schema)
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(keys)}"
     return ConfigError(f"unknown config key '{key}'{hint}")
 
 
@@ -159,7 +247,7 @@ def _coerce(key: str, value, annotation):
     raise ConfigError(f"config key '{key}' must be {names}, got {value!r} ({type(value).__name__})")
 
 
-def _apply(section, values: dict, prefix: str):
+def _apply(section, values: dict, prefix: str, schema):
     if not isinstance(values, dict):
         raise ConfigError(f"config section '{prefix.rstrip('.') or 'root'}' must be a mapping")
     fields = {f.name: f for f in dataclasses.fields(section)}
@@ -169,14 +257,15 @@ def _apply(section, values: dict, prefix: str):
             while isinstance(value, dict) and len(value) == 1:  # name the whole key: optimizer.lr
                 (sub, value), = value.items()
                 key += f".{sub}"
-            raise _unknown_key(key)
+            raise _unknown_key(key, schema)
         current = getattr(section, name)
         if dataclasses.is_dataclass(current):
-            _apply(current, value, key + ".")
+            _apply(current, value, key + ".", schema)
             continue
         value = _coerce(key, value, fields[name].type)
-        if key in CHOICES and value not in CHOICES[key]:
-            raise ConfigError(f"config key '{key}' must be one of {CHOICES[key]}, got {value!r}")
+        choices = schema.CHOICES.get(key)
+        if choices and value not in choices:
+            raise ConfigError(f"config key '{key}' must be one of {choices}, got {value!r}")
         setattr(section, name, value)
 
 
@@ -191,13 +280,16 @@ def parse_override(text: str) -> dict:
     return nested
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    cfg = Config()
-    path = Path(path) if path else DEFAULT_CONFIG
+def load_config(path: str | Path | None = None, overrides: list[str] = (), schema=Config,
+                default: Path = DEFAULT_CONFIG):
+    """A `schema` (Config, or EvalConfig for the evaluations) from `path` (else `default`), then
+    the overrides."""
+    cfg = schema()
+    path = Path(path) if path else default
     if not path.is_file():
         raise ConfigError(f"config file '{path}' not found; see {CONFIG_DIR} for the shipped configs")
     with open(path) as f:
-        _apply(cfg, yaml.safe_load(f) or {}, "")
+        _apply(cfg, yaml.safe_load(f) or {}, "", schema)
     for text in overrides:
-        _apply(cfg, parse_override(text), "")
+        _apply(cfg, parse_override(text), "", schema)
     return cfg

@@ -1,8 +1,11 @@
-"""The embedded default dataset: real photographs that ship inside scikit-image, written as an
-ImageFolder tree so the demo trains on real images with no download.
+"""Datasets built from images that ship inside packages, written as ImageFolder trees so the
+demos run on real images with no download.
 
-Each photo becomes one class of fixed crops at several scales and places; the 200 LFW faces form
-one more class. About 400 JPEGs, 96x96, a few MB.
+- embedded (pre-training): real photographs of scikit-image; each photo becomes one class of fixed
+  crops at several scales and places; the 200 LFW faces form one more class. About 400 JPEGs,
+  96x96, a few MB.
+- digits (evaluation): scikit-learn's 1797 labelled 8x8 handwritten digits, upscaled, split into
+  train/ and val/ (every fifth image of each class is held out).
 """
 import os
 import shutil
@@ -53,16 +56,39 @@ def _write_tree(train: Path):
             faces / f"face_{k:03d}.jpg", quality=92)
 
 
+def _write_digits(root: Path, size: int = 64):
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    seen = {}
+    for pixels, label in zip(digits.images, digits.target):
+        k = seen[label] = seen.get(label, -1) + 1
+        split = "val" if k % 5 == 4 else "train"
+        out = root / split / str(label)
+        out.mkdir(parents=True, exist_ok=True)
+        gray = Image.fromarray((pixels * (255 / 16)).astype(np.uint8))
+        gray.resize((size, size), Image.BICUBIC).convert("RGB").save(out / f"{label}_{k:03d}.png")
+
+
 def prepare_embedded(root: str | os.PathLike) -> Path:
-    """Write the dataset under root/train once; safe to call again (returns at once) and
-    atomic (a crash leaves no half-written tree behind)."""
+    """The pre-training photos under root/train."""
+    return _write_once(root, lambda tmp: _write_tree(tmp / "train"))
+
+
+def prepare_digits(root: str | os.PathLike) -> Path:
+    """The labelled digits under root/train and root/val."""
+    return _write_once(root, _write_digits)
+
+
+def _write_once(root: str | os.PathLike, write) -> Path:
+    """Write a tree under root once; safe to call again (returns at once) and atomic (a crash
+    leaves no half-written tree behind)."""
     root = Path(root).expanduser()
     if (root / MARKER).exists():
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".embedded-", dir=root.parent))
     try:
-        _write_tree(tmp / "train")
+        write(tmp)
         (tmp / MARKER).touch()
         if root.exists():
             shutil.rmtree(root)

@@ -40,15 +40,18 @@ class MetricsLogger:
         tmp.write_text("".join(keep))
         os.replace(tmp, self.path)
 
-    def log(self, record: dict):
+    def log(self, record: dict, group: str = "train"):
+        """One row; `group` names the tensorboard section (and the row's "group" unless train)."""
         if not self.enabled:
             return
+        if group != "train":
+            record = {"step": record["step"], "group": group, **record}
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps(clean) + "\n")
         for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)) and value is not None:
-                self.writer.add_scalar(f"train/{key}", value, record["step"])
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(f"{group}/{key}", value, record["step"])
         self.writer.flush()
 
     def upload(self):

@@ -1,8 +1,8 @@
-"""AdamW with the usual decay exclusions and the per-iteration warmup + half-cycle cosine."""
+"""Optimizers, their per-step update, and the per-iteration warmup + half-cycle cosine."""
 import math
 
 import torch
-from timm.optim import param_groups_weight_decay
+from timm.optim import Lars, param_groups_layer_decay, param_groups_weight_decay
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas,
@@ -10,6 +10,47 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, beta
     # no decay on biases and 1-D parameters (norms), as in the official recipe
     groups = param_groups_weight_decay(model, weight_decay)
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), **options)
+
+
+def build_eval_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: float,
+                         layer_decay: float = 1.0, betas=(0.9, 0.999), momentum: float = 0.9,
+                         **options) -> torch.optim.Optimizer:
+    """AdamW, SGD or LARS over the trainable parameters. layer_decay < 1 scales each ViT layer's
+    lr by layer_decay^(depth - layer) (timm's grouping, BEiT / MAE fine-tuning); `options` are the
+    runtime's AdamW options (capturable on XLA)."""
+    if layer_decay < 1.0:
+        groups = param_groups_layer_decay(model, weight_decay, model.no_weight_decay(), layer_decay=layer_decay)
+    else:
+        groups = param_groups_weight_decay(model, weight_decay)
+    groups = [g for g in groups if any(p.requires_grad for p in g["params"])]
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), **options)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    return Lars(groups, lr=lr, momentum=momentum)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float, device: torch.device):
+    """Every group's lr, times its lr_scale (layer decay). A capturable optimizer takes a device
+    tensor, not a host float: XLA folds a float that rounds 1 - lr * wd to 1.0 (the last steps of
+    the cosine) into a constant, and would recompile."""
+    if optimizer.defaults.get("capturable"):
+        lr = torch.tensor(lr, dtype=torch.float32, device=device)
+    for group in optimizer.param_groups:
+        scale = group.get("lr_scale", 1.0)
+        group["lr"] = lr * scale if scale != 1.0 else lr
+
+
+def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, clip_grad: float | None):
+    """Clip (when asked), step, clear the gradients; the gradient norm before clipping."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if clip_grad:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 def peak_lr(base_lr: float, global_batch: int) -> float:

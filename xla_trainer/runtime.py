@@ -124,6 +124,14 @@ class Runtime:
         dist.all_reduce(t)
         return t.tolist()
 
+    def gather_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """Every process's rows of a batch-split tensor, in process order (outside the step)."""
+        if self.process_count == 1 or not dist.is_initialized():
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.process_count)]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
+
     def checkpoints(self, output_dir: str, keep: int):
         from .checkpoint import FileCheckpoints
         return FileCheckpoints(output_dir, keep, self.is_main)
@@ -291,10 +299,21 @@ class XlaRuntime(Runtime):
         first = next(batches, None)
         if first is None:
             return
-        per_device = iter(self._pl.MpDeviceLoader(itertools.chain([first], batches), self.device,
+        errors = []
+
+        def host_batches():  # the upload thread ends quietly on a loader error: keep it to raise here
+            try:
+                yield from itertools.chain([first], batches)
+            except Exception as e:
+                errors.append(e)
+                raise
+
+        per_device = iter(self._pl.MpDeviceLoader(host_batches(), self.device,
                                                   input_sharding=self._batch_sharding(first)))
         try:
             yield from per_device
+            if errors:
+                raise RuntimeError(f"the input pipeline failed: {errors[0]!r}") from errors[0]
         finally:
             # stop the upload threads, which hold the DataLoader: its workers then shut down
             # instead of blocking the interpreter's exit (a run stopped early, e.g. by SIGTERM)
@@ -343,6 +362,9 @@ class XlaRuntime(Runtime):
 
     def sum_over_processes(self, values):
         return values
+
+    def gather_rows(self, t):
+        return t  # a global (sharded) tensor already
 
 
 def mesh_shape(num_devices: int, mesh) -> tuple[int, int]:

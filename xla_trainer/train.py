@@ -18,7 +18,7 @@ from .config import Config, ConfigError
 from .data import open_train_data
 from .flops import peak_flops, train_flops_per_image
 from .metrics import MetricsLogger
-from .optim import build_optimizer, lr_at, peak_lr
+from .optim import build_optimizer, clip_and_step, lr_at, peak_lr, set_lr
 from .runtime import Runtime, create_runtime
 from .targets import TargetManifest, build_teacher
 
@@ -144,13 +144,7 @@ def step_targets(batch: dict, teacher) -> torch.Tensor:
 def train_step(model, teacher, optimizer, batch, lr, step, *, runtime: Runtime, cfg: Config):
     """One optimizer step over the local batch, in train.accum_steps micro-batches. Returns device
     scalars only: nothing here reads a value back to the host."""
-    images = batch["images"]
-    if optimizer.defaults.get("capturable"):
-        # a device tensor, not a host float: XLA folds a float that rounds 1 - lr * wd to 1.0
-        # (the last steps of the cosine) into a constant, and would recompile
-        lr = torch.tensor(lr, dtype=torch.float32, device=images.device)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    set_lr(optimizer, lr, batch["images"].device)
     unwrapped = getattr(model, "module", model)
     noise = runtime.step_noise(unwrapped.noise_shape, cfg.train.global_batch, cfg.train.seed, step)
     accum = cfg.train.accum_steps
@@ -163,13 +157,7 @@ def train_step(model, teacher, optimizer, batch, lr, step, *, runtime: Runtime, 
             (losses["loss"] / accum).backward()
         for k, v in losses.items():
             totals[k] = totals.get(k, 0) + v.detach().float() / accum
-    params = [p for p in model.parameters() if p.grad is not None]
-    if cfg.optim.clip_grad:
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad)
-    else:
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    grad_norm = clip_and_step(model, optimizer, cfg.optim.clip_grad)
     return {**totals, "grad_norm": grad_norm, "skipped_images": batch["skipped"].sum()}
 
 
@@ -226,13 +214,14 @@ class Interval:
 
     def summary(self, runtime: Runtime, global_batch: int) -> dict:
         """Losses averaged over the interval and the processes, the newest grad_norm, the
-        interval's skipped images summed, and its throughput."""
+        interval's skipped images (if counted) summed, and its throughput."""
         rows = self.read()
         keys = list(rows[-1][1])
         sums = runtime.sum_over_processes([sum(r[k] for _, r in rows) for k in keys])
         record = {k: v / (len(rows) * runtime.reporting_processes) for k, v in zip(keys, sums)}
         record["grad_norm"] = rows[-1][1]["grad_norm"]
-        record["skipped_images"] = sums[keys.index("skipped_images")]
+        if "skipped_images" in record:
+            record["skipped_images"] = sums[keys.index("skipped_images")]
         record["images_per_sec"] = len(rows) * global_batch / (time.perf_counter() - self.start)
         return record
 

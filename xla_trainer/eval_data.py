@@ -1,0 +1,176 @@
+"""Labelled input for the evaluations: root/train/<class>/<image> and root/val/<class>/<image>.
+
+Training batches follow the pre-training sampler (order a function of (seed, step), split over the
+hosts); their augmentation (timm's RandAugment, random erasing) is seeded per (seed, epoch, index),
+and mixup/cutmix with label smoothing (timm's Mixup) runs in the loader workers, on the host, so
+the device step sees static shapes whatever box or lambda was drawn. Val batches are padded to
+train.eval_batch with rows marked invalid, so the eval step compiles once."""
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image
+from timm.data import Mixup, auto_augment, create_transform
+from timm.data.mixup import mixup_target
+from torch.utils.data import DataLoader, Dataset
+from torchvision import datasets
+
+from models.teacher import IMAGENET_MEAN, IMAGENET_STD
+from .config import ConfigError, EvalConfig
+from .data import GlobalBatchSampler, ignore_sigterm
+from .embedded_data import prepare_digits
+from .views import derive_seed
+
+DIGITS_ROOT = "~/.cache/xla-trainer/digits"
+
+
+def _posterize(image: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+    """RandAugment's 'inc1' posterize keeps 0 bits at magnitude 10, which Pillow >= 11 rejects
+    (timm 1.0 passes it on): keeping no bits is a black image, what older Pillow returned."""
+    if bits_to_keep <= 0:
+        return Image.new(image.mode, image.size)
+    return auto_augment.posterize(image, bits_to_keep, **kwargs)
+
+
+for _name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+    auto_augment.NAME_TO_OP[_name] = _posterize
+
+
+def train_transform(cfg: EvalConfig):
+    """RandomResizedCrop, flip, then RandAugment and random erasing where augment.* asks (timm)."""
+    a = cfg.augment
+    return create_transform(cfg.model.image_size, is_training=True, scale=tuple(cfg.data.crop_scale),
+                            auto_augment=a.rand_augment, re_prob=a.random_erasing, color_jitter=None,
+                            interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+def eval_transform(cfg: EvalConfig):
+    return create_transform(cfg.model.image_size, is_training=False, interpolation="bicubic",
+                            crop_pct=cfg.model.image_size / cfg.data.eval_resize,
+                            mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+class LabelledImages(Dataset):
+    """An ImageFolder indexed by (index, epoch) for training (the augmentation seeded by
+    (seed, epoch, index), torch's and Python's RNG, which RandAugment uses) or by (index, valid)
+    for evaluation (padding rows repeat an image and are marked invalid)."""
+
+    def __init__(self, folder: datasets.ImageFolder, transform, seed: int = 0):
+        self.folder, self.transform, self.seed = folder, transform, seed
+
+    def __len__(self):
+        return len(self.folder)
+
+    def __getitem__(self, key):
+        index, tag = key
+        path, label = self.folder.samples[index]
+        image = self.folder.loader(path)
+        python_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            seed = derive_seed(self.seed, int(tag), index)
+            torch.manual_seed(seed)
+            random.seed(seed)
+            pixels = self.transform(image)
+        random.setstate(python_state)
+        return pixels, label, tag
+
+
+class MixCollate:
+    """Stacks a training batch; soft targets from mixup/cutmix (timm) or label smoothing alone."""
+
+    def __init__(self, cfg: EvalConfig, num_classes: int):
+        a = cfg.augment
+        self.num_classes, self.smoothing = num_classes, a.label_smoothing
+        self.mixup = Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, label_smoothing=a.label_smoothing,
+                           num_classes=num_classes) if a.mixup > 0 or a.cutmix > 0 else None
+
+    def __call__(self, samples) -> dict:
+        images = torch.stack([s[0] for s in samples])
+        labels = torch.tensor([s[1] for s in samples])
+        if self.mixup is not None:
+            images, targets = self.mixup(images, labels)
+        else:
+            targets = mixup_target(labels, self.num_classes, smoothing=self.smoothing)
+        return {"images": images, "targets": targets}
+
+
+def eval_collate(samples) -> dict:
+    return {"images": torch.stack([s[0] for s in samples]),
+            "labels": torch.tensor([s[1] for s in samples]),
+            "valid": torch.tensor([bool(s[2]) for s in samples])}
+
+
+class PaddedBatchSampler:
+    """This process's rows of every global batch of `n` samples in order, the last batch padded:
+    (index, valid) pairs, every process getting the same number of equal batches."""
+
+    def __init__(self, n: int, global_batch: int, process_index: int, process_count: int):
+        self.n, self.global_batch = n, global_batch
+        self.local = global_batch // process_count
+        self.offset = process_index * self.local
+
+    def __len__(self):
+        return -(-self.n // self.global_batch)
+
+    def __iter__(self):
+        for b in range(len(self)):
+            first = b * self.global_batch + self.offset
+            yield [(i if i < self.n else 0, i < self.n) for i in range(first, first + self.local)]
+
+
+@dataclass
+class EvalData:
+    classes: list
+    train_len: int
+    val_len: int
+    train: Callable  # (start_step, end_step) -> this host's training batches of those global steps
+    train_in_order: Callable  # () -> this host's padded batches of the train split, eval transform
+    val: Callable  # () -> this host's padded val batches
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def split_root(cfg: EvalConfig) -> Path:
+    if cfg.data.source == "digits":
+        return prepare_digits(cfg.data.root or DIGITS_ROOT)
+    if not cfg.data.root:
+        raise ConfigError("data.root is not set; point it at a directory holding train/<class>/<image> "
+                          "and val/<class>/<image>, or use data.source=digits")
+    root = Path(cfg.data.root)
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise ConfigError(f"data.root '{root}' has no {split}/ directory; expected "
+                              f"{root}/{split}/<class>/<image> (the ImageNet layout)")
+    return root
+
+
+def open_eval_data(cfg: EvalConfig, runtime) -> EvalData:
+    """The labelled splits, checked before any model is built."""
+    root = split_root(cfg)
+    train_folder, val_folder = datasets.ImageFolder(root / "train"), datasets.ImageFolder(root / "val")
+    if train_folder.classes != val_folder.classes:
+        raise ConfigError(f"{root}/train and {root}/val hold different classes")
+    t = cfg.train
+    for name, batch in (("train.global_batch", t.global_batch), ("train.eval_batch", t.eval_batch)):
+        if batch % runtime.data_parallel_size:
+            raise ConfigError(f"{name} {batch} is not divisible by the {runtime.data_parallel_size} "
+                              f"data-parallel devices")
+    workers = cfg.data.num_workers
+    loader = lambda dataset, sampler, collate: DataLoader(
+        dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
+        prefetch_factor=4 if workers else None, worker_init_fn=ignore_sigterm)
+    train_set = LabelledImages(train_folder, train_transform(cfg), t.seed)
+    collate = MixCollate(cfg, len(train_folder.classes))
+    in_order = lambda folder: loader(LabelledImages(folder, eval_transform(cfg)), PaddedBatchSampler(
+        len(folder), t.eval_batch, runtime.process_index, runtime.process_count), eval_collate)
+    return EvalData(
+        train_folder.classes, len(train_folder), len(val_folder),
+        train=lambda start, end: loader(train_set, GlobalBatchSampler(
+            len(train_folder), t.global_batch, runtime.process_index, runtime.process_count, t.seed,
+            start, end), collate),
+        train_in_order=lambda: in_order(train_folder),
+        val=lambda: in_order(val_folder))

@@ -1,0 +1,263 @@
+"""Downstream evaluation of an encoder: fine-tuning, linear and attentive probing, k-NN.
+
+Reading order: `train_classifier` (the loop, shared by finetune / linprobe / attnprobe) ->
+`classify_step` (one optimizer step) and `eval_step` (top-1/top-5 counts of one padded val batch,
+summed on the device); `knn` (frozen features, cosine k-NN). Device specifics stay in runtime.py."""
+import logging
+import math
+from dataclasses import asdict
+
+import torch
+import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
+from timm.loss import SoftTargetCrossEntropy
+from tqdm import tqdm
+
+from models.classifier import AttentiveProbe, FrozenEncoderProbe, LinearProbe, pooled_or_tokens, vit_classifier
+from .config import ConfigError, EvalConfig
+from .eval_data import EvalData, open_eval_data
+from .metrics import MetricsLogger
+from .optim import build_eval_optimizer, clip_and_step, set_lr
+from .pretrained import load_encoder_state
+from .runtime import Runtime
+from .train import Interval, Preemption, TrainingDiverged, make_runtime, make_schedule
+
+log = logging.getLogger(__name__)
+MODES = ("finetune", "linprobe", "attnprobe")
+
+
+# --- models -------------------------------------------------------------------------------------
+def build_encoder(cfg: EvalConfig, num_classes: int = 0, drop_path: float = 0.0):
+    """The timm ViT of model.*, its weights from model.init (random when null)."""
+    m = cfg.model
+    torch.manual_seed(cfg.train.seed)
+    try:
+        encoder = vit_classifier(m.backbone, m.image_size, m.patch_size, num_classes, drop_path,
+                                 width=m.width, depth=m.depth, heads=m.heads)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
+    if m.init:
+        try:
+            state = load_encoder_state(m.init)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"model.init: {e} (the demo configs read `make demo`'s runs/demo; "
+                              f"model.init=null starts from random init)") from None
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}  # a new task's head
+        if state["pos_embed"].shape != encoder.pos_embed.shape:  # another resolution: resample
+            state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], list(encoder.patch_embed.grid_size),
+                                                        num_prefix_tokens=1)
+        missing, unexpected = encoder.load_state_dict(state, strict=False)
+        # a pre-trained encoder has no fc_norm (it starts as the identity LayerNorm) and no head
+        missing = [k for k in missing if not k.startswith(("head.", "fc_norm."))]
+        if missing or unexpected:
+            raise ConfigError(f"model.init '{m.init}' does not fit model.* (backbone {m.backbone}, "
+                              f"image {m.image_size}, patch {m.patch_size}): missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+        log.info("encoder weights from %s", m.init)
+    return encoder
+
+
+def build_classifier(cfg: EvalConfig, mode: str, num_classes: int) -> torch.nn.Module:
+    if mode == "finetune":
+        return build_encoder(cfg, num_classes, cfg.model.drop_path)
+    encoder = build_encoder(cfg)
+    dim = encoder.embed_dim
+    probe = LinearProbe(dim, num_classes) if mode == "linprobe" else AttentiveProbe(dim, num_classes, cfg.probe.heads)
+    return FrozenEncoderProbe(encoder, probe)
+
+
+# --- the steps ----------------------------------------------------------------------------------
+def classify_step(model, optimizer, batch, lr, *, runtime: Runtime, clip_grad):
+    """One optimizer step on soft targets (mixup / label smoothing). Device scalars out only."""
+    set_lr(optimizer, lr, batch["images"].device)
+    with runtime.autocast():
+        logits = model(batch["images"])
+    loss = SoftTargetCrossEntropy()(logits.float(), batch["targets"])
+    loss.backward()
+    grad_norm = clip_and_step(model, optimizer, clip_grad)
+    return {"loss": loss.detach(), "grad_norm": grad_norm}
+
+
+def topk_counts(scores: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> dict:
+    """Correct top-1 / top-5 predictions among the valid rows (padding rows count nothing)."""
+    hits = scores.topk(min(5, scores.shape[1]), dim=1).indices == labels[:, None]
+    return {"top1": (hits[:, 0] & valid).sum().float(), "top5": (hits.any(1) & valid).sum().float(),
+            "count": valid.sum().float()}
+
+
+def eval_step(model, batch, totals, *, runtime: Runtime):
+    """`totals` plus this batch's counts and summed cross-entropy, all on the device."""
+    with runtime.autocast():
+        logits = model(batch["images"]).float()
+    counts = topk_counts(logits, batch["labels"], batch["valid"])
+    counts["loss"] = (F.cross_entropy(logits, batch["labels"], reduction="none") * batch["valid"]).sum()
+    return {k: totals[k] + v for k, v in counts.items()}
+
+
+def accuracy(runtime: Runtime, totals: dict) -> dict:
+    """Percentages from summed counts (one host read, summed over the processes)."""
+    keys = list(totals)
+    sums = dict(zip(keys, runtime.sum_over_processes([float(totals[k]) for k in keys])))
+    n = sums.pop("count")
+    result = {k: 100 * v / n for k, v in sums.items() if k != "loss"}
+    if "loss" in sums:
+        result["loss"] = sums["loss"] / n
+    return {**result, "images": int(n)}
+
+
+def evaluate(model, eval_fn, runtime: Runtime, data: EvalData) -> dict:
+    model.eval()
+    totals = {k: torch.zeros((), device=runtime.device) for k in ("top1", "top5", "count", "loss")}
+    with torch.no_grad():
+        for batch in runtime.device_batches(data.val()):
+            totals = eval_fn(model, batch, totals, runtime=runtime)
+    model.train()
+    return accuracy(runtime, totals)
+
+
+# --- fine-tuning and probes ---------------------------------------------------------------------
+def check_eval_config(cfg: EvalConfig):
+    t = cfg.train
+    if t.epochs < 1 or t.log_every < 1 or t.eval_every < 1:
+        raise ConfigError("train.epochs, train.log_every and train.eval_every must be >= 1")
+    if cfg.model.image_size % cfg.model.patch_size:
+        raise ConfigError(f"model.image_size {cfg.model.image_size} is not a multiple of "
+                          f"model.patch_size {cfg.model.patch_size}")
+
+
+def train_classifier(cfg: EvalConfig, mode: str) -> dict:
+    """finetune (every weight), linprobe or attnprobe (a probe on the frozen encoder): train on
+    data train/, evaluate on val/ every train.eval_every epochs; keep the last and the best
+    checkpoints; resume from the last one in train.output_dir."""
+    check_eval_config(cfg)
+    runtime = make_runtime(cfg)
+    data = open_eval_data(cfg, runtime)
+    schedule = make_schedule(cfg, data.train_len)
+    model = build_classifier(cfg, mode, data.num_classes)
+    wrapped = runtime.wrap_model(model)
+    o = cfg.optim
+    optimizer = build_eval_optimizer(
+        model, o.name, schedule.peak_lr, o.weight_decay, o.layer_decay if mode == "finetune" else 1.0,
+        o.betas, o.momentum, **(runtime.optimizer_options() if o.name == "adamw" else {}))
+
+    out = cfg.train.output_dir.rstrip("/")
+    last, best = runtime.checkpoints(out, cfg.train.keep_checkpoints), runtime.checkpoints(f"{out}/best", 1)
+    state = {"step": 0, "best_top1": -1.0, "best_epoch": 0, "config": cfg.to_dict()}
+    start = last.latest() or 0
+    if start:
+        state = last.restore(start, model, optimizer, dict(state))
+        log.info("resumed from %s at step %d", last.location(start), start)
+    total = schedule.total_steps
+    logger = MetricsLogger(out, runtime.is_main, start)
+    step_fn = runtime.compile_fn(classify_step, f"{mode}_step")
+    eval_fn = runtime.compile_fn(eval_step, "eval_step")
+    preemption = Preemption(runtime, cfg.train.log_every)
+    bar = tqdm(total=total, initial=start, desc=mode, disable=not runtime.is_main, dynamic_ncols=True)
+    interval, result = Interval(), {}
+    batches = runtime.device_batches(data.train(start, total))
+    wrapped.train()
+    try:
+        for step, batch in zip(range(start, total), batches):
+            metrics = step_fn(wrapped, optimizer, batch, schedule.lr(step), runtime=runtime, clip_grad=o.clip_grad)
+            done, epoch_end = step + 1, (step + 1) % schedule.steps_per_epoch == 0
+            interval.add(done, metrics)
+            bar.update(1)
+            stop = preemption.agreed(done)
+            if done % cfg.train.log_every == 0 or epoch_end or stop:
+                record = interval.summary(runtime, cfg.train.global_batch)
+                if not math.isfinite(record["loss"]):
+                    raise TrainingDiverged(f"{mode} loss is {record['loss']} at step {done}; stopping")
+                logger.log({"step": done, "epoch": done / schedule.steps_per_epoch, **record,
+                            "lr": schedule.lr(step), "compiles": runtime.compiles()})
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+                interval = Interval()
+            epoch = done // schedule.steps_per_epoch
+            if epoch_end and (epoch % cfg.train.eval_every == 0 or done == total):
+                result = evaluate(wrapped, eval_fn, runtime, data)
+                if result["top1"] > state["best_top1"]:
+                    state.update(best_top1=result["top1"], best_epoch=epoch)
+                    best.save(done, model, optimizer, dict(state, step=done))
+                logger.log({"step": done, "epoch": epoch, **{f"val_{k}": v for k, v in result.items()},
+                            "best_top1": state["best_top1"]}, group="val")
+            if epoch_end or stop:
+                last.save(done, model, optimizer, dict(state, step=done))
+                logger.upload()
+            if stop:
+                log.warning("SIGTERM: saved step %d to %s; exiting (a relaunch resumes from it)", done,
+                            last.location(done))
+                break
+    finally:
+        batches.close()
+    bar.close()
+    for store in (last, best):
+        store.close()
+    logger.close()
+    return {"mode": mode, **{f"val_{k}": v for k, v in result.items()},
+            "best_top1": state["best_top1"], "best_epoch": state["best_epoch"],
+            "best_checkpoint": best.location(best.latest()) if best.latest() else None,
+            "metrics": str(logger.path), "compiles": runtime.compiles()}
+
+
+# --- k-NN ---------------------------------------------------------------------------------------
+def features_step(encoder, images, *, runtime: Runtime):
+    """L2-normalised pooled features of a batch."""
+    with runtime.autocast():
+        pooled = pooled_or_tokens(encoder, images, tokens=False)
+    return F.normalize(pooled.float(), dim=-1)
+
+
+def neighbours_step(queries, keys, key_labels, key_valid, best_sims, best_labels, *, k: int):
+    """Merge one chunk of the bank into each query's running top-k by cosine similarity."""
+    sims = (queries @ keys.T).masked_fill(~key_valid[None], float("-inf"))
+    sims = torch.cat([best_sims, sims], dim=1)
+    labels = torch.cat([best_labels, key_labels[None].expand(queries.shape[0], -1)], dim=1)
+    best_sims, index = sims.topk(k, dim=1)
+    return best_sims, torch.gather(labels, 1, index)
+
+
+def vote_step(best_sims, best_labels, labels, valid, totals, *, num_classes: int, temperature: float):
+    """Votes weighted exp(cos / T) per class; top-1/top-5 counts added to `totals`."""
+    votes = torch.zeros(best_sims.shape[0], num_classes, device=best_sims.device)
+    votes = votes.scatter_add(1, best_labels, torch.exp(best_sims / temperature))
+    counts = topk_counts(votes, labels, valid)
+    return {key: totals[key] + v for key, v in counts.items()}
+
+
+def knn(cfg: EvalConfig) -> dict:
+    """Cosine k-NN on frozen pooled features (probe.k neighbours, votes weighted by
+    exp(cos / probe.temperature)): the bank is the train split under the eval transform."""
+    check_eval_config(cfg)
+    runtime = make_runtime(cfg)
+    data = open_eval_data(cfg, runtime)
+    if cfg.probe.k > data.train_len:
+        raise ConfigError(f"probe.k {cfg.probe.k} exceeds the {data.train_len} training images")
+    # inference only: replicated on every device, no DDP wrapper
+    encoder = build_encoder(cfg).to(runtime.device).eval().requires_grad_(False)
+    features = runtime.compile_fn(features_step, "knn_features")
+    neighbours = runtime.compile_fn(neighbours_step, "knn_neighbours")
+    vote = runtime.compile_fn(vote_step, "knn_vote")
+
+    with torch.no_grad():
+        bank = []  # (features, labels, valid) per padded train batch, every process's rows
+        for batch in tqdm(runtime.device_batches(data.train_in_order()), desc="knn features",
+                          disable=not runtime.is_main, dynamic_ncols=True):
+            rows = (features(encoder, batch["images"], runtime=runtime), batch["labels"], batch["valid"])
+            bank.append(tuple(runtime.gather_rows(t) for t in rows))
+        totals = {key: torch.zeros((), device=runtime.device) for key in ("top1", "top5", "count")}
+        k = cfg.probe.k
+        for batch in runtime.device_batches(data.val()):
+            queries = features(encoder, batch["images"], runtime=runtime)
+            best_sims = torch.full((queries.shape[0], k), float("-inf"), device=queries.device)
+            best_labels = torch.zeros((queries.shape[0], k), dtype=torch.long, device=queries.device)
+            for keys, key_labels, key_valid in bank:
+                best_sims, best_labels = neighbours(queries, keys, key_labels, key_valid, best_sims,
+                                                    best_labels, k=k)
+            totals = vote(best_sims, best_labels, batch["labels"], batch["valid"], totals,
+                          num_classes=data.num_classes, temperature=cfg.probe.temperature)
+    result = accuracy(runtime, totals)
+    logger = MetricsLogger(cfg.train.output_dir, runtime.is_main)
+    logger.log({"step": 0, **{f"val_{key}": v for key, v in result.items()}, "k": k,
+                "temperature": cfg.probe.temperature, "train_images": data.train_len}, group="knn")
+    logger.close()
+    return {"mode": "knn", **{f"val_{key}": v for key, v in result.items()},
+            "metrics": str(logger.path), "compiles": runtime.compiles(), "runtime": asdict(runtime.info())}

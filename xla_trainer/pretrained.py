@@ -1,0 +1,146 @@
+"""Pre-trained weights in and out (the file side of models/convert.py), local paths or fsspec URLs
+(gs://) alike.
+
+read_state_dict understands: torch files (.pt/.pth/.bin) holding a state_dict bare or under
+"model" / "state_dict" / "module" (DDP's `module.` prefix stripped), which covers the official
+D-iGPT checkpoints and our checkpoint-<step>.pt files; safetensors files; our distributed (DCP)
+checkpoint directories <output_dir>/checkpoints/<step>/ (their "model" entries only, read on the
+CPU in this process, no process group needed); and an output_dir, whose newest checkpoint it reads.
+"""
+import argparse
+import io
+import warnings
+
+import safetensors.torch
+import torch
+
+from models.convert import encoder_to_timm
+
+from .checkpoint import PATTERN, latest_checkpoint
+from .remote_io import filesystem, read_bytes, write_bytes_atomic
+
+TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+WRAPPERS = ("model", "state_dict", "module")  # where training scripts keep the state_dict
+DCP_METADATA = ".metadata"  # written last by torch.distributed.checkpoint.save
+MANAGER_DONE = ".manager_metadata"  # written by torch_xla's CheckpointManager once a save is whole
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """The model state_dict (name -> tensor, on the CPU) stored at `path`: see the module doc."""
+    fs, local = filesystem(path)
+    if not fs.exists(local):
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    if fs.isdir(local):
+        if fs.exists(_join(local, DCP_METADATA)):
+            return _read_dcp_model(path)
+        newest = newest_checkpoint(path)
+        if newest is None:
+            raise FileNotFoundError(
+                f"{path}: a directory without a checkpoint; expected a distributed checkpoint "
+                f"(<step>/ with {DCP_METADATA}), an output_dir with checkpoints/<step>/ or "
+                f"checkpoint-XXXXXXXX.pt files")
+        return read_state_dict(newest)
+    if path.endswith(".safetensors"):
+        return safetensors.torch.load(read_bytes(path))
+    if path.endswith(TORCH_SUFFIXES):
+        return _unwrap(_torch_load(path), path)
+    raise ValueError(f"{path}: unknown weights format; expected a {'/'.join(TORCH_SUFFIXES)} or "
+                     f".safetensors file or a checkpoint directory")
+
+
+def load_encoder_state(path: str) -> dict[str, torch.Tensor]:
+    """The encoder stored at `path`, as timm's VisionTransformer(global_pool='avg', fc_norm=True)
+    state_dict (see models.convert.encoder_to_timm)."""
+    state = read_state_dict(path)
+    try:
+        return encoder_to_timm(state)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def export_timm(src: str, out: str) -> dict[str, torch.Tensor]:
+    """Write the encoder stored at `src` to `out` (.safetensors, or a torch file by suffix) for
+    timm.create_model(..., pretrained=True, pretrained_cfg_overlay=dict(file=out),
+    global_pool='avg', fc_norm=True). Written atomically; returns the state_dict written."""
+    if not out.endswith((".safetensors", *TORCH_SUFFIXES)):
+        raise ValueError(f"{out}: expected a .safetensors or {'/'.join(TORCH_SUFFIXES)} file name")
+    state = {k: v.contiguous() for k, v in load_encoder_state(src).items()}
+    if out.endswith(".safetensors"):
+        data = safetensors.torch.save(state)
+    else:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        data = buffer.getvalue()
+    write_bytes_atomic(out, data)
+    return state
+
+
+def newest_checkpoint(output_dir: str) -> str | None:
+    """The newest whole checkpoint of a run: a distributed one under checkpoints/<step>/ (or
+    <step>/ when given the checkpoints/ folder itself) or a checkpoint-<step>.pt file."""
+    found = []
+    for folder in (output_dir, _join(output_dir, "checkpoints")):
+        fs, local = filesystem(folder)
+        if not fs.isdir(local):
+            continue
+        steps = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(local, detail=False)]
+        found += [(int(step), _join(folder, step)) for step in steps
+                  if step.isdigit() and fs.exists(_join(_join(local, step), MANAGER_DONE))]
+    file = latest_checkpoint(output_dir)
+    if file:
+        found.append((int(PATTERN.search(file).group(1)), file))
+    return max(found)[1] if found else None
+
+
+def _join(folder: str, name: str) -> str:
+    return f"{folder.rstrip('/')}/{name}"
+
+
+def _torch_load(path: str):
+    data = read_bytes(path)
+    # Tensors and plain containers only; the official checkpoints also hold their argparse args.
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError or RuntimeError, depending on the file
+        raise ValueError(f"{path}: not a torch file of tensors and plain containers: {e}") from None
+
+
+def _unwrap(obj, path: str) -> dict[str, torch.Tensor]:
+    for key in WRAPPERS:
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not (isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values())):
+        found = f"keys {list(obj)[:8]}" if isinstance(obj, dict) else type(obj).__name__
+        raise ValueError(f"{path}: expected a state_dict (name -> tensor), bare or under one of "
+                         f"{WRAPPERS}; found {found}")
+    if all(k.startswith("module.") for k in obj):  # saved from DistributedDataParallel
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def _read_dcp_model(path: str) -> dict[str, torch.Tensor]:
+    """The "model" entries of a distributed checkpoint ({"model", "optimizer", "extra"}, see
+    checkpoint.DistributedCheckpoints), whatever mesh wrote it: DCP assembles every tensor whole
+    from its shards into the empty CPU tensors of a template built from the checkpoint's metadata."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    # the reader torch_xla's CheckpointManager uses, for local paths and gs:// alike
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+    metadata = FsspecReader(path).read_metadata()
+    model = {}
+    for key, item in metadata.state_dict_metadata.items():
+        if not key.startswith("model."):
+            continue
+        if not isinstance(item, TensorStorageMetadata):
+            raise ValueError(f"{path}: {key} is not a tensor")
+        model[key[len("model."):]] = torch.empty(item.size, dtype=item.properties.dtype)
+    if not model:
+        raise ValueError(f"{path}: a distributed checkpoint without \"model\" entries "
+                         f"(found {sorted({k.split('.')[0] for k in metadata.state_dict_metadata})})")
+    with warnings.catch_warnings():  # single-process loading is the intent here
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+        dcp.load({"model": model}, storage_reader=FsspecReader(path), no_dist=True)
+    return model
