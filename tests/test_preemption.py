@@ -16,7 +16,7 @@ from conftest import REPO, read_metrics, run_cli, tiny_overrides
     ("xla", {"PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "4"}, "checkpoints/{step}"),
 ])
 def test_sigterm_saves_exits_zero_and_resumes(embedded_root, tmp_path, backend, env, ckpt):
-    steps = {"train.stop_at_step": 40, "data.num_workers": 2, "runtime.backend": backend}
+    steps = {"train.stop_at_step": 20, "data.num_workers": 2, "runtime.backend": backend}
     full = run_cli(["pretrain", *tiny_overrides(embedded_root, tmp_path / "full", **steps)], env=env)
     assert full.returncode == 0, full.stderr[-3000:]
 
@@ -33,14 +33,14 @@ def test_sigterm_saves_exits_zero_and_resumes(embedded_root, tmp_path, backend, 
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     stopped = read_metrics(out)[-1]["step"]
-    assert 5 <= stopped < 40
+    assert 5 <= stopped < 20
     assert (out / ckpt.format(step=stopped)).exists()  # saved although ckpt_every is 1000
     assert f"SIGTERM: saved step {stopped}" in err
 
     again = run_cli(["pretrain", *args], env=env)
     assert again.returncode == 0, again.stderr[-3000:]
     a, b = read_metrics(tmp_path / "full"), read_metrics(out)
-    assert [r["step"] for r in b] == list(range(1, 41))
+    assert [r["step"] for r in b] == list(range(1, 21))
     for x, y in zip(a, b):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-4, abs=1e-4), x["step"]
 
