@@ -132,3 +132,32 @@ def test_bad_init_fails_before_any_work(digits_root, tmp_path):
     assert result.returncode == 2
     assert "model.init: /no/such/run: no such file or directory" in result.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.fixture(scope="module")
+def digit_shards(digits_root, tmp_path_factory):
+    from xla_trainer.shards import make_shards
+    prefix = tmp_path_factory.mktemp("digit-shards")
+    make_shards(str(digits_root / "train"), str(prefix / "train"), 300, workers=1)  # 5 shards
+    make_shards(str(digits_root / "val"), str(prefix / "val"), 100, workers=1)  # 4 shards
+    return prefix
+
+
+def test_labelled_shards_feed_probe_and_knn(digits_root, digit_shards, tmp_path):
+    """Labelled webdataset shards (make-shards of train/ and val/): a probe trains from the
+    streaming loader with 2 workers; k-NN over 2 processes, each reading its own val shards
+    padded to the same batch count, still counts every val image once."""
+    shards = {"data.source": "shards", "data.shards": digit_shards, "runtime.backend": "cpu"}
+    args = tiny_eval_overrides(digits_root, tmp_path / "probe", **shards, **{"data.num_workers": 2})
+    probe = run_cli(["linprobe", "--config", "configs/linprobe/demo.yaml", *args])
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    rows = read_metrics(tmp_path / "probe")
+    train_images = sum(1 for _ in Path(digits_root, "train").rglob("*.png"))
+    assert [r["step"] for r in rows if "group" not in r][-1] == train_images // 64  # one epoch
+    assert [r["val_images"] for r in rows if r.get("group") == "val"] == [val_images(digits_root)]
+    args = tiny_eval_overrides(digits_root, tmp_path / "knn", **shards, **{"train.eval_batch": 64})
+    knn = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "xla_trainer", "knn", *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert knn.returncode == 0, knn.stderr[-3000:]
+    result = summary(knn.stdout, "knn")
+    assert result["images"] == val_images(digits_root) and result["top1"] > 30

@@ -141,8 +141,10 @@ class EncoderConfig:
 
 @dataclass
 class EvalDataConfig:
-    source: str = "imagefolder"  # imagefolder (root/train, root/val) | digits (scikit-learn's, upscaled)
+    source: str = "imagefolder"  # imagefolder (root/train, root/val) | digits (scikit-learn's, upscaled) | shards
     root: Optional[str] = None  # holds train/<class>/<image> and val/<class>/<image>; digits: where to write it
+    shards: Optional[str] = None  # source=shards: local or gs:// prefix holding train/ and val/, each from make-shards
+    shuffle_buffer: int = 1000  # samples per loader worker (shards)
     num_workers: int = 8
     crop_scale: list = field(default_factory=lambda: [0.08, 1.0])
     eval_resize: int = 256  # val: resize the short side to this, then center-crop model.image_size
@@ -200,7 +202,7 @@ class EvalConfig(Sections):
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     CHOICES: typing.ClassVar[dict] = {
         "model.backbone": Config.CHOICES["model.backbone"],
-        "data.source": ("imagefolder", "digits"),
+        "data.source": ("imagefolder", "digits", "shards"),
         "optim.name": ("adamw", "sgd", "lars"),
         "runtime.backend": Config.CHOICES["runtime.backend"],
         "runtime.precision": Config.CHOICES["runtime.precision"],

@@ -5,6 +5,9 @@ hosts); their augmentation (timm's RandAugment, random erasing) is seeded per (s
 and mixup/cutmix with label smoothing (timm's Mixup) runs in the loader workers, on the host, so
 the device step sees static shapes whatever box or lambda was drawn. Val batches are padded to
 train.eval_batch with rows marked invalid, so the eval step compiles once."""
+import io
+import itertools
+import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,14 +17,18 @@ import torch
 from PIL import Image
 from timm.data import Mixup, auto_augment, create_transform
 from timm.data.mixup import mixup_target
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from torchvision import datasets
 
 from models.teacher import IMAGENET_MEAN, IMAGENET_STD
 from .config import ConfigError, EvalConfig
 from .data import GlobalBatchSampler, ignore_sigterm
 from .embedded_data import prepare_digits
+from .shard_loader import ShardStream, build_shard_loader
+from .shards import ImageManifest, iter_samples, join, label_of
 from .views import derive_seed
+
+log = logging.getLogger(__name__)
 
 DIGITS_ROOT = "~/.cache/xla-trainer/digits"
 
@@ -52,10 +59,22 @@ def eval_transform(cfg: EvalConfig):
                             mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
+def seeded(transform, image: Image.Image, seed: int) -> torch.Tensor:
+    """The transform under torch's and Python's RNG (RandAugment uses the latter) seeded by
+    `seed`: the same pixels on every worker, host and restart."""
+    python_state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        pixels = transform(image)
+    random.setstate(python_state)
+    return pixels
+
+
 class LabelledImages(Dataset):
     """An ImageFolder indexed by (index, epoch) for training (the augmentation seeded by
-    (seed, epoch, index), torch's and Python's RNG, which RandAugment uses) or by (index, valid)
-    for evaluation (padding rows repeat an image and are marked invalid)."""
+    (seed, epoch, index)) or by (index, valid) for evaluation (padding rows repeat an image and
+    are marked invalid)."""
 
     def __init__(self, folder: datasets.ImageFolder, transform, seed: int = 0):
         self.folder, self.transform, self.seed = folder, transform, seed
@@ -66,15 +85,66 @@ class LabelledImages(Dataset):
     def __getitem__(self, key):
         index, tag = key
         path, label = self.folder.samples[index]
-        image = self.folder.loader(path)
-        python_state = random.getstate()
-        with torch.random.fork_rng(devices=[]):
-            seed = derive_seed(self.seed, int(tag), index)
-            torch.manual_seed(seed)
-            random.seed(seed)
-            pixels = self.transform(image)
-        random.setstate(python_state)
-        return pixels, label, tag
+        return seeded(self.transform, self.folder.loader(path), derive_seed(self.seed, int(tag), index)), label, tag
+
+
+def decode_labelled(key: str, jpeg: bytes, label: int, shard: str) -> Image.Image | None:
+    """The image of a labelled shard sample; None (logged) when unreadable."""
+    if label < 0:
+        raise RuntimeError(f"sample {key} in shard {shard} has no label (.cls or .json); "
+                           f"the evaluations need labelled shards (make-shards writes them)")
+    try:
+        return Image.open(io.BytesIO(jpeg)).convert("RGB")
+    except Exception as e:  # a corrupt JPEG, whatever PIL raises
+        log.warning("skipping unreadable image %s in shard %s: %s", key, shard, e)
+        return None
+
+
+class LabelledShardStream(ShardStream):
+    """Training batches from labelled shards: the pre-training stream's split over hosts and
+    workers, shuffle buffer, equal batch counts per host and resume; each image through the timm
+    transform seeded by (seed, epoch, key), the batch through MixCollate."""
+
+    def __init__(self, images: ImageManifest, prefix: str, transform, collate, **stream):
+        super().__init__(images, prefix, None, None, image_size=0, crop_scale=None, **stream)
+        self.transform, self.collate = transform, collate
+
+    def _decode(self, item, epoch: int):
+        key, jpeg, _, shard, label = item
+        image = decode_labelled(key, jpeg, label, shard)
+        return None if image is None else (seeded(self.transform, image, derive_seed(self.seed, epoch, key)), label, epoch)
+
+    def _collate(self, decoded: list, skipped: torch.Tensor) -> dict:
+        return self.collate(decoded)
+
+
+class PaddedShardSplit(IterableDataset):
+    """Every sample of a shard set once, in order, for evaluation: host h reads shards h, h + P,
+    ...; its batches of local_batch are padded (rows marked invalid) to the same count on every
+    host; worker w of W decodes batches w, w + W, ... (DataLoader's order). An unreadable image
+    is a row marked invalid."""
+
+    def __init__(self, manifest: ImageManifest, prefix: str, transform, image_size: int,
+                 local_batch: int, process_index: int, process_count: int):
+        self.prefix, self.transform, self.local_batch = prefix, transform, local_batch
+        self.names = [s.name for s in manifest.shards[process_index::process_count]]
+        per_host = [sum(s.samples for s in manifest.shards[p::process_count]) for p in range(process_count)]
+        self.num_batches = -(-max(per_host) // local_batch)
+        self.blank = torch.zeros(3, image_size, image_size)
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        samples = ((key, sample, name) for name in self.names for key, sample in iter_samples(join(self.prefix, name)))
+        for b in range(self.num_batches):
+            rows = list(itertools.islice(samples, self.local_batch))
+            if b % workers == worker:
+                yield eval_collate([self._row(*row) for row in rows] +
+                                   [(self.blank, 0, False)] * (self.local_batch - len(rows)))
+
+    def _row(self, key: str, sample: dict, shard: str):
+        image = decode_labelled(key, sample.get("jpg") or sample.get("jpeg"), label_of(sample), shard)
+        return (self.blank, 0, False) if image is None else (self.transform(image), label_of(sample), True)
 
 
 class MixCollate:
@@ -150,16 +220,20 @@ def split_root(cfg: EvalConfig) -> Path:
 
 def open_eval_data(cfg: EvalConfig, runtime) -> EvalData:
     """The labelled splits, checked before any model is built."""
-    root = split_root(cfg)
-    train_folder, val_folder = datasets.ImageFolder(root / "train"), datasets.ImageFolder(root / "val")
-    if train_folder.classes != val_folder.classes:
-        raise ConfigError(f"{root}/train and {root}/val hold different classes")
     t = cfg.train
     for name, batch in (("train.global_batch", t.global_batch), ("train.eval_batch", t.eval_batch)):
         if batch % runtime.data_parallel_size:
             raise ConfigError(f"{name} {batch} is not divisible by the {runtime.data_parallel_size} "
                               f"data-parallel devices")
-    workers = cfg.data.num_workers
+    return shard_data(cfg, runtime) if cfg.data.source == "shards" else folder_data(cfg, runtime)
+
+
+def folder_data(cfg: EvalConfig, runtime) -> EvalData:
+    root = split_root(cfg)
+    train_folder, val_folder = datasets.ImageFolder(root / "train"), datasets.ImageFolder(root / "val")
+    if train_folder.classes != val_folder.classes:
+        raise ConfigError(f"{root}/train and {root}/val hold different classes")
+    t, workers = cfg.train, cfg.data.num_workers
     loader = lambda dataset, sampler, collate: DataLoader(
         dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
         prefetch_factor=4 if workers else None, worker_init_fn=ignore_sigterm)
@@ -174,3 +248,33 @@ def open_eval_data(cfg: EvalConfig, runtime) -> EvalData:
             start, end), collate),
         train_in_order=lambda: in_order(train_folder),
         val=lambda: in_order(val_folder))
+
+
+def shard_data(cfg: EvalConfig, runtime) -> EvalData:
+    """data.shards/train and data.shards/val, each written by make-shards from an ImageFolder
+    split (labels in <key>.cls, class names in the manifest)."""
+    if not cfg.data.shards:
+        raise ConfigError("data.source=shards needs data.shards, the prefix holding train/ and val/ "
+                          "(each written by `xla-trainer make-shards`)")
+    train_prefix, val_prefix = join(cfg.data.shards, "train"), join(cfg.data.shards, "val")
+    train, val = ImageManifest.load(train_prefix), ImageManifest.load(val_prefix)
+    if not train.classes or train.classes != val.classes:
+        raise ConfigError(f"{train_prefix} and {val_prefix} must name the same classes in their manifests "
+                          f"(make-shards writes them from the ImageFolder tree)")
+    t, workers, p = cfg.train, cfg.data.num_workers, runtime.process_count
+    if len(train.shards) < p * max(1, workers):
+        raise ConfigError(f"{len(train.shards)} training shards cannot feed {p} hosts x {max(1, workers)} "
+                          f"loader workers; lower data.num_workers or write smaller shards")
+    stream = lambda start, end: LabelledShardStream(
+        train, train_prefix, train_transform(cfg), MixCollate(cfg, len(train.classes)), seed=t.seed,
+        local_batch=t.global_batch // p, steps_per_epoch=train.num_samples // t.global_batch, start_step=start,
+        total_steps=end, process_index=runtime.process_index, process_count=p,
+        shuffle_buffer=cfg.data.shuffle_buffer)
+    in_order = lambda manifest, prefix: DataLoader(
+        PaddedShardSplit(manifest, prefix, eval_transform(cfg), cfg.model.image_size, t.eval_batch // p,
+                         runtime.process_index, p),
+        batch_size=None, num_workers=workers, worker_init_fn=ignore_sigterm)
+    return EvalData(train.classes, train.num_samples, val.num_samples,
+                    train=lambda start, end: build_shard_loader(stream(start, end), workers),
+                    train_in_order=lambda: in_order(train, train_prefix),
+                    val=lambda: in_order(val, val_prefix))

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .shards import ImageManifest, iter_samples, join
+from .shards import ImageManifest, iter_samples, join, label_of
 from .targets import TargetManifest, load_npy
 from .views import decode_view, image_size_of, sample_view, view_index
 
@@ -42,18 +42,18 @@ class ShardStream(IterableDataset):
         return [self.images.shards[i].name for i in host[worker::workers].tolist()]
 
     def _shard_samples(self, name: str):
-        """(key, jpeg, stored targets or None, shard) of one shard, image and target tars read
-        side by side. The target shard lacks keys whose image was unreadable at precompute."""
+        """(key, jpeg, stored targets or None, shard, label) of one shard, image and target tars
+        read side by side. The target shard lacks keys whose image was unreadable at precompute."""
         images = iter_samples(join(self.image_prefix, name))
         if self.targets is None:
             for key, sample in images:
-                yield key, sample.get("jpg") or sample.get("jpeg"), None, name
+                yield key, sample.get("jpg") or sample.get("jpeg"), None, name, label_of(sample)
             return
         target_url = join(self.target_prefix, name)
         for tkey, target in iter_samples(target_url):
             for key, sample in images:
                 if key == tkey:
-                    yield key, sample.get("jpg") or sample.get("jpeg"), target, name
+                    yield key, sample.get("jpg") or sample.get("jpeg"), target, name, label_of(sample)
                     break
                 log.warning("image %s in %s has no targets (unreadable at precompute); skipping", key, name)
             else:
@@ -83,7 +83,7 @@ class ShardStream(IterableDataset):
 
     # --- decoded batches --------------------------------------------------------------------
     def _decode(self, item, epoch: int):
-        key, jpeg, target, shard = item
+        key, jpeg, target, shard, _ = item
         try:
             if target is None:
                 width, height = image_size_of(jpeg)
@@ -106,7 +106,10 @@ class ShardStream(IterableDataset):
         if good is None:
             raise RuntimeError("a whole batch of unreadable images; check the shards")
         skipped = torch.tensor([d is None for d in decoded])
-        decoded = [good if d is None else d for d in decoded]
+        return self._collate([good if d is None else d for d in decoded], skipped)
+
+    def _collate(self, decoded: list, skipped: torch.Tensor) -> dict:
+        good = decoded[0]
         batch = {"images": torch.from_numpy(np.stack([pixels for pixels, _ in decoded])), "skipped": skipped}
         if good[1] is not None:
             batch["targets"] = torch.from_numpy(np.stack([t[0] for _, t in decoded]))
