@@ -43,10 +43,12 @@ def test_four_devices_match_one_device(runs, other):
     assert one[0]["loss"] != pytest.approx(one[-1]["loss"], abs=1e-3)
 
 
-def test_compile_count_flat_after_warmup(runs):
+def test_the_step_compiles_once(runs):
+    """The optimizer state is made before the first step, with the shardings the step gives it:
+    step 1 is already the graph of every later step (on every mesh, FSDP included)."""
     for n, rows in runs[0].items():
         compiles = [r["compiles"] for r in rows]
-        assert 0 < compiles[2] == compiles[-1], (n, compiles)
+        assert 0 < compiles[0] == compiles[-1], (n, compiles)
 
 
 def test_batch_not_divisible_by_mesh_fails_before_compiling(embedded_root, tmp_path):

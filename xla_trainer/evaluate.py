@@ -139,6 +139,7 @@ def train_classifier(cfg: EvalConfig, mode: str) -> dict:
     optimizer = build_eval_optimizer(
         model, o.name, schedule.peak_lr, o.weight_decay, o.layer_decay if mode == "finetune" else 1.0,
         o.betas, o.momentum, **(runtime.optimizer_options() if o.name == "adamw" else {}))
+    runtime.init_optimizer_state(optimizer)
 
     out = cfg.train.output_dir.rstrip("/")
     last, best = runtime.checkpoints(out, cfg.train.keep_checkpoints), runtime.checkpoints(f"{out}/best", 1)

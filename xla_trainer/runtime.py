@@ -79,6 +79,9 @@ class Runtime:
     def optimizer_options(self) -> dict:
         return {}
 
+    def init_optimizer_state(self, optimizer: torch.optim.Optimizer):
+        """Eager backends create optimizer state lazily in the first step; nothing to do."""
+
     def parameter_bytes_per_device(self, model) -> int:
         return sum(p.numel() * p.element_size() for p in model.parameters())
 
@@ -281,6 +284,28 @@ class XlaRuntime(Runtime):
         # host floats that round to exactly 1.0 in float32 (steps ~160 and ~340), which XLA folds
         # into a constant: two recompilations in every run.
         return {"capturable": True, "foreach": False}
+
+    def init_optimizer_state(self, optimizer):
+        """Adam(W)'s state made on the device before the first step, each tensor sharded like its
+        parameter: created lazily, it makes the first step a different graph from every later
+        one, a second compilation (minutes for a large model on a TPU)."""
+        if not isinstance(optimizer, torch.optim.Adam) or optimizer.defaults.get("amsgrad"):
+            return
+        replicate = lambda t: self._xs.mark_sharding(t, self.mesh, (None,) * t.dim())
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if optimizer.state[p]:
+                    continue
+                if not self._torch_xla._XLAC._get_xla_op_sharding(p):
+                    replicate(p)  # as the step's outputs are: the same input shardings every step
+                step = torch.zeros((), device=p.device) if group["capturable"] else torch.tensor(0.0)
+                state = optimizer.state[p] = {"step": step, "exp_avg": torch.zeros_like(p),
+                                              "exp_avg_sq": torch.zeros_like(p)}
+                if group["capturable"]:
+                    replicate(step)
+                for t in (state["exp_avg"], state["exp_avg_sq"]):
+                    self._torch_xla._XLAC._xla_mark_sharding(t, self._torch_xla._XLAC._get_xla_op_sharding(p))
+        self._torch_xla.sync()
 
     def step_noise(self, shape, global_batch, seed, step):
         # Reseeding the device generator is a scalar upload, not a new graph. Under SPMD the

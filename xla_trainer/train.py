@@ -243,6 +243,7 @@ def pretrain(cfg: Config, runtime: Runtime | None = None) -> dict:
     teacher = place_teacher(teacher, runtime, cfg.runtime.precision)
     optimizer = build_optimizer(method, schedule.peak_lr, cfg.optim.weight_decay, cfg.optim.betas,
                                 **runtime.optimizer_options())
+    runtime.init_optimizer_state(optimizer)
 
     out = cfg.train.output_dir
     store = runtime.checkpoints(out, cfg.train.keep_checkpoints)
