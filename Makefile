@@ -16,5 +16,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	PJRT_DEVICE=CPU $(VENV)/bin/xla-trainer pretrain
 
+# Test files run on TEST_WORKERS processes (pytest-xdist), one file per worker: most tests wait on
+# subprocesses (XLA start-up and compilation), so two workers on two cores save about a sixth.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
