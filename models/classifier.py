@@ -11,18 +11,16 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from .vit import VIT_SIZES
+from .vit import vit_dims
 
 
 def vit_classifier(size: str = "base", img_size: int = 224, patch_size: int = 16, num_classes: int = 0,
                    drop_path: float = 0.0, width: int | None = None, depth: int | None = None,
                    heads: int | None = None) -> VisionTransformer:
-    if size not in VIT_SIZES:
-        raise ValueError(f"unknown ViT size {size!r}; choose one of {sorted(VIT_SIZES)}")
-    w, d, h = VIT_SIZES[size]
+    width, depth, heads = vit_dims(size, width, depth, heads)
     return VisionTransformer(
         img_size=img_size, patch_size=patch_size, num_classes=num_classes, global_pool="avg",
-        fc_norm=True, embed_dim=width or w, depth=depth or d, num_heads=heads or h, mlp_ratio=4.0,
+        fc_norm=True, embed_dim=width, depth=depth, num_heads=heads, mlp_ratio=4.0,
         qkv_bias=True, class_token=True, drop_path_rate=drop_path,
         norm_layer=partial(nn.LayerNorm, eps=1e-6))
 

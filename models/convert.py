@@ -33,6 +33,13 @@ _DECODER_MODULES = {"enc2dec": "enc2dec", "norm": "head_norm", "pred": "head"}
 _DECODER_KEY = re.compile(r"^((ar|kd)_|decoder_pos_embed$|mask$|decoders\.|tap_norm\.)")
 
 
+def strip_ddp_prefix(state: dict) -> dict:
+    """A state_dict saved from DistributedDataParallel (every key under `module.`) without it."""
+    if state and all(k.startswith("module.") for k in state):
+        return {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
 def _params(*modules: str) -> set[str]:
     return {f"{m}.{p}" for m in modules for p in ("weight", "bias")}
 

@@ -13,6 +13,8 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.model import resize_pos_embed
 from torch import nn
 
+from .convert import strip_ddp_prefix
+
 # Small architectures of our own (e.g. the demo teacher) next to open_clip's registry.
 open_clip.add_model_config(Path(__file__).parent / "clip_configs")
 
@@ -68,9 +70,7 @@ def _unwrap(state) -> dict | None:
         state = state["state_dict"]
     if not isinstance(state, dict):
         return None
-    if state and all(k.startswith("module.") for k in state):  # saved from DDP
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return state
+    return strip_ddp_prefix(state)
 
 
 def load_visual_state(clip: nn.Module, state: dict, what: str):

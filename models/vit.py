@@ -23,18 +23,25 @@ VIT_SIZES = {
 }
 
 
+def vit_dims(size: str, width: int | None = None, depth: int | None = None,
+             heads: int | None = None) -> tuple[int, int, int]:
+    """(width, depth, heads) of a standard size, each overridable."""
+    if size not in VIT_SIZES:
+        raise ValueError(f"unknown ViT size {size!r}; choose one of {sorted(VIT_SIZES)}")
+    w, d, h = VIT_SIZES[size]
+    return width or w, depth or d, heads or h
+
+
 class SegmentViT(VisionTransformer):
     """ViT with fixed 2-D sin-cos positions, a zero-initialised cls token appended LAST, no final
     norm, xavier-uniform Linear init (the MAE / D-iGPT recipe)."""
 
     def __init__(self, size: str = "base", img_size: int = 224, patch_size: int = 16,
                  width: int | None = None, depth: int | None = None, heads: int | None = None):
-        if size not in VIT_SIZES:
-            raise ValueError(f"unknown ViT size {size!r}; choose one of {sorted(VIT_SIZES)}")
-        w, d, h = VIT_SIZES[size]
+        width, depth, heads = vit_dims(size, width, depth, heads)
         super().__init__(
-            img_size=img_size, patch_size=patch_size, embed_dim=width or w, depth=depth or d,
-            num_heads=heads or h, mlp_ratio=4.0, qkv_bias=True, class_token=True,
+            img_size=img_size, patch_size=patch_size, embed_dim=width, depth=depth,
+            num_heads=heads, mlp_ratio=4.0, qkv_bias=True, class_token=True,
             no_embed_class=True, global_pool="token", num_classes=0, final_norm=False,
             norm_layer=partial(nn.LayerNorm, eps=1e-6))
         self.pos_embed.requires_grad_(False)

@@ -123,10 +123,11 @@ def ignore_sigterm(_worker_id: int):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def build_loader(dataset, sampler: GlobalBatchSampler, num_workers: int) -> DataLoader:
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
-                      persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers else None,
-                      worker_init_fn=ignore_sigterm)
+def build_loader(dataset, sampler, num_workers: int, collate_fn=collate, persistent: bool = True) -> DataLoader:
+    """`persistent`: keep the workers between epochs (a loader iterated once does not need to)."""
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_fn,
+                      persistent_workers=persistent and num_workers > 0,
+                      prefetch_factor=4 if num_workers else None, worker_init_fn=ignore_sigterm)
 
 
 @dataclass

@@ -22,10 +22,10 @@ from torchvision import datasets
 
 from models.teacher import IMAGENET_MEAN, IMAGENET_STD
 from .config import ConfigError, EvalConfig
-from .data import GlobalBatchSampler, ignore_sigterm
+from .data import GlobalBatchSampler, build_loader, ignore_sigterm
 from .embedded_data import prepare_digits
 from .shard_loader import ShardStream, build_shard_loader
-from .shards import ImageManifest, iter_samples, join, label_of
+from .shards import ImageManifest, iter_samples, jpeg_of, join, label_of
 from .views import derive_seed
 
 log = logging.getLogger(__name__)
@@ -143,8 +143,9 @@ class PaddedShardSplit(IterableDataset):
                                    [(self.blank, 0, False)] * (self.local_batch - len(rows)))
 
     def _row(self, key: str, sample: dict, shard: str):
-        image = decode_labelled(key, sample.get("jpg") or sample.get("jpeg"), label_of(sample), shard)
-        return (self.blank, 0, False) if image is None else (self.transform(image), label_of(sample), True)
+        label = label_of(sample)
+        image = decode_labelled(key, jpeg_of(sample), label, shard)
+        return (self.blank, 0, False) if image is None else (self.transform(image), label, True)
 
 
 class MixCollate:
@@ -234,18 +235,17 @@ def folder_data(cfg: EvalConfig, runtime) -> EvalData:
     if train_folder.classes != val_folder.classes:
         raise ConfigError(f"{root}/train and {root}/val hold different classes")
     t, workers = cfg.train, cfg.data.num_workers
-    loader = lambda dataset, sampler, collate: DataLoader(
-        dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
-        prefetch_factor=4 if workers else None, worker_init_fn=ignore_sigterm)
     train_set = LabelledImages(train_folder, train_transform(cfg), t.seed)
     collate = MixCollate(cfg, len(train_folder.classes))
-    in_order = lambda folder: loader(LabelledImages(folder, eval_transform(cfg)), PaddedBatchSampler(
-        len(folder), t.eval_batch, runtime.process_index, runtime.process_count), eval_collate)
+    in_order = lambda folder: build_loader(
+        LabelledImages(folder, eval_transform(cfg)),
+        PaddedBatchSampler(len(folder), t.eval_batch, runtime.process_index, runtime.process_count),
+        workers, eval_collate, persistent=False)
     return EvalData(
         train_folder.classes, len(train_folder), len(val_folder),
-        train=lambda start, end: loader(train_set, GlobalBatchSampler(
+        train=lambda start, end: build_loader(train_set, GlobalBatchSampler(
             len(train_folder), t.global_batch, runtime.process_index, runtime.process_count, t.seed,
-            start, end), collate),
+            start, end), workers, collate),
         train_in_order=lambda: in_order(train_folder),
         val=lambda: in_order(val_folder))
 

@@ -4,7 +4,6 @@ Reading order: `train_classifier` (the loop, shared by finetune / linprobe / att
 `classify_step` (one optimizer step) and `eval_step` (top-1/top-5 counts of one padded val batch,
 summed on the device); `knn` (frozen features, cosine k-NN). Device specifics stay in runtime.py."""
 import logging
-import math
 from dataclasses import asdict
 
 import torch
@@ -20,7 +19,7 @@ from .metrics import MetricsLogger
 from .optim import build_eval_optimizer, clip_and_step, set_lr
 from .pretrained import load_encoder_state
 from .runtime import Runtime
-from .train import Interval, Preemption, TrainingDiverged, make_runtime, make_schedule
+from .train import Interval, Preemption, make_runtime, make_schedule
 
 log = logging.getLogger(__name__)
 MODES = ("finetune", "linprobe", "attnprobe")
@@ -47,8 +46,7 @@ def build_encoder(cfg: EvalConfig, num_classes: int = 0, drop_path: float = 0.0)
             state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], list(encoder.patch_embed.grid_size),
                                                         num_prefix_tokens=1)
         missing, unexpected = encoder.load_state_dict(state, strict=False)
-        # a pre-trained encoder has no fc_norm (it starts as the identity LayerNorm) and no head
-        missing = [k for k in missing if not k.startswith(("head.", "fc_norm."))]
+        missing = [k for k in missing if not k.startswith("head.")]  # the new head starts fresh
         if missing or unexpected:
             raise ConfigError(f"model.init '{m.init}' does not fit model.* (backbone {m.backbone}, "
                               f"image {m.image_size}, patch {m.patch_size}): missing {missing[:5]}, "
@@ -165,9 +163,8 @@ def train_classifier(cfg: EvalConfig, mode: str) -> dict:
             bar.update(1)
             stop = preemption.agreed(done)
             if done % cfg.train.log_every == 0 or epoch_end or stop:
+                interval.check_finite(last.location(last.latest()) if last.latest() else "none saved yet")
                 record = interval.summary(runtime, cfg.train.global_batch)
-                if not math.isfinite(record["loss"]):
-                    raise TrainingDiverged(f"{mode} loss is {record['loss']} at step {done}; stopping")
                 logger.log({"step": done, "epoch": done / schedule.steps_per_epoch, **record,
                             "lr": schedule.lr(step), "compiles": runtime.compiles()})
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
@@ -193,9 +190,10 @@ def train_classifier(cfg: EvalConfig, mode: str) -> dict:
     for store in (last, best):
         store.close()
     logger.close()
+    best_step = best.latest()
     return {"mode": mode, **{f"val_{k}": v for k, v in result.items()},
             "best_top1": state["best_top1"], "best_epoch": state["best_epoch"],
-            "best_checkpoint": best.location(best.latest()) if best.latest() else None,
+            "best_checkpoint": best.location(best_step) if best_step else None,
             "metrics": str(logger.path), "compiles": runtime.compiles()}
 
 

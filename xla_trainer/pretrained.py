@@ -14,7 +14,7 @@ import warnings
 import safetensors.torch
 import torch
 
-from models.convert import encoder_to_timm
+from models.convert import encoder_to_timm, strip_ddp_prefix
 
 from .checkpoint import PATTERN, latest_checkpoint
 from .remote_io import filesystem, read_bytes, write_bytes_atomic
@@ -115,9 +115,7 @@ def _unwrap(obj, path: str) -> dict[str, torch.Tensor]:
         found = f"keys {list(obj)[:8]}" if isinstance(obj, dict) else type(obj).__name__
         raise ValueError(f"{path}: expected a state_dict (name -> tensor), bare or under one of "
                          f"{WRAPPERS}; found {found}")
-    if all(k.startswith("module.") for k in obj):  # saved from DistributedDataParallel
-        obj = {k[len("module."):]: v for k, v in obj.items()}
-    return obj
+    return strip_ddp_prefix(obj)
 
 
 def _read_dcp_model(path: str) -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .shards import ImageManifest, iter_samples, join, label_of
+from .shards import ImageManifest, iter_samples, jpeg_of, join, label_of
 from .targets import TargetManifest, load_npy
 from .views import decode_view, image_size_of, sample_view, view_index
 
@@ -47,13 +47,13 @@ class ShardStream(IterableDataset):
         images = iter_samples(join(self.image_prefix, name))
         if self.targets is None:
             for key, sample in images:
-                yield key, sample.get("jpg") or sample.get("jpeg"), None, name, label_of(sample)
+                yield key, jpeg_of(sample), None, name, label_of(sample)
             return
         target_url = join(self.target_prefix, name)
         for tkey, target in iter_samples(target_url):
             for key, sample in images:
                 if key == tkey:
-                    yield key, sample.get("jpg") or sample.get("jpeg"), target, name, label_of(sample)
+                    yield key, jpeg_of(sample), target, name, label_of(sample)
                     break
                 log.warning("image %s in %s has no targets (unreadable at precompute); skipping", key, name)
             else:

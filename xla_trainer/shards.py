@@ -71,6 +71,10 @@ def iter_samples(url: str):
         yield key, sample
 
 
+def jpeg_of(sample: dict) -> bytes | None:
+    return sample.get("jpg") or sample.get("jpeg")
+
+
 def label_of(sample: dict) -> int:
     if "cls" in sample:
         return int(sample["cls"].decode().strip())

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from models.teacher import ClipTeacher
 from . import remote_io
 from .config import Config, ConfigError
-from .shards import MANIFEST, ImageManifest, ShardInfo, iter_samples, join, keys_digest, tar_bytes
+from .shards import MANIFEST, ImageManifest, ShardInfo, iter_samples, jpeg_of, join, keys_digest, tar_bytes
 from .views import decode_view, image_size_of, sample_view
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ def compute_shard(url: str, runner: TeacherRunner, cfg: Config, bar) -> tuple[by
     t = cfg.targets
     members, keys = [], []
     for key, sample in iter_samples(url):
-        jpeg = sample.get("jpg") or sample.get("jpeg")
+        jpeg = jpeg_of(sample)
         try:
             width, height = image_size_of(jpeg)
             views = [sample_view(cfg.train.seed, key, k, width, height, cfg.data.crop_scale)
