@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	PJRT_DEVICE=CPU $(VENV)/bin/xla-trainer pretrain
+	$(VENV)/bin/xla-trainer pretrain
 
 # Test files run on TEST_WORKERS processes (pytest-xdist), one file per worker: most tests wait on
 # subprocesses (XLA start-up and compilation), so two workers on two cores save about a sixth.

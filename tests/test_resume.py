@@ -32,3 +32,12 @@ def test_resumed_run_matches_uninterrupted(embedded_root, tmp_path):
             assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-6), (x["step"], key)
     # keep_checkpoints=2: only the newest two remain
     assert [p.rsplit("-", 1)[1] for p in list_checkpoints(str(resumed_dir))] == ["00000004.pt", "00000006.pt"]
+
+    # the XLA backend cannot resume these files: it refuses, instead of starting at step 0 and
+    # dropping the run's metrics rows
+    rows = (resumed_dir / "metrics.jsonl").read_text()
+    other = run_cli(["pretrain", *common, "runtime.backend=xla"], env={"PJRT_DEVICE": "CPU"})
+    assert other.returncode == 2, other.stderr[-3000:]
+    assert (f"train.output_dir '{resumed_dir}' holds checkpoints of the cpu/cuda backends (checkpoint-00000006.pt)"
+            in other.stderr and "Traceback" not in other.stderr)
+    assert (resumed_dir / "metrics.jsonl").read_text() == rows

@@ -52,6 +52,11 @@ def test_resume_on_another_mesh_continues_the_run(embedded_root, tmp_path, unint
     assert [r["step"] for r in rows] == list(range(1, 7))
     for a, b in zip(uninterrupted, rows):
         assert b["loss"] == pytest.approx(a["loss"], rel=2e-3, abs=2e-3), a["step"]
+    # the cpu backend cannot resume it: it refuses and leaves the metrics rows as they are
+    other = run_cli(["pretrain", *tiny_overrides(embedded_root, out)])
+    assert other.returncode == 2, other.stderr[-3000:]
+    assert "holds checkpoints of the xla backend (checkpoints/6/)" in other.stderr
+    assert read_metrics(out) == rows
 
 
 def test_a_crash_during_a_save_leaves_the_previous_checkpoint(embedded_root, tmp_path, uninterrupted):

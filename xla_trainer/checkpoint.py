@@ -7,6 +7,9 @@ import fsspec
 import torch
 from torch.utils._pytree import tree_map
 
+from .config import ConfigError
+from .remote_io import remove_temporaries, write_bytes_atomic
+
 PATTERN = re.compile(r"checkpoint-(\d{8})\.pt$")
 
 
@@ -37,23 +40,45 @@ def list_checkpoints(output_dir: str) -> list[str]:
     return [fs.unstrip_protocol(p) if "://" in output_dir else p for p in sorted(names)]
 
 
+def distributed_steps(output_dir: str) -> list[int]:
+    """Steps under <output_dir>/checkpoints/ (DistributedCheckpoints' layout), whole or not."""
+    fs, root = _fs(output_dir.rstrip("/") + "/checkpoints")
+    if not fs.isdir(root):
+        return []
+    names = (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
+    return sorted(int(n) for n in names if n.isdigit())
+
+
+def check_checkpoint_format(output_dir: str, backend: str):
+    """Refuse a run directory holding the other backend's checkpoints: resuming would start at
+    step 0 and drop the old run's metrics rows. (Until one format serves every backend.)"""
+    files, steps = list_checkpoints(output_dir), distributed_steps(output_dir)
+    if backend == "xla" and files:
+        name = files[-1].rsplit("/", 1)[-1]
+        raise ConfigError(f"train.output_dir '{output_dir}' holds checkpoints of the cpu/cuda backends "
+                          f"({name}), which the xla backend cannot resume (it writes checkpoints/<step>/); "
+                          f"resume it with runtime.backend=cpu or cuda, or pass another train.output_dir")
+    if backend != "xla" and steps:
+        raise ConfigError(f"train.output_dir '{output_dir}' holds checkpoints of the xla backend "
+                          f"(checkpoints/{steps[-1]}/), which the {backend} backend cannot resume (it writes "
+                          f"checkpoint-<step>.pt); resume it with runtime.backend=xla, or pass another "
+                          f"train.output_dir")
+
+
 def latest_checkpoint(output_dir: str) -> str | None:
     found = list_checkpoints(output_dir)
     return found[-1] if found else None
 
 
 def save_checkpoint(output_dir: str, step: int, state: dict, keep: int) -> str:
-    fs, root = _fs(output_dir)
-    fs.makedirs(root, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(to_cpu(state), buffer)
-    final = f"{root}/checkpoint-{step:08d}.pt"
-    tmp = f"{root}/.checkpoint-{step:08d}.pt.tmp"
-    fs.pipe_file(tmp, buffer.getvalue())
-    fs.mv(tmp, final)
+    final = f"{output_dir.rstrip('/')}/checkpoint-{step:08d}.pt"
+    write_bytes_atomic(final, buffer.getvalue())
+    fs, _ = _fs(output_dir)
     for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
         fs.rm(_fs(old)[1])
-    return fs.unstrip_protocol(final) if "://" in output_dir else final
+    return final
 
 
 def load_checkpoint(path: str) -> dict:
@@ -66,6 +91,8 @@ class FileCheckpoints:
 
     def __init__(self, output_dir: str, keep: int, is_main: bool):
         self.output_dir, self.keep, self.is_main = output_dir, keep, is_main
+        if is_main:  # a save killed mid-write left its temporary file
+            remove_temporaries(output_dir, lambda name: PATTERN.fullmatch(name) is not None)
 
     def latest(self) -> int | None:
         path = latest_checkpoint(self.output_dir)

@@ -47,7 +47,10 @@ def cmd_evaluate(args):
 
 
 def cmd_export_timm(args):
-    export_timm(args.checkpoint, args.out)
+    try:
+        export_timm(args.checkpoint, args.out)
+    except ValueError as e:  # not a checkpoint, or not a file name it can write
+        raise ConfigError(str(e)) from None
     print(f"timm state_dict written to {args.out}; load it with timm.create_model('vit_base_patch16_224', "
           f"pretrained=True, pretrained_cfg_overlay=dict(file='{args.out}'), global_pool='avg', fc_norm=True)")
 
@@ -172,7 +175,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"xla-trainer: error: {e}", file=sys.stderr)
         return 2
-    except FileNotFoundError as e:
+    except (FileNotFoundError, FileExistsError) as e:
         print(f"xla-trainer: error: {e}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:

@@ -271,12 +271,23 @@ def _apply(section, values: dict, prefix: str, schema):
         setattr(section, name, value)
 
 
+def _parse_yaml(text: str, where: str):
+    """YAML, or a ConfigError naming `where` with the line and column of the fault."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        what = " ".join(filter(None, (getattr(e, "context", None), getattr(e, "problem", None)))) or str(e)
+        raise ConfigError(f"{where}{at}: malformed YAML: {what}") from None
+
+
 def parse_override(text: str) -> dict:
     """'train.global_batch=64' -> {'train': {'global_batch': 64}} (value parsed as YAML)."""
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like key.sub=value")
     key, raw = text.split("=", 1)
-    nested = yaml.safe_load(raw) if raw.strip() else None
+    nested = _parse_yaml(raw, f"override '{text}'") if raw.strip() else None
     for part in reversed(key.strip().split(".")):
         nested = {part: nested}
     return nested
@@ -290,8 +301,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), schem
     path = Path(path) if path else default
     if not path.is_file():
         raise ConfigError(f"config file '{path}' not found; see {CONFIG_DIR} for the shipped configs")
-    with open(path) as f:
-        _apply(cfg, yaml.safe_load(f) or {}, "", schema)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file '{path}' cannot be read: {e}") from None
+    _apply(cfg, _parse_yaml(text, str(path)) or {}, "", schema)
     for text in overrides:
         _apply(cfg, parse_override(text), "", schema)
     return cfg

@@ -18,7 +18,7 @@ from .embedded_data import prepare_embedded
 from .shard_loader import ShardStream, build_shard_loader
 from .shards import ImageManifest
 from .targets import TargetManifest
-from .views import derive_seed
+from .seeds import derive_seed
 
 EMBEDDED_ROOT = "~/.cache/xla-trainer/embedded"
 
@@ -72,7 +72,7 @@ def collate(samples) -> dict:
 class GlobalBatchSampler:
     """Yields this process's part of global batch `step` for step in [start_step, total_steps).
 
-    Epoch e visits a permutation seeded by (seed, e); global batch b of it is split into
+    Epoch e visits a permutation seeded by a hash of (seed, e); global batch b of it is split into
     process_count contiguous parts (drop_last: a trailing partial batch is never used)."""
 
     def __init__(self, dataset_len: int, global_batch: int, process_index: int, process_count: int,
@@ -91,15 +91,21 @@ class GlobalBatchSampler:
         for step in range(self.start_step, self.total_steps):
             epoch, b = divmod(step, self.steps_per_epoch)
             if epoch != perm_epoch:
-                perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+                perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(derive_seed(self.seed, "order", epoch)))
                 perm_epoch = epoch
             start = b * self.global_batch + self.offset
             yield [(int(i), epoch) for i in perm[start:start + self.local_batch]]
 
 
+def generated_root_fix(source: str) -> str:
+    return (f"data.source={source} writes its own images into data.root: to train on the images in "
+            f"that directory, pass data.source=imagefolder; to write the {source} set, point data.root "
+            f"at a new or empty directory, or leave it unset")
+
+
 def image_root(cfg: Config) -> str:
     if cfg.data.source == "embedded":
-        return str(prepare_embedded(cfg.data.root or EMBEDDED_ROOT))
+        return str(prepare_embedded(cfg.data.root or EMBEDDED_ROOT, fix=generated_root_fix("embedded")))
     if not cfg.data.root:
         raise ConfigError("data.root is not set; point it at a directory holding train/<class>/<image>, "
                           "or use data.source=embedded")
@@ -152,9 +158,6 @@ def open_train_data(cfg: Config, runtime) -> TrainData:
     if cfg.targets.source == "precomputed":
         targets = TargetManifest.load(cfg.targets.prefix)
         targets.check_against(cfg, images)
-    if len(images.shards) < runtime.process_count * max(1, workers):
-        raise ConfigError(f"{len(images.shards)} shards cannot feed {runtime.process_count} hosts x "
-                          f"{max(1, workers)} loader workers; lower data.num_workers or write smaller shards")
     steps_per_epoch = images.num_samples // cfg.train.global_batch
     stream = lambda start, end: ShardStream(
         images, cfg.data.shards, targets, cfg.targets.prefix, image_size=cfg.model.image_size,

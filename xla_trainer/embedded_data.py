@@ -7,18 +7,23 @@ demos run on real images with no download.
 - digits (evaluation): scikit-learn's 1797 labelled 8x8 handwritten digits, upscaled, split into
   train/ and val/ (every fifth image of each class is held out).
 """
+import json
 import os
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from .config import ConfigError
+
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "retina", "hubble_deep_field",
           "immunohistochemistry", "stereo_motorcycle")
 SIZE = 96
-MARKER = ".complete"
+MARKER = ".xla-trainer-dataset.json"  # {"kind": ...}: the tree is this program's own
+LEGACY_MARKER = ".complete"  # the marker of earlier versions
+FIX_OUT = "Pass another --out (a new or empty directory)."
 
 
 def _photo(name: str) -> np.ndarray:
@@ -69,30 +74,76 @@ def _write_digits(root: Path, size: int = 64):
         gray.resize((size, size), Image.BICUBIC).convert("RGB").save(out / f"{label}_{k:03d}.png")
 
 
-def prepare_embedded(root: str | os.PathLike) -> Path:
+def prepare_embedded(root: str | os.PathLike, fix: str = FIX_OUT) -> Path:
     """The pre-training photos under root/train."""
-    return _write_once(root, lambda tmp: _write_tree(tmp / "train"))
+    return _write_once(root, "embedded", lambda tmp: _write_tree(tmp / "train"), fix)
 
 
-def prepare_digits(root: str | os.PathLike) -> Path:
+def prepare_digits(root: str | os.PathLike, fix: str = FIX_OUT) -> Path:
     """The labelled digits under root/train and root/val."""
-    return _write_once(root, _write_digits)
+    return _write_once(root, "digits", _write_digits, fix)
 
 
-def _write_once(root: str | os.PathLike, write) -> Path:
-    """Write a tree under root once; safe to call again (returns at once) and atomic (a crash
-    leaves no half-written tree behind)."""
+def generated_kind(root: Path) -> str | None:
+    """Which generated tree `root` is ("embedded", "digits"; "legacy" for a tree of an earlier
+    version, marked `.complete`), or None when it carries no marker of this project."""
+    if (root / MARKER).is_file():
+        try:
+            return json.loads((root / MARKER).read_text()).get("kind")
+        except (OSError, ValueError, AttributeError):
+            return None
+    return "legacy" if (root / LEGACY_MARKER).is_file() else None
+
+
+def _write_once(root: str | os.PathLike, kind: str, write, fix: str) -> Path:
+    """Write the `kind` tree at root once. Only into a missing or empty directory: anything else
+    that is not already this tree is a ConfigError naming the path and `fix`, and nothing is
+    touched. Safe to call again (returns at once), atomic (written beside root, then renamed onto
+    it: a crash leaves no half tree under root), and safe for several processes at once."""
     root = Path(root).expanduser()
-    if (root / MARKER).exists():
+    if generated_kind(root) in (kind, "legacy"):
         return root
+    _refuse_foreign(root, kind, fix)
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".embedded-", dir=root.parent))
+    _remove_stale_temporaries(root)
+    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
     try:
         write(tmp)
-        (tmp / MARKER).touch()
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(tmp, root)
+        (tmp / MARKER).write_text(json.dumps({"kind": kind, "written_by": "xla-trainer"}))
+        try:
+            os.replace(tmp, root)  # succeeds onto a missing or empty directory only
+        except OSError:
+            if generated_kind(root) != kind:  # not another process that finished first
+                _refuse_foreign(root, kind, fix)
+                raise
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # our own temporary tree, if the rename did not take it
     return root
+
+
+def _refuse_foreign(root: Path, kind: str, fix: str):
+    if not root.exists() or (root.is_dir() and not any(root.iterdir())):
+        return
+    found = generated_kind(root)
+    what = f"the generated '{found}' dataset" if found else "files this program did not write"
+    raise ConfigError(f"'{root}' holds {what}; the {kind} dataset is written only into a new or empty "
+                      f"directory, and nothing in '{root}' was touched. {fix}")
+
+
+def _remove_stale_temporaries(root: Path):
+    """Temporary trees that an earlier, killed writer of root left beside it (their pid is gone)."""
+    for tmp in root.parent.glob(f".{root.name}.tmp-*"):
+        pid = tmp.name.rsplit(".tmp-", 1)[1].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        pass
+    return True

@@ -22,11 +22,11 @@ from torchvision import datasets
 
 from models.teacher import IMAGENET_MEAN, IMAGENET_STD
 from .config import ConfigError, EvalConfig
-from .data import GlobalBatchSampler, build_loader, ignore_sigterm
+from .data import GlobalBatchSampler, build_loader, generated_root_fix, ignore_sigterm
 from .embedded_data import prepare_digits
 from .shard_loader import ShardStream, build_shard_loader
 from .shards import ImageManifest, iter_samples, jpeg_of, join, label_of
-from .views import derive_seed
+from .seeds import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ class EvalData:
 
 def split_root(cfg: EvalConfig) -> Path:
     if cfg.data.source == "digits":
-        return prepare_digits(cfg.data.root or DIGITS_ROOT)
+        return prepare_digits(cfg.data.root or DIGITS_ROOT, fix=generated_root_fix("digits"))
     if not cfg.data.root:
         raise ConfigError("data.root is not set; point it at a directory holding train/<class>/<image> "
                           "and val/<class>/<image>, or use data.source=digits")
@@ -262,9 +262,6 @@ def shard_data(cfg: EvalConfig, runtime) -> EvalData:
         raise ConfigError(f"{train_prefix} and {val_prefix} must name the same classes in their manifests "
                           f"(make-shards writes them from the ImageFolder tree)")
     t, workers, p = cfg.train, cfg.data.num_workers, runtime.process_count
-    if len(train.shards) < p * max(1, workers):
-        raise ConfigError(f"{len(train.shards)} training shards cannot feed {p} hosts x {max(1, workers)} "
-                          f"loader workers; lower data.num_workers or write smaller shards")
     stream = lambda start, end: LabelledShardStream(
         train, train_prefix, train_transform(cfg), MixCollate(cfg, len(train.classes)), seed=t.seed,
         local_batch=t.global_batch // p, steps_per_epoch=train.num_samples // t.global_batch, start_step=start,

@@ -13,6 +13,7 @@ from timm.loss import SoftTargetCrossEntropy
 from tqdm import tqdm
 
 from models.classifier import AttentiveProbe, FrozenEncoderProbe, LinearProbe, pooled_or_tokens, vit_classifier
+from .checkpoint import check_checkpoint_format
 from .config import ConfigError, EvalConfig
 from .eval_data import EvalData, open_eval_data
 from .metrics import MetricsLogger
@@ -129,6 +130,9 @@ def train_classifier(cfg: EvalConfig, mode: str) -> dict:
     checkpoints; resume from the last one in train.output_dir."""
     check_eval_config(cfg)
     runtime = make_runtime(cfg)
+    out = cfg.train.output_dir.rstrip("/")
+    for run_dir in (out, f"{out}/best"):
+        check_checkpoint_format(run_dir, runtime.backend)
     data = open_eval_data(cfg, runtime)
     schedule = make_schedule(cfg, data.train_len)
     model = build_classifier(cfg, mode, data.num_classes)
@@ -139,7 +143,6 @@ def train_classifier(cfg: EvalConfig, mode: str) -> dict:
         o.betas, o.momentum, **(runtime.optimizer_options() if o.name == "adamw" else {}))
     runtime.init_optimizer_state(optimizer)
 
-    out = cfg.train.output_dir.rstrip("/")
     last, best = runtime.checkpoints(out, cfg.train.keep_checkpoints), runtime.checkpoints(f"{out}/best", 1)
     state = {"step": 0, "best_top1": -1.0, "best_epoch": 0, "config": cfg.to_dict()}
     start = last.latest() or 0

@@ -17,7 +17,7 @@ import torch
 from models.convert import encoder_to_timm, strip_ddp_prefix
 
 from .checkpoint import PATTERN, latest_checkpoint
-from .remote_io import filesystem, read_bytes, write_bytes_atomic
+from .remote_io import exists, filesystem, read_bytes, write_bytes_atomic
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 WRAPPERS = ("model", "state_dict", "module")  # where training scripts keep the state_dict
@@ -64,6 +64,8 @@ def export_timm(src: str, out: str) -> dict[str, torch.Tensor]:
     global_pool='avg', fc_norm=True). Written atomically; returns the state_dict written."""
     if not out.endswith((".safetensors", *TORCH_SUFFIXES)):
         raise ValueError(f"{out}: expected a .safetensors or {'/'.join(TORCH_SUFFIXES)} file name")
+    if exists(out):
+        raise FileExistsError(f"{out} exists already and is left as it is; pass another output name")
     state = {k: v.contiguous() for k, v in load_encoder_state(src).items()}
     if out.endswith(".safetensors"):
         data = safetensors.torch.save(state)

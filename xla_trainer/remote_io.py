@@ -7,6 +7,8 @@
   server, a reset connection, a 5xx, a stalled request) by asking again for the bytes from where
   it stopped, so the caller sees every byte exactly once.
 * :func:`read_bytes`, :func:`write_bytes_atomic` and :func:`exists` for small whole files.
+* :func:`claim_output` and :func:`remove_temporaries`: a command writes only into a prefix that is
+  new, empty or its own job's, and cleans up the temporaries its own interrupted writes left.
 
 gcsfs must be imported with GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false against an emulator (otherwise
 it tries gRPC first and each operation stalls ~60 s); this module therefore imports it only
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import logging
 import os
 import sys
@@ -176,6 +179,9 @@ def read_bytes(url: str, **reader_kwargs) -> bytes:
         return f.readall()
 
 
+TEMPORARY = ".{name}.tmp-"  # + a random suffix: write_bytes_atomic's temporary names
+
+
 def write_bytes_atomic(url: str, data: bytes) -> None:
     """Write ``data`` to ``url`` so that no reader ever sees a partial file under that name.
 
@@ -186,7 +192,7 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
     """
     fs, path = filesystem(url)
     parent, name = path.rsplit("/", 1)
-    tmp = f"{parent}/.{name}.tmp-{uuid.uuid4().hex}"
+    tmp = f"{parent}/{TEMPORARY.format(name=name)}{uuid.uuid4().hex}"
     if not isinstance(fs, AsyncFileSystem):  # object stores have no directories to create
         fs.makedirs(parent, exist_ok=True)
     try:
@@ -204,3 +210,59 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
 def exists(url: str) -> bool:
     fs, path = filesystem(url)
     return fs.exists(path)
+
+
+def _names(prefix: str) -> list[str]:
+    """The names directly under a local directory or gs:// prefix (one listing; [] if missing)."""
+    fs, root = filesystem(prefix)
+    if not fs.isdir(root):
+        return []
+    return [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
+
+
+def temporary_of(entry: str) -> str | None:
+    """The file name a write_bytes_atomic temporary stands for, or None if `entry` is not one."""
+    if not entry.startswith(".") or ".tmp-" not in entry:
+        return None
+    return entry[1:].split(".tmp-", 1)[0]
+
+
+def remove_temporaries(prefix: str, mine) -> list[str]:
+    """Delete the temporaries that killed write_bytes_atomic calls left under `prefix` for the
+    files `mine(name)` says this process writes (one listing). Only this process writes those
+    names, so a temporary of theirs is a leftover of an earlier, interrupted run."""
+    fs, root = filesystem(prefix)
+    removed = []
+    for entry in _names(prefix):
+        target = temporary_of(entry)
+        if target is not None and mine(target):
+            fs.rm(f"{root.rstrip('/')}/{entry}")
+            removed.append(entry)
+    if removed:
+        log.info("removed %d temporary files of an interrupted run under %s", len(removed), prefix)
+    return removed
+
+
+JOB_FILE = ".xla-trainer-job.json"
+
+
+def claim_output(prefix: str, job: dict, fix: str):
+    """Make `prefix` the output of `job` (a dict naming the command and its parameters), or
+    raise ConfigError naming the path and `fix`. A prefix is taken when it is missing or empty
+    (temporaries aside), or when it holds the file of this same job (a re-run resumes it):
+    a program never writes over what it did not create."""
+    from .config import ConfigError
+    found = [n for n in _names(prefix) if temporary_of(n) is None]
+    job_url = f"{prefix.rstrip('/')}/{JOB_FILE}"
+    if JOB_FILE in found:
+        theirs = json.loads(read_bytes(job_url))
+        if theirs == job:
+            return
+        changed = sorted(k for k in set(job) | set(theirs) if job.get(k) != theirs.get(k))
+        raise ConfigError(f"'{prefix}' holds the output of another {theirs.get('command', 'job')} "
+                          f"(it differs in {', '.join(changed)}); nothing there was touched. {fix}")
+    if found:
+        shown = ", ".join(sorted(found)[:3]) + (", ..." if len(found) > 3 else "")
+        raise ConfigError(f"'{prefix}' is not empty ({shown}) and was not written by this command; "
+                          f"nothing there was touched. {fix}")
+    write_bytes_atomic(job_url, json.dumps(job, indent=1, sort_keys=True).encode())

@@ -19,11 +19,14 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from .config import ConfigError
+from .seeds import derive_seed
 
-def _mix_seed(seed: int, step: int) -> int:
+
+def _noise_seed(seed: int, step: int) -> int:
     """Step noise is a function of (seed, step) alone: identical on every replica and process
     count, and exact after a resume without saving device RNG state."""
-    return (seed * 1_000_003 + step * 7919 + 12345) % (2**31 - 1)
+    return derive_seed(seed, "noise", step)
 
 
 def _tpu_present() -> bool:
@@ -40,10 +43,12 @@ class RuntimeInfo:
     process_index: int
     process_count: int
     data_parallel_size: int
+    backend_reason: str
 
 
 class Runtime:
     backend = "cpu"
+    backend_reason = "runtime.backend=cpu"
 
     def __init__(self, precision: str = "bf16"):
         self.precision = precision
@@ -66,7 +71,8 @@ class Runtime:
 
     def info(self) -> RuntimeInfo:
         return RuntimeInfo(self.backend, str(self.device), self.device_kind(), self.num_devices,
-                           self.process_index, self.process_count, self.data_parallel_size)
+                           self.process_index, self.process_count, self.data_parallel_size,
+                           self.backend_reason)
 
     # --- model and step ---------------------------------------------------------------------
     def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -93,7 +99,7 @@ class Runtime:
         """Uniform noise of `shape` per sample, drawn on the device for the global batch; this
         process's rows of it."""
         g = torch.Generator(self.device)
-        g.manual_seed(_mix_seed(seed, step))
+        g.manual_seed(_noise_seed(seed, step))
         noise = torch.rand((global_batch, *shape), generator=g, device=self.device)
         local = global_batch // self.process_count
         return noise[self.process_index * local:(self.process_index + 1) * local]
@@ -310,7 +316,7 @@ class XlaRuntime(Runtime):
     def step_noise(self, shape, global_batch, seed, step):
         # Reseeding the device generator is a scalar upload, not a new graph. Under SPMD the
         # step sees the global batch, so it takes every row.
-        self._xm.set_rng_state(_mix_seed(seed, step), device=self.device)
+        self._xm.set_rng_state(_noise_seed(seed, step), device=self.device)
         return torch.rand((global_batch, *shape), device=self.device)
 
     def _batch_sharding(self, batch: dict) -> dict:
@@ -406,25 +412,65 @@ def mesh_shape(num_devices: int, mesh) -> tuple[int, int]:
     return data, fsdp
 
 
-def resolve_backend(backend: str) -> str:
-    if backend != "auto":
-        return backend
-    if importlib.util.find_spec("torch_xla") is not None:
-        return "xla"
-    return "cuda" if torch.cuda.is_available() else "cpu"
+@dataclass
+class Visible:
+    """What a machine shows the runtime: PJRT_DEVICE if the user set it, a TPU, CUDA GPUs, and
+    whether torch_xla is installed."""
+    pjrt_device: str | None
+    tpu: bool
+    gpus: int
+    torch_xla: bool
+
+    @classmethod
+    def probe(cls) -> "Visible":
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return cls(os.environ.get("PJRT_DEVICE"), _tpu_present(), gpus,
+                   importlib.util.find_spec("torch_xla") is not None)
+
+    def __str__(self) -> str:
+        return (f"{'a TPU' if self.tpu else 'no TPU'}, {self.gpus} CUDA GPU{'s' * (self.gpus != 1)}, "
+                f"torch_xla {'installed' if self.torch_xla else 'not installed'}"
+                + (f", PJRT_DEVICE={self.pjrt_device}" if self.pjrt_device else ""))
+
+
+def choose_backend(requested: str, seen: Visible) -> tuple[str, str]:
+    """(backend, why). auto: PJRT_DEVICE set by the user, else a TPU, else a visible GPU, else
+    XLA:CPU where torch_xla is installed, else the CPU. A backend that cannot run here is a
+    ConfigError naming what was found and what to pass instead."""
+    if requested == "auto":
+        if seen.pjrt_device and seen.torch_xla:
+            return "xla", f"auto: PJRT_DEVICE={seen.pjrt_device} is set"
+        if seen.tpu and not seen.torch_xla:
+            raise ConfigError(f"a TPU is visible but torch_xla is not installed (found: {seen}); "
+                              f"pip install -e '.[xla]', or pass runtime.backend=cpu")
+        if seen.tpu:
+            return "xla", "auto: a TPU is visible"
+        if seen.gpus:
+            return "cuda", f"auto: {seen.gpus} CUDA GPU{'s' * (seen.gpus != 1)} visible"
+        if seen.torch_xla:
+            return "xla", "auto: no TPU or GPU visible; torch_xla is installed (XLA:CPU)"
+        return "cpu", "auto: no TPU or GPU visible and torch_xla is not installed"
+    if requested == "xla" and not seen.torch_xla:
+        raise ConfigError(f"runtime.backend=xla needs torch_xla, which is not installed (found: {seen}); "
+                          f"pip install -e '.[xla]', or pass runtime.backend={'cuda' if seen.gpus else 'cpu'}")
+    if requested == "cuda" and not seen.gpus:
+        instead = "xla or auto" if seen.torch_xla or seen.tpu else "cpu or auto"
+        raise ConfigError(f"runtime.backend=cuda, but no CUDA GPU is visible (found: {seen}); "
+                          f"pass runtime.backend={instead}")
+    return requested, f"runtime.backend={requested}"
 
 
 def create_runtime(backend: str = "auto", precision: str = "bf16", torch_compile: bool = False,
-                   compile_cache: str | None = None, mesh=(-1, 1), slices: int = 1) -> Runtime:
-    backend = resolve_backend(backend)
+                   compile_cache: str | None = None, mesh=(-1, 1), slices: int = 1,
+                   visible: Visible | None = None) -> Runtime:
+    backend, why = choose_backend(backend, visible or Visible.probe())
     if backend == "xla":
-        if importlib.util.find_spec("torch_xla") is None:
-            raise RuntimeError("runtime.backend=xla needs torch_xla: pip install -e '.[xla]'")
-        return XlaRuntime(precision, compile_cache, mesh, slices)
-    if tuple(mesh) not in ((-1, 1), (1, 1)) or slices != 1:
-        raise ValueError("runtime.mesh and runtime.slices are for the xla backend; cuda and cpu are data-parallel")
-    if backend == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("runtime.backend=cuda but no CUDA device is visible; use runtime.backend=cpu")
-    runtime = DdpRuntime(backend, precision)
-    runtime.torch_compile = torch_compile and backend == "cuda"
+        runtime = XlaRuntime(precision, compile_cache, mesh, slices)
+    else:
+        if tuple(mesh) not in ((-1, 1), (1, 1)) or slices != 1:
+            raise ConfigError("runtime.mesh and runtime.slices are for the xla backend; cuda and cpu are "
+                              "data-parallel: leave them at [-1, 1] and 1")
+        runtime = DdpRuntime(backend, precision)
+        runtime.torch_compile = torch_compile and backend == "cuda"
+    runtime.backend_reason = why
     return runtime

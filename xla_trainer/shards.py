@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import logging
+import re
 import tarfile
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -21,6 +22,7 @@ from . import remote_io
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
+SHARD_NAME = re.compile(r"shard-\d{6}\.tar")
 
 
 def join(prefix: str, name: str) -> str:
@@ -155,13 +157,22 @@ def _write_shard(job) -> ShardInfo | None:
     return ShardInfo(shard_name(index), len(keys), len(blob), hashlib.sha256(blob).hexdigest(), keys_digest(keys))
 
 
+def is_shard_file(name: str) -> bool:
+    return name == MANIFEST or SHARD_NAME.fullmatch(name) is not None
+
+
 def make_shards(image_root: str, prefix: str, shard_size: int, max_side: int | None = None,
                 quality: int = 90, seed: int = 0, workers: int = 2) -> ImageManifest:
     """ImageFolder tree (root/<class>/<image>) -> shuffled shards of `shard_size` images under a
-    local or gs:// prefix, then the manifest (written last: no manifest, no dataset)."""
+    local or gs:// prefix, then the manifest (written last: no manifest, no dataset). The prefix
+    must be new or empty, or hold an interrupted run of the same job, which this one redoes."""
     import torch
     from torchvision.datasets import ImageFolder
     folder = ImageFolder(image_root, loader=lambda p: p)
+    job = {"command": "make-shards", "images": str(Path(image_root).resolve()), "shard_size": shard_size,
+           "max_side": max_side, "quality": quality, "seed": seed}
+    remote_io.claim_output(prefix, job, "Pass another output prefix.")
+    remote_io.remove_temporaries(prefix, is_shard_file)
     order = torch.randperm(len(folder.samples), generator=torch.Generator().manual_seed(seed)).tolist()
     items = [(f"{i:09d}", *folder.samples[j]) for i, j in enumerate(order)]
     jobs = [(n, prefix, items[s:s + shard_size], max_side, quality)
@@ -175,7 +186,13 @@ def make_shards(image_root: str, prefix: str, shard_size: int, max_side: int | N
 
 def index_shards(prefix: str) -> ImageManifest:
     """Write the manifest of existing webdataset shards (e.g. from img2dataset) under a prefix:
-    the one time the objects are listed; training then reads the manifest only."""
+    the one time the objects are listed; training then reads the manifest only. An existing
+    manifest is never replaced."""
+    from .config import ConfigError
+    if remote_io.exists(join(prefix, MANIFEST)):
+        raise ConfigError(f"{join(prefix, MANIFEST)} exists already and is left as it is; delete it "
+                          f"yourself to index the shards again")
+    remote_io.remove_temporaries(prefix, lambda name: name == MANIFEST)
     fs, root = remote_io.filesystem(prefix)
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False) if p.endswith(".tar"))
     if not names:

@@ -189,6 +189,21 @@ def wait_for_shards(images: ImageManifest, prefix: str, process_count: int, poll
         time.sleep(poll)
 
 
+def claim_targets(cfg: Config, images: ImageManifest, is_main: bool, shards: set[str]):
+    """targets.prefix is written only when new or empty, or when it holds this same job (a re-run
+    resumes it): targets of another teacher, resolution, view count, ... never mix into it. Then
+    this host's leftovers of an interrupted run go."""
+    t = cfg.targets
+    image_set = hashlib.sha256("".join(s.sha256 for s in images.shards).encode()).hexdigest()
+    job = {"command": "precompute-targets", "image_shards_sha256": image_set, "teacher": cfg.teacher.arch,
+           "pretrained": cfg.teacher.pretrained, "image_size": cfg.model.image_size, "num_views": t.num_views,
+           "dtype": t.dtype, "seed": cfg.train.seed, "crop_scale": list(cfg.data.crop_scale),
+           "precision": cfg.runtime.precision}
+    remote_io.claim_output(t.prefix, job, "Pass another targets.prefix.")
+    mine = lambda name: name.removesuffix(".json") in shards or (is_main and name == MANIFEST)
+    remote_io.remove_temporaries(t.prefix, mine)
+
+
 def precompute_targets(cfg: Config, runtime) -> TargetManifest | None:
     """Host 0 returns the manifest; the others return None once their shards are written."""
     t = cfg.targets
@@ -197,9 +212,10 @@ def precompute_targets(cfg: Config, runtime) -> TargetManifest | None:
     if t.batch_size % runtime.data_parallel_size:
         raise ConfigError(f"targets.batch_size {t.batch_size} is not divisible by {runtime.data_parallel_size} devices")
     images = ImageManifest.load(cfg.data.shards)
+    mine = images.shards[runtime.process_index::runtime.process_count]
+    claim_targets(cfg, images, runtime.is_main, {s.name for s in mine})
     teacher = build_teacher(cfg)
     runner = TeacherRunner(teacher, runtime, t.batch_size)
-    mine = images.shards[runtime.process_index::runtime.process_count]
     bar = tqdm(total=sum(s.samples for s in mine), desc="precompute-targets", unit="img",
                disable=not runtime.is_main, dynamic_ncols=True)
     for shard in mine:

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 import models
 from models.segments import SegmentLayout
+from .checkpoint import check_checkpoint_format
 from .config import Config, ConfigError
 from .data import open_train_data
 from .flops import peak_flops, train_flops_per_image
@@ -62,6 +63,7 @@ def check_config(cfg: Config, runtime: Runtime, for_bench: bool = False):
         raise ConfigError("train.log_every and train.ckpt_every must be >= 1")
     if for_bench:
         return
+    check_checkpoint_format(t.output_dir, runtime.backend)
     if cfg.data.source == "shards" and not cfg.data.shards:
         raise ConfigError("data.source=shards needs data.shards, the prefix holding manifest.json")
     if cfg.targets.source == "precomputed" and (cfg.data.source != "shards" or not cfg.targets.prefix):

@@ -1,7 +1,6 @@
 """Augmented views that can be reproduced exactly: a view is a crop box and a flip, sampled from
 (seed, key, view index), and decoded by one function shared by the target precomputation and
 training, so the student sees the very pixels the teacher's targets were computed from."""
-import hashlib
 import io
 import math
 
@@ -11,15 +10,10 @@ from PIL import Image
 from torchvision.transforms import RandomResizedCrop
 
 from models.teacher import IMAGENET_MEAN, IMAGENET_STD
+from .seeds import derive_seed
 
 _MEAN = np.array(IMAGENET_MEAN, dtype=np.float32).reshape(3, 1, 1)
 _STD = np.array(IMAGENET_STD, dtype=np.float32).reshape(3, 1, 1)
-
-
-def derive_seed(*parts) -> int:
-    """A 63-bit seed from (seed, epoch, key, ...): the same on every worker, host and restart."""
-    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 def sample_view(seed: int, key: str, index: int, width: int, height: int, crop_scale) -> tuple:
