@@ -10,6 +10,7 @@ from xla_trainer.checkpoint import FileCheckpoints
 from xla_trainer.cli import main
 from xla_trainer.config import ConfigError
 from xla_trainer.embedded_data import MARKER, generated_kind, prepare_digits, prepare_embedded
+from xla_trainer.metrics import MetricsLogger
 from xla_trainer.runtime import Visible, choose_backend
 from xla_trainer.shards import make_shards
 
@@ -136,6 +137,16 @@ def test_checkpoint_store_removes_its_own_interrupted_save(tmp_path):
     theirs.write_bytes(b"x")
     FileCheckpoints(str(tmp_path), 2, is_main=True)
     assert not left.exists() and theirs.exists()
+
+
+def test_knn_appends_to_a_shared_metrics_file(tmp_path):
+    """k-NN logs into any output_dir, e.g. the pre-training run's: its rows must stay."""
+    rows = '{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n'
+    (tmp_path / "metrics.jsonl").write_text(rows)
+    MetricsLogger(str(tmp_path), True).close()  # as knn() opens it
+    assert (tmp_path / "metrics.jsonl").read_text() == rows
+    MetricsLogger(str(tmp_path), True, start_step=1).close()  # a training run resumed at step 1
+    assert (tmp_path / "metrics.jsonl").read_text() == rows.splitlines(keepends=True)[0]
 
 
 # --- bad input: one line, exit 2 ------------------------------------------------------------------

@@ -14,7 +14,9 @@ from tensorboardX import SummaryWriter
 
 
 class MetricsLogger:
-    def __init__(self, output_dir: str, enabled: bool, start_step: int = 0):
+    def __init__(self, output_dir: str, enabled: bool, start_step: int | None = None):
+        """`start_step`: a training run's first step; rows a crashed run logged after it are dropped.
+        None (k-NN, or a run directory shared with other commands): rows are only appended."""
         self.output_dir, self.enabled = output_dir, enabled
         self.remote = "://" in output_dir and not output_dir.startswith("file://")
         if self.remote:
@@ -26,7 +28,8 @@ class MetricsLogger:
         self.writer = None
         if enabled:
             self.local_dir.mkdir(parents=True, exist_ok=True)
-            self._drop_rows_after(start_step)
+            if start_step is not None:
+                self._drop_rows_after(start_step)
             # purge_step drops events a crashed run logged after its last checkpoint
             self.writer = SummaryWriter(str(self.local_dir / "tb"), purge_step=start_step + 1 if start_step else None)
 

@@ -63,7 +63,6 @@ def check_config(cfg: Config, runtime: Runtime, for_bench: bool = False):
         raise ConfigError("train.log_every and train.ckpt_every must be >= 1")
     if for_bench:
         return
-    check_checkpoint_format(t.output_dir, runtime.backend)
     if cfg.data.source == "shards" and not cfg.data.shards:
         raise ConfigError("data.source=shards needs data.shards, the prefix holding manifest.json")
     if cfg.targets.source == "precomputed" and (cfg.data.source != "shards" or not cfg.targets.prefix):
@@ -237,6 +236,7 @@ class Interval:
 def pretrain(cfg: Config, runtime: Runtime | None = None) -> dict:
     runtime = runtime or make_runtime(cfg)
     check_config(cfg, runtime)
+    check_checkpoint_format(cfg.train.output_dir, runtime.backend)
     data = open_train_data(cfg, runtime)
     schedule = make_schedule(cfg, data.num_samples)
     method, teacher = build_models(cfg, data.targets)
