@@ -8,7 +8,7 @@ import torch
 from torch.utils._pytree import tree_map
 
 from .config import ConfigError
-from .remote_io import remove_temporaries, write_bytes_atomic
+from .remote_io import list_names, remove_temporaries, write_bytes_atomic
 
 PATTERN = re.compile(r"checkpoint-(\d{8})\.pt$")
 
@@ -42,11 +42,7 @@ def list_checkpoints(output_dir: str) -> list[str]:
 
 def distributed_steps(output_dir: str) -> list[int]:
     """Steps under <output_dir>/checkpoints/ (DistributedCheckpoints' layout), whole or not."""
-    fs, root = _fs(output_dir.rstrip("/") + "/checkpoints")
-    if not fs.isdir(root):
-        return []
-    names = (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
-    return sorted(int(n) for n in names if n.isdigit())
+    return sorted(int(n) for n in list_names(output_dir.rstrip("/") + "/checkpoints") if n.isdigit())
 
 
 def check_checkpoint_format(output_dir: str, backend: str):

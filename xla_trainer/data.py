@@ -14,7 +14,7 @@ from torchvision.transforms import InterpolationMode
 
 from models.teacher import IMAGENET_MEAN, IMAGENET_STD
 from .config import Config, ConfigError
-from .embedded_data import prepare_embedded
+from .embedded_data import generated_root_fix, prepare_embedded
 from .shard_loader import ShardStream, build_shard_loader
 from .shards import ImageManifest
 from .targets import TargetManifest
@@ -95,12 +95,6 @@ class GlobalBatchSampler:
                 perm_epoch = epoch
             start = b * self.global_batch + self.offset
             yield [(int(i), epoch) for i in perm[start:start + self.local_batch]]
-
-
-def generated_root_fix(source: str) -> str:
-    return (f"data.source={source} writes its own images into data.root: to train on the images in "
-            f"that directory, pass data.source=imagefolder; to write the {source} set, point data.root "
-            f"at a new or empty directory, or leave it unset")
 
 
 def image_root(cfg: Config) -> str:

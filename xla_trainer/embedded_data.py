@@ -84,6 +84,13 @@ def prepare_digits(root: str | os.PathLike, fix: str = FIX_OUT) -> Path:
     return _write_once(root, "digits", _write_digits, fix)
 
 
+def generated_root_fix(source: str) -> str:
+    """The fix named when data.root (of data.source=embedded or digits) is not a generated tree."""
+    return (f"data.source={source} writes its own images into data.root: to train on the images in "
+            f"that directory, pass data.source=imagefolder; to write the {source} set, point data.root "
+            f"at a new or empty directory, or leave it unset")
+
+
 def generated_kind(root: Path) -> str | None:
     """Which generated tree `root` is ("embedded", "digits"; "legacy" for a tree of an earlier
     version, marked `.complete`), or None when it carries no marker of this project."""

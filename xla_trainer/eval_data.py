@@ -22,8 +22,8 @@ from torchvision import datasets
 
 from models.teacher import IMAGENET_MEAN, IMAGENET_STD
 from .config import ConfigError, EvalConfig
-from .data import GlobalBatchSampler, build_loader, generated_root_fix, ignore_sigterm
-from .embedded_data import prepare_digits
+from .data import GlobalBatchSampler, build_loader, ignore_sigterm
+from .embedded_data import generated_root_fix, prepare_digits
 from .shard_loader import ShardStream, build_shard_loader
 from .shards import ImageManifest, iter_samples, jpeg_of, join, label_of
 from .seeds import derive_seed

@@ -17,7 +17,7 @@ import torch
 from models.convert import encoder_to_timm, strip_ddp_prefix
 
 from .checkpoint import PATTERN, latest_checkpoint
-from .remote_io import exists, filesystem, read_bytes, write_bytes_atomic
+from .remote_io import exists, filesystem, list_names, read_bytes, write_bytes_atomic
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 WRAPPERS = ("model", "state_dict", "module")  # where training scripts keep the state_dict
@@ -83,10 +83,7 @@ def newest_checkpoint(output_dir: str) -> str | None:
     found = []
     for folder in (output_dir, _join(output_dir, "checkpoints")):
         fs, local = filesystem(folder)
-        if not fs.isdir(local):
-            continue
-        steps = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(local, detail=False)]
-        found += [(int(step), _join(folder, step)) for step in steps
+        found += [(int(step), _join(folder, step)) for step in list_names(folder)
                   if step.isdigit() and fs.exists(_join(_join(local, step), MANAGER_DONE))]
     file = latest_checkpoint(output_dir)
     if file:

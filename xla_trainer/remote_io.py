@@ -29,6 +29,8 @@ import fsspec
 from fsspec.asyn import AsyncFileSystem
 from fsspec.utils import get_protocol
 
+from .config import ConfigError
+
 log = logging.getLogger(__name__)
 
 # (pid, protocol) -> filesystem. The pid in the key is what makes it fork-safe: a forked child
@@ -212,7 +214,7 @@ def exists(url: str) -> bool:
     return fs.exists(path)
 
 
-def _names(prefix: str) -> list[str]:
+def list_names(prefix: str) -> list[str]:
     """The names directly under a local directory or gs:// prefix (one listing; [] if missing)."""
     fs, root = filesystem(prefix)
     if not fs.isdir(root):
@@ -233,7 +235,7 @@ def remove_temporaries(prefix: str, mine) -> list[str]:
     names, so a temporary of theirs is a leftover of an earlier, interrupted run."""
     fs, root = filesystem(prefix)
     removed = []
-    for entry in _names(prefix):
+    for entry in list_names(prefix):
         target = temporary_of(entry)
         if target is not None and mine(target):
             fs.rm(f"{root.rstrip('/')}/{entry}")
@@ -251,8 +253,7 @@ def claim_output(prefix: str, job: dict, fix: str):
     raise ConfigError naming the path and `fix`. A prefix is taken when it is missing or empty
     (temporaries aside), or when it holds the file of this same job (a re-run resumes it):
     a program never writes over what it did not create."""
-    from .config import ConfigError
-    found = [n for n in _names(prefix) if temporary_of(n) is None]
+    found = [n for n in list_names(prefix) if temporary_of(n) is None]
     job_url = f"{prefix.rstrip('/')}/{JOB_FILE}"
     if JOB_FILE in found:
         theirs = json.loads(read_bytes(job_url))

@@ -19,6 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import remote_io
+from .config import ConfigError
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -188,13 +189,11 @@ def index_shards(prefix: str) -> ImageManifest:
     """Write the manifest of existing webdataset shards (e.g. from img2dataset) under a prefix:
     the one time the objects are listed; training then reads the manifest only. An existing
     manifest is never replaced."""
-    from .config import ConfigError
     if remote_io.exists(join(prefix, MANIFEST)):
         raise ConfigError(f"{join(prefix, MANIFEST)} exists already and is left as it is; delete it "
                           f"yourself to index the shards again")
     remote_io.remove_temporaries(prefix, lambda name: name == MANIFEST)
-    fs, root = remote_io.filesystem(prefix)
-    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False) if p.endswith(".tar"))
+    names = sorted(n for n in remote_io.list_names(prefix) if n.endswith(".tar"))
     if not names:
         raise FileNotFoundError(f"no .tar shards under {prefix}")
     infos = []

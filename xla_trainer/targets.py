@@ -64,8 +64,7 @@ class TargetManifest:
                               f"({found[1]}) at {found[2]} px, but the config expects {expected[0]} "
                               f"({expected[1]}) at {expected[2]} px; precompute them again or fix the config")
         by_name = {s.name: s for s in self.shards}
-        fs, root = remote_io.filesystem(cfg.targets.prefix)
-        present = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)}
+        present = set(remote_io.list_names(cfg.targets.prefix))
         for shard in images.shards:
             t = by_name.get(shard.name)
             if t is None or shard.name not in present:
