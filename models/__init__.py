@@ -1,7 +1,6 @@
-"""Model package: backbones, pre-training methods and the CLIP teacher. Never imports torch_xla."""
-from . import digpt  # noqa: F401  (registers "digpt")
-from .registry import create_method, method_names, register_method
-from .teacher import ClipTeacher
-from .vit import VIT_SIZES, SegmentViT
+"""Model package: backbones/, objectives/ and teachers/ register into the three registries of
+registry.py; layers/ holds what they share. Never imports torch_xla."""
+from . import backbones, objectives, teachers  # noqa: F401  (register the built-in entries)
+from .registry import BACKBONES, MASKS, OBJECTIVES, TEACHERS, TargetInfo, check_pairing
 
-__all__ = ["create_method", "method_names", "register_method", "ClipTeacher", "SegmentViT", "VIT_SIZES"]
+__all__ = ["BACKBONES", "MASKS", "OBJECTIVES", "TEACHERS", "TargetInfo", "check_pairing"]

@@ -9,14 +9,25 @@ import pytest
 pytest_plugins = ["gcs_fixtures"]
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a pretrained tag fails at once instead of retrying
+# the toy objective and backbone (toy_plugins.py) register in every test process and subprocess
+os.environ["XLA_TRAINER_PLUGINS"] = "toy_plugins"
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")]))
+TOY_CONFIG = REPO / "tests" / "toy.yaml"
+
+
+def toy_overrides(data_root, output_dir, **extra) -> list[str]:
+    """The toy objective on a tiny ViT (tests/toy.yaml) on the embedded images: what the
+    trainer-generic tests train (a command's --config and overrides)."""
+    values = {"data.root": str(data_root), "train.output_dir": str(output_dir), **extra}
+    return ["--config", str(TOY_CONFIG), *[f"{k}={v}" for k, v in values.items()]]
 
 
 def tiny_overrides(data_root, output_dir, **extra) -> list[str]:
     """A D-iGPT small enough for 2 CPU cores: 32 px, 4x4 patch grid, four 2x2 segments."""
     values = {
-        "model.backbone": "tiny", "model.image_size": 32, "model.patch_size": 8,
-        "model.width": 32, "model.depth": 2, "model.heads": 2, "model.decoder_width": 32,
-        "model.decoder_depth": 1, "model.decoder_heads": 2,
+        "backbone.size": "tiny", "backbone.image_size": 32, "backbone.patch_size": 8,
+        "backbone.width": 32, "backbone.depth": 2, "backbone.heads": 2, "objective.decoder_width": 32,
+        "objective.decoder_depth": 1, "objective.decoder_heads": 2,
         "teacher.arch": "demo-ViT-T-8", "data.source": "embedded", "data.root": str(data_root),
         "data.num_workers": 0, "train.global_batch": 8, "train.epochs": 2, "train.log_every": 1,
         "train.ckpt_every": 1000, "train.output_dir": str(output_dir), "optim.base_lr": 0.02,
@@ -39,24 +50,34 @@ def read_metrics(output_dir) -> list[dict]:
 
 @pytest.fixture(scope="session")
 def embedded_root(tmp_path_factory):
-    from xla_trainer.embedded_data import prepare_embedded
+    from xla_trainer.data.generated import prepare_embedded
     return prepare_embedded(tmp_path_factory.mktemp("data") / "embedded")
 
 
 @pytest.fixture(scope="session")
 def digits_root(tmp_path_factory):
-    from xla_trainer.embedded_data import prepare_digits
+    from xla_trainer.data.generated import prepare_digits
     return prepare_digits(tmp_path_factory.mktemp("data") / "digits")
 
 
 def tiny_eval_overrides(digits_root, output_dir, **extra) -> list[str]:
     """An evaluation small enough for 2 CPU cores: a 2-block width-32 ViT on 32-px digits."""
     values = {
-        "model.backbone": "tiny", "model.image_size": 32, "model.patch_size": 8, "model.width": 32,
-        "model.depth": 2, "model.heads": 2, "model.init": None, "data.source": "digits",
+        "backbone.size": "tiny", "backbone.image_size": 32, "backbone.patch_size": 8, "backbone.width": 32,
+        "backbone.depth": 2, "backbone.heads": 2, "train.init": None, "data.source": "digits",
         "data.root": str(digits_root), "data.num_workers": 0, "data.eval_resize": 32,
         "train.global_batch": 64, "train.eval_batch": 96, "train.epochs": 1, "train.log_every": 5,
         "train.output_dir": str(output_dir),
     }
     values.update(extra)
     return [f"{k}={'null' if v is None else v}" for k, v in values.items()]
+
+
+# The longest files first: with one file per xdist worker, a long file started last would run alone.
+LONGEST_FIRST = ("test_learning.py", "test_xla_spmd.py", "test_shards.py", "test_xla_checkpoints.py",
+                 "test_eval.py", "test_preemption.py", "test_convert.py", "test_supervised.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

@@ -15,13 +15,13 @@ from conftest import tiny_overrides  # noqa: E402
 from xla_trainer.checkpoint import model_state  # noqa: E402
 from xla_trainer.config import load_config  # noqa: E402
 from xla_trainer.optim import build_optimizer  # noqa: E402
-from xla_trainer.train import build_models, make_runtime  # noqa: E402
+from xla_trainer.pretrain import build_models, fsdp_blocks, make_runtime  # noqa: E402
 
 mesh, mode, out, data_root = sys.argv[1:5]
 cfg = load_config(None, tiny_overrides(data_root, out, **{"runtime.backend": "xla", "runtime.mesh": mesh}))
 runtime = make_runtime(cfg)
-method, _ = build_models(cfg)
-runtime.wrap_model(method)
+method, _, _ = build_models(cfg)
+runtime.wrap_model(method, fsdp_blocks(cfg, method))
 optimizer = build_optimizer(method, 1e-3, 0.05, [0.9, 0.95], **runtime.optimizer_options())
 store = runtime.checkpoints(out, keep=2)
 

@@ -16,13 +16,27 @@ import torch
 import torch.nn.functional as F
 from timm.layers import build_sincos2d_pos_embed
 
-import models
-from models.convert import digpt_from_official, encoder_to_timm
-from models.pos_embed import sincos_2d
-from models.teacher import ClipTeacher
-from models.vit import SegmentViT
+from models import BACKBONES
+from models.backbones.vit_timm import encoder_to_timm
+from models.objectives.digpt import DiGPT
+from models.objectives.digpt_official import digpt_from_official
+from models.layers.pos_embed import sincos_2d
+from models.teachers.openclip import ClipTeacher
+from models.backbones.vit import SegmentViT
 from xla_trainer.checkpoint import FileCheckpoints
-from xla_trainer.pretrained import export_timm, load_encoder_state, newest_checkpoint, read_state_dict
+from xla_trainer.pretrained import export_backbone, load_backbone_state, newest_checkpoint, read_state_dict
+
+pytestmark = pytest.mark.slow  # make test-fast leaves it out
+
+VIT = BACKBONES.get("vit")
+
+
+def export_timm(src: str, out: str) -> dict:
+    return export_backbone(src, out, VIT)
+
+
+def load_encoder_state(path: str) -> dict:
+    return load_backbone_state(path, VIT)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # tiny dims: 32 px images, 8 px patches (a 4x4 grid, four 2x2 segments), width 32
@@ -151,10 +165,9 @@ def official_to_ours(depth: int) -> dict[str, str]:
 
 def tiny_digpt(depth=4, **kw):
     torch.manual_seed(0)
-    return models.create_method(
-        "digpt", backbone="tiny", image_size=IMAGE, patch_size=PATCH, width=WIDTH, depth=depth,
-        heads=HEADS, teacher_dim=TEACHER_DIM, teacher_grid=(GRID, GRID), taps=tuple(range(1, depth + 1)),
-        decoder_width=DEC_WIDTH, decoder_depth=DEC_DEPTH, decoder_heads=2, **kw)
+    encoder = SegmentViT("tiny", IMAGE, PATCH, width=WIDTH, depth=depth, heads=HEADS)
+    return DiGPT(encoder, TEACHER_DIM, (GRID, GRID), taps=tuple(range(1, depth + 1)), decoder_width=DEC_WIDTH,
+                 decoder_depth=DEC_DEPTH, decoder_heads=2, **kw)
 
 
 @pytest.mark.parametrize("shared", [True, False])
@@ -177,8 +190,8 @@ def test_official_pretraining_loads_into_digpt(tmp_path, shared):
         for norm in norms:
             assert torch.equal(norm.weight, official[f"{d}_enc_norm.0.weight"])
             assert torch.equal(norm.bias, official[f"{d}_enc_norm.3.bias"])
-    losses = model(torch.randn(2, 3, IMAGE, IMAGE), torch.randn(2, 1 + GRID * GRID, TEACHER_DIM),
-                   torch.rand(2, 4))
+    losses = model({"images": torch.randn(2, 3, IMAGE, IMAGE),
+                    "targets": torch.randn(2, 1 + GRID * GRID, TEACHER_DIM)}, torch.rand(2, 4))
     assert all(torch.isfinite(v) for v in losses.values())
 
 
@@ -272,14 +285,14 @@ DCP_WRITER = """
 import sys
 import torch, torch.distributed as dist, torch_xla.runtime as xr, torch_xla.core.xla_model as xm
 sys.path.insert(0, {repo!r})
-import models
-from xla_trainer.checkpoint import DistributedCheckpoints
+from models.backbones.vit import SegmentViT
+from models.objectives.digpt import DiGPT
+from xla_trainer.runtime import DistributedCheckpoints
 xr.use_spmd()
 dist.init_process_group("gloo", init_method="file://" + sys.argv[1] + "/pg", rank=0, world_size=1)
 torch.manual_seed(3)
-model = models.create_method("digpt", backbone="tiny", image_size=32, patch_size=8, width=32, depth=2,
-                             heads=2, teacher_dim=16, teacher_grid=(4, 4), decoder_width=32,
-                             decoder_depth=1, decoder_heads=2)
+model = DiGPT(SegmentViT("tiny", 32, 8, width=32, depth=2, heads=2), teacher_dim=16, teacher_grid=(4, 4),
+              decoder_width=32, decoder_depth=1, decoder_heads=2)
 with torch.no_grad():
     for p in model.parameters():
         p.add_(0.1 * torch.randn(p.shape))

@@ -4,7 +4,7 @@ import shutil
 import torch
 
 from conftest import read_metrics, run_cli, tiny_overrides
-from xla_trainer.data import GlobalBatchSampler, build_dataset, build_loader
+from xla_trainer.data.pretrain import GlobalBatchSampler, build_dataset, build_loader
 
 
 def test_hosts_split_each_global_batch_exactly():

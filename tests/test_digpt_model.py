@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 
 import models
-from models.digpt import DiGPT, default_taps
-from models.segments import SegmentLayout, block_causal_mask, segment_order
-from models.vit import SegmentViT
+from models.objectives.digpt import DiGPT, default_taps
+from models.layers.segments import SegmentLayout, block_causal_mask, segment_order
+from models.backbones.vit import SegmentViT
 
 
 def reference_segment_patches(grid, split):
@@ -140,7 +140,7 @@ def test_forward_is_block_causal_in_the_drawn_order():
 
 def test_forward_losses_and_gradients():
     model = tiny_digpt()
-    out = model(torch.randn(2, 3, 32, 32), torch.randn(2, 17, 16), torch.rand(2, 4))
+    out = model({"images": torch.randn(2, 3, 32, 32), "targets": torch.randn(2, 17, 16)}, torch.rand(2, 4))
     assert set(out) == {"loss", "loss_ar", "loss_kd"}
     assert torch.allclose(out["loss"], out["loss_ar"] + out["loss_kd"])
     assert 0 < out["loss_ar"] < 4 and 0 < out["loss_kd"] < 4
@@ -176,6 +176,6 @@ def test_encoder_state_dict_loads_into_timm():
 
 
 def test_registry():
-    assert "digpt" in models.method_names()
-    with pytest.raises(ValueError, match="unknown method 'nope'"):
-        models.create_method("nope")
+    assert models.OBJECTIVES.get("digpt").needs_teacher and models.OBJECTIVES.get("digpt").mask == "block-causal"
+    with pytest.raises(ValueError, match="unknown objective 'nope'; registered: digpt, toy"):
+        models.OBJECTIVES.get("nope")

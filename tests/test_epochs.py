@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from xla_trainer.data import GlobalBatchSampler
-from xla_trainer.shard_loader import ShardStream, real_batches
-from xla_trainer.shards import ImageManifest, ShardInfo, tar_bytes
+from xla_trainer.data.pretrain import GlobalBatchSampler
+from xla_trainer.data.stream import ShardStream, real_batches
+from xla_trainer.data.shards import ImageManifest, ShardInfo, tar_bytes
 
 SHARD_SIZES = [7, 3, 12, 5, 9, 1, 6]  # 43 samples, uneven as real shards are
 

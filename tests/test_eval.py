@@ -9,11 +9,13 @@ import pytest
 import torch
 
 from conftest import REPO, read_metrics, run_cli, tiny_eval_overrides
-from models.classifier import vit_classifier
+from models.backbones.vit import vit_classifier
 from xla_trainer.config import EvalConfig, load_config
-from xla_trainer.eval_data import MixCollate
+from xla_trainer.data.eval import MixCollate
 from xla_trainer.evaluate import neighbours_step, vote_step
 from xla_trainer.pretrained import read_state_dict
+
+pytestmark = pytest.mark.slow  # make test-fast leaves it out
 
 XLA4 = {"PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "4"}
 
@@ -61,7 +63,7 @@ def test_probe_trains_on_frozen_encoder(digits_root, tmp_path, mode):
     encoder = vit_classifier("tiny", 32, 8, width=32, depth=2, heads=2).state_dict()
     torch.save(encoder, tmp_path / "encoder.pth")
     args = tiny_eval_overrides(digits_root, tmp_path / "run", **{
-        "model.init": tmp_path / "encoder.pth", "train.epochs": 2, "runtime.backend": "xla",
+        "train.init": tmp_path / "encoder.pth", "train.epochs": 2, "runtime.backend": "xla",
         "probe.heads": 2})
     result = run_cli([mode, "--config", f"configs/{mode}/demo.yaml", *args], env=XLA4)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -128,15 +130,15 @@ def test_mixup_targets_are_soft_and_sum_to_one():
 
 def test_bad_init_fails_before_any_work(digits_root, tmp_path):
     args = tiny_eval_overrides(digits_root, tmp_path, **{"runtime.backend": "cpu"})
-    result = run_cli(["finetune", *args, "model.init=/no/such/run"])
+    result = run_cli(["finetune", *args, "train.init=/no/such/run"])
     assert result.returncode == 2
-    assert "model.init: /no/such/run: no such file or directory" in result.stderr
+    assert "train.init: /no/such/run: no such file or directory" in result.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
 @pytest.fixture(scope="module")
 def digit_shards(digits_root, tmp_path_factory):
-    from xla_trainer.shards import make_shards
+    from xla_trainer.data.shards import make_shards
     prefix = tmp_path_factory.mktemp("digit-shards")
     make_shards(str(digits_root / "train"), str(prefix / "train"), 300, workers=1)  # 5 shards
     make_shards(str(digits_root / "val"), str(prefix / "val"), 100, workers=1)  # 4 shards

@@ -8,7 +8,9 @@ import time
 
 import pytest
 
-from conftest import REPO, read_metrics, run_cli, tiny_overrides
+from conftest import REPO, read_metrics, run_cli, toy_overrides
+
+pytestmark = pytest.mark.slow  # make test-fast leaves it out
 
 
 @pytest.mark.parametrize("backend,env,ckpt", [
@@ -17,11 +19,11 @@ from conftest import REPO, read_metrics, run_cli, tiny_overrides
 ])
 def test_sigterm_saves_exits_zero_and_resumes(embedded_root, tmp_path, backend, env, ckpt):
     steps = {"train.stop_at_step": 20, "data.num_workers": 2, "runtime.backend": backend}
-    full = run_cli(["pretrain", *tiny_overrides(embedded_root, tmp_path / "full", **steps)], env=env)
+    full = run_cli(["pretrain", *toy_overrides(embedded_root, tmp_path / "full", **steps)], env=env)
     assert full.returncode == 0, full.stderr[-3000:]
 
     out = tmp_path / "run"
-    args = tiny_overrides(embedded_root, out, **steps, **{"train.ckpt_every": 1000})
+    args = toy_overrides(embedded_root, out, **steps, **{"train.ckpt_every": 1000})
     proc = subprocess.Popen([sys.executable, "-m", "xla_trainer", "pretrain", *args], cwd=REPO,
                             env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
@@ -51,7 +53,7 @@ def test_profile_steps_write_a_trace(embedded_root, tmp_path, backend, trace_glo
     extra = {"runtime.backend": backend, "train.profile_steps": "[2, 4]", "train.stop_at_step": 5}
     if backend == "xla":  # the persistent cache is for TPUs; here only that the setting is taken
         extra["runtime.compile_cache"] = str(tmp_path / "cache")
-    result = run_cli(["pretrain", *tiny_overrides(embedded_root, tmp_path, **extra)], env={"PJRT_DEVICE": "CPU"})
+    result = run_cli(["pretrain", *toy_overrides(embedded_root, tmp_path, **extra)], env={"PJRT_DEVICE": "CPU"})
     assert result.returncode == 0, result.stderr[-3000:]
     traces = list(tmp_path.glob(trace_glob))
     assert traces and traces[0].stat().st_size > 1000

@@ -1,4 +1,4 @@
-"""xla_trainer.remote_io against a real GCS server (fake-gcs-server, see gcs_fixtures.py)."""
+"""xla_trainer.data.remote_io against a real GCS server (fake-gcs-server, see gcs_fixtures.py)."""
 import io
 import logging
 import os
@@ -12,8 +12,8 @@ import urllib.request
 import pytest
 
 from gcs_fixtures import FakeGcsServer, _free_port
-from xla_trainer import remote_io
-from xla_trainer.remote_io import RetryingReader, exists, filesystem, read_bytes, write_bytes_atomic
+from xla_trainer.data import remote_io
+from xla_trainer.data.remote_io import RetryingReader, exists, filesystem, read_bytes, write_bytes_atomic
 
 
 def upload(url: str, data: bytes) -> None:
@@ -138,7 +138,7 @@ def test_subprocess_inherits_the_server_settings(gcs_bucket):
     # a child through os.environ (without the last one each operation would stall ~60 s).
     url = f"{gcs_bucket}/from-parent.bin"
     upload(url, b"hello child")
-    child = ("import sys, fsspec.config; from xla_trainer.remote_io import read_bytes; "
+    child = ("import sys, fsspec.config; from xla_trainer.data.remote_io import read_bytes; "
              "assert fsspec.config.conf['gcs']['token'] == 'anon'; "
              "sys.stdout.buffer.write(read_bytes(sys.argv[1]))")
     t0 = time.monotonic()

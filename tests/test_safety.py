@@ -5,14 +5,14 @@ import subprocess
 
 import pytest
 
-from xla_trainer import remote_io
+from xla_trainer.data import remote_io
 from xla_trainer.checkpoint import FileCheckpoints
 from xla_trainer.cli import main
 from xla_trainer.config import ConfigError
-from xla_trainer.embedded_data import MARKER, generated_kind, prepare_digits, prepare_embedded
+from xla_trainer.data.generated import MARKER, generated_kind, prepare_digits, prepare_embedded
 from xla_trainer.metrics import MetricsLogger
 from xla_trainer.runtime import Visible, choose_backend
-from xla_trainer.shards import make_shards
+from xla_trainer.data.shards import make_shards
 
 
 @pytest.fixture
@@ -57,7 +57,7 @@ def test_pretrain_with_data_root_on_the_embedded_source_keeps_the_directory(user
 
 def test_digits_source_keeps_the_directory(user_dir, capsys):
     before = snapshot(user_dir)
-    err = fails_cleanly(capsys, ["linprobe", f"data.root={user_dir}", "model.init=null", "runtime.backend=cpu",
+    err = fails_cleanly(capsys, ["linprobe", f"data.root={user_dir}", "train.init=null", "runtime.backend=cpu",
                                  f"train.output_dir={user_dir.parent / 'out'}"])
     assert "data.source=digits writes its own images" in err
     assert snapshot(user_dir) == before
@@ -155,8 +155,8 @@ def test_malformed_yaml_names_file_line_and_column(tmp_path, capsys):
     bad.write_text("model:\n  backbone: tiny\n  segments: [2, 2\ntrain:\n  epochs: 1\n")
     err = fails_cleanly(capsys, ["pretrain", "--config", str(bad)])
     assert f"{bad}:4:6: malformed YAML" in err
-    err = fails_cleanly(capsys, ["pretrain", "model.segments=[2,"])
-    assert "override 'model.segments=[2,':1:4: malformed YAML" in err
+    err = fails_cleanly(capsys, ["pretrain", "objective.segments=[2,"])
+    assert "override 'objective.segments=[2,':1:4: malformed YAML" in err
 
 
 @pytest.mark.parametrize("argv", [["pretrain", "runtime.backend=cuda"], ["info", "--backend", "cuda"]])

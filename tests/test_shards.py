@@ -16,10 +16,12 @@ from PIL import Image
 
 from conftest import REPO, read_metrics, run_cli, tiny_overrides
 from xla_trainer.config import load_config
-from xla_trainer.shard_loader import ShardStream, real_batches
-from xla_trainer.shards import ImageManifest, iter_samples, make_shards, tar_bytes
+from xla_trainer.data.stream import ShardStream, real_batches
+from xla_trainer.data.shards import ImageManifest, iter_samples, make_shards, tar_bytes
 from xla_trainer.targets import TargetManifest, build_teacher, dequantize, load_npy
-from xla_trainer.views import decode_view, sample_view
+from xla_trainer.data.views import decode_view, sample_view
+
+pytestmark = pytest.mark.slow  # make test-fast leaves it out
 
 SHARD_SIZE = 50
 
@@ -251,7 +253,7 @@ def test_targets_of_other_images_are_named(embedded_root, image_shards, fp16_tar
 def test_targets_of_another_teacher_or_resolution_fail_before_training(embedded_root, image_shards,
                                                                          fp16_targets, tmp_path):
     err = bad_targets_run(embedded_root, image_shards, fp16_targets, tmp_path,
-                          **{"model.image_size": 64, "model.patch_size": 16})
+                          **{"backbone.image_size": 64, "backbone.patch_size": 16})
     assert "were made by teacher demo-ViT-T-8 (None) at 32 px, but the config expects demo-ViT-T-8 (None) at 64 px" in err
     err = bad_targets_run(embedded_root, image_shards, fp16_targets, tmp_path, **{"teacher.arch": "ViT-B-16"})
     assert "but the config expects ViT-B-16" in err

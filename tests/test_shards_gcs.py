@@ -4,9 +4,13 @@ import threading
 import fsspec
 import torch
 
+import pytest
+
 from conftest import run_cli, tiny_overrides
-from xla_trainer.shard_loader import ShardStream
-from xla_trainer.shards import ImageManifest, make_shards
+from xla_trainer.data.stream import ShardStream
+from xla_trainer.data.shards import ImageManifest, make_shards
+
+pytestmark = pytest.mark.slow  # make test-fast leaves it out
 
 
 def test_make_shards_precompute_and_pretrain_on_gs(embedded_root, gcs_bucket, tmp_path):

@@ -3,8 +3,9 @@ import open_clip
 import pytest
 import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN, IMAGENET_DEFAULT_STD as IMAGENET_STD
 
-from models.teacher import IMAGENET_MEAN, IMAGENET_STD, ClipTeacher
+from models.teachers.openclip import ClipTeacher
 
 
 def normalise(pixels, mean, std):
@@ -29,11 +30,31 @@ def test_tokens_match_open_clip_image_embedding(tmp_path):
     assert not teacher.training
 
 
-def test_vit_h14_grid_at_224():
-    teacher = ClipTeacher("ViT-H-14", None, image_size=224)
-    assert teacher.grid == (16, 16) and teacher.dim == 1024
-
-
 def test_unknown_arch():
     with pytest.raises(ValueError, match="unknown teacher arch 'ViT-Q-99'"):
         ClipTeacher("ViT-Q-99")
+
+
+def test_timm_teacher_drops_register_tokens_and_renormalises():
+    """A DINOv2 with 4 registers: the targets are its cls and patch tokens, computed on the pixels
+    in the teacher's own normalisation."""
+    from models.teachers.timm_vit import TimmViTTeacher
+    torch.manual_seed(0)
+    teacher = TimmViTTeacher("vit_small_patch14_reg4_dinov2", None, image_size=28)
+    pixels = torch.rand(2, 3, 28, 28)
+    tokens = teacher(normalise(pixels, IMAGENET_MEAN, IMAGENET_STD))
+    own = teacher.model.pretrained_cfg
+    expected = teacher.model.forward_features(normalise(pixels, own["mean"], own["std"]))
+    assert teacher.grid == (2, 2) and tokens.shape == (2, 5, 384)
+    assert torch.allclose(tokens, torch.cat([expected[:, :1], expected[:, 5:]], 1), atol=1e-5)
+
+
+def test_digpt_trains_with_a_timm_teacher(embedded_root, tmp_path):
+    from conftest import read_metrics, tiny_overrides
+    from xla_trainer.config import load_config
+    from xla_trainer.pretrain import pretrain
+    cfg = load_config(None, tiny_overrides(embedded_root, tmp_path, **{
+        "teacher.name": "timm", "teacher.arch": "vit_tiny_patch16_224", "train.stop_at_step": 2}))
+    pretrain(cfg)
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2] and all(0 < r["loss"] < 8 for r in rows)

@@ -8,13 +8,15 @@ import sys
 import fsspec
 import pytest
 
-from conftest import REPO, read_metrics, run_cli, tiny_overrides
+from conftest import REPO, read_metrics, run_cli, toy_overrides
+
+pytestmark = pytest.mark.slow  # make test-fast leaves it out
 
 XLA4 = {"PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "4"}
 
 
 def xla_pretrain(data_root, out, *extra):
-    args = tiny_overrides(data_root, out, **{"runtime.backend": "xla", "train.ckpt_every": 1})
+    args = toy_overrides(data_root, out, **{"runtime.backend": "xla", "train.ckpt_every": 1})
     result = run_cli(["pretrain", *args, *extra], env=XLA4)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -53,7 +55,7 @@ def test_resume_on_another_mesh_continues_the_run(embedded_root, tmp_path, unint
     for a, b in zip(uninterrupted, rows):
         assert b["loss"] == pytest.approx(a["loss"], rel=2e-3, abs=2e-3), a["step"]
     # the cpu backend cannot resume it: it refuses and leaves the metrics rows as they are
-    other = run_cli(["pretrain", *tiny_overrides(embedded_root, out)])
+    other = run_cli(["pretrain", *toy_overrides(embedded_root, out)])
     assert other.returncode == 2, other.stderr[-3000:]
     assert "holds checkpoints of the xla backend (checkpoints/6/)" in other.stderr
     assert read_metrics(out) == rows

@@ -3,14 +3,16 @@ import re
 
 import pytest
 
-from conftest import read_metrics, run_cli, tiny_overrides
+from conftest import read_metrics, run_cli, toy_overrides
+
+pytestmark = pytest.mark.slow  # make test-fast leaves it out
 
 STEPS = 6
 
 
 def xla_run(data_root, output_dir, devices: int, *extra):
     """The metrics rows of a short run, and the parameter MiB per device it reports."""
-    args = ["pretrain", *tiny_overrides(data_root, output_dir, **{"runtime.backend": "xla"}),
+    args = ["pretrain", *toy_overrides(data_root, output_dir, **{"runtime.backend": "xla"}),
             f"train.stop_at_step={STEPS}", *extra]
     result = run_cli(args, env={"PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": str(devices)})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -37,7 +39,7 @@ def test_four_devices_match_one_device(runs, other):
     one, four = runs[1], runs[other]
     assert [r["step"] for r in one] == [r["step"] for r in four] == list(range(1, STEPS + 1))
     for a, b in zip(one, four):
-        for key in ("loss", "loss_ar", "loss_kd", "grad_norm"):
+        for key in ("loss", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=2e-3, abs=2e-3), (a["step"], key)
     # and the run moves: identical losses from a frozen model would also "match"
     assert one[0]["loss"] != pytest.approx(one[-1]["loss"], abs=1e-3)
@@ -52,7 +54,7 @@ def test_the_step_compiles_once(runs):
 
 
 def test_batch_not_divisible_by_mesh_fails_before_compiling(embedded_root, tmp_path):
-    args = ["pretrain", *tiny_overrides(embedded_root, tmp_path, **{"runtime.backend": "xla"}),
+    args = ["pretrain", *toy_overrides(embedded_root, tmp_path, **{"runtime.backend": "xla"}),
             "train.global_batch=6"]
     result = run_cli(args, env={"PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "4"})
     assert result.returncode == 2
@@ -67,7 +69,7 @@ def test_fsdp_shrinks_parameter_bytes_per_device(runs):
 
 
 def test_mesh_that_does_not_fit_the_devices(embedded_root, tmp_path):
-    result = run_cli(["pretrain", *tiny_overrides(embedded_root, tmp_path, **{"runtime.backend": "xla",
+    result = run_cli(["pretrain", *toy_overrides(embedded_root, tmp_path, **{"runtime.backend": "xla",
                                                                               "runtime.mesh": "[3,-1]"})],
                      env={"PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "4"})
     assert result.returncode == 2

@@ -6,41 +6,44 @@ import time
 import torch
 
 from .config import Config
-from .data import open_train_data
+from .data.pretrain import open_train_data
 from .flops import peak_flops
-from .optim import build_optimizer, peak_lr
+from .loop import Schedule, train_step
+from .optim import peak_lr
+from .pretrain import build_task, check_config, make_runtime
 from .runtime import Runtime, create_runtime
-from .train import build_models, check_config, count_flops, make_runtime, place_teacher, train_step
 
 
-def bench(cfg: Config, steps: int = 10, warmup: int = 3, runtime: Runtime | None = None) -> dict:
-    runtime = runtime or make_runtime(cfg)
-    check_config(cfg, runtime, for_bench=True)
-    precomputed = cfg.targets.source == "precomputed"
-    method, teacher = build_models(cfg)
-    local = cfg.train.global_batch // runtime.process_count
-    batch = {"images": torch.randn(local, 3, cfg.model.image_size, cfg.model.image_size),
-             "skipped": torch.zeros(local, dtype=torch.bool)}
-    if precomputed:  # what the target shards would deliver, in their stored dtype
-        tokens = (local, 1 + teacher.grid[0] * teacher.grid[1], teacher.dim)
+def bench_batch(cfg: Config, local: int, info) -> dict:
+    """A host batch as the loader would deliver it; with precomputed targets, in their stored dtype."""
+    size = cfg.backbone.image_size
+    batch = {"images": torch.randn(local, 3, size, size), "skipped": torch.zeros(local, dtype=torch.bool)}
+    if info is not None and cfg.targets.source == "precomputed":
+        tokens = (local, 1 + info.grid[0] * info.grid[1], info.dim)
         if cfg.targets.dtype == "int8":
             batch["targets"] = torch.randint(-127, 128, tokens, dtype=torch.int8)
             batch["target_scale"] = torch.rand(tokens[:2])
         else:
             batch["targets"] = torch.randn(tokens, dtype=torch.float16)
-        flops = count_flops(method, None, cfg, teacher)
-        teacher = None
-    else:
-        flops = count_flops(method, teacher, cfg, None)
-    model = runtime.wrap_model(method)
-    teacher = place_teacher(teacher, runtime, cfg.runtime.precision)
-    optimizer = build_optimizer(method, peak_lr(cfg.optim.base_lr, cfg.train.global_batch),
-                                cfg.optim.weight_decay, cfg.optim.betas, **runtime.optimizer_options())
-    step_fn = runtime.compile_fn(train_step, "train_step")
+    return batch
+
+
+def bench(cfg: Config, steps: int = 10, warmup: int = 3, runtime: Runtime | None = None) -> dict:
+    runtime = runtime or make_runtime(cfg)
+    check_config(cfg, runtime, for_bench=True)
     lr = peak_lr(cfg.optim.base_lr, cfg.train.global_batch)
+    schedule = Schedule(1, warmup + steps, 0, lr, lr)  # the peak lr throughout
+    task = build_task(cfg, runtime, schedule, count_flops=True)
+    flops = task.flops
+    if task.teacher is not None and cfg.targets.source == "precomputed":  # the teacher leaves the step
+        task.teacher = None
+        flops = {**flops, "teacher_forward": 0.0, "train_step": 3 * flops["student_forward"]}
+    batch = bench_batch(cfg, cfg.train.global_batch // runtime.process_count, task.target_info)
+    step_fn = runtime.compile_fn(train_step, "train_step")
     start = None
     for step, device_batch in enumerate(runtime.device_batches([batch] * (warmup + steps))):
-        metrics = step_fn(model, teacher, optimizer, device_batch, lr, step, runtime=runtime, cfg=cfg)
+        metrics = step_fn(task.model, task.teacher, task.optimizer, device_batch, lr, step, runtime=runtime,
+                          settings=task.settings)
         if step == warmup - 1:
             float(metrics["loss"])  # wait for the warm-up steps before the clock starts
             compiles_after_warmup = runtime.compiles()
@@ -56,7 +59,7 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 3, runtime: Runtime | None
             "gflops_per_image": flops["train_step"] / 1e9, "achieved_tflops": achieved / 1e12,
             "mfu": achieved / (peak * runtime.num_devices) if peak else None,
             "compiles": runtime.compiles(), "compiles_after_warmup": compiles_after_warmup,
-            "parameter_bytes_per_device": runtime.parameter_bytes_per_device(model)}
+            "parameter_bytes_per_device": runtime.parameter_bytes_per_device(task.model)}
 
 
 def bench_data(cfg: Config, batches: int = 20, warmup: int = 2) -> dict:

@@ -8,7 +8,7 @@ import torch
 from torch.utils._pytree import tree_map
 
 from .config import ConfigError
-from .remote_io import list_names, remove_temporaries, write_bytes_atomic
+from .data.remote_io import list_names, remove_temporaries, write_bytes_atomic
 
 PATTERN = re.compile(r"checkpoint-(\d{8})\.pt$")
 
@@ -110,46 +110,3 @@ class FileCheckpoints:
 
     def close(self):
         pass
-
-
-class DistributedCheckpoints:
-    """torch.distributed.checkpoint through torch_xla's CheckpointManager (XLA SPMD): every host
-    writes its own shards, asynchronously (the step goes on while the CPU copy is written), into
-    <output_dir>/checkpoints/<step>/, local or gs://. A checkpoint counts once its manager
-    metadata is written, after all shards: a crash during a save leaves the previous one whole.
-    Restoring loads into the current model's sharding, so a checkpoint saved on one mesh restores
-    onto another."""
-
-    def __init__(self, output_dir: str, keep: int):
-        # coordinates over the default process group, which the XLA runtime creates (gloo)
-        from torch_xla.experimental.distributed_checkpoint import CheckpointManager
-        self.dir = f"{output_dir.rstrip('/')}/checkpoints"
-        self.manager = CheckpointManager(self.dir, save_interval=1, max_to_keep=keep,
-                                         chkpt_on_preemption=False)
-
-    def latest(self) -> int | None:
-        steps = self.manager.all_steps()
-        return steps[-1] if steps else None
-
-    def location(self, step: int) -> str:
-        return f"{self.dir}/{step}"
-
-    def save(self, step: int, model, optimizer, extra: dict):
-        # only the optimizer's tensors: its param_groups come from the config (the lr from the
-        # schedule, a device tensor under XLA, which DCP would flatten under other names)
-        state = {"model": model_state(model), "optimizer": optimizer.state_dict()["state"], "extra": extra}
-        self.manager.save_async(step, state, force=True)
-
-    def restore(self, step: int, model, optimizer, template: dict) -> dict:
-        """`template`: an `extra` of the same structure as the saved one, loaded into."""
-        from torch_xla.experimental.distributed_checkpoint import prime_optimizer
-        prime_optimizer(optimizer)  # the state tensors must exist to be loaded into
-        current = optimizer.state_dict()
-        state = {"model": model_state(model), "optimizer": current["state"], "extra": template}
-        self.manager.restore(step, state)
-        load_model_state(model, state["model"])
-        optimizer.load_state_dict({"state": state["optimizer"], "param_groups": current["param_groups"]})
-        return state["extra"]
-
-    def close(self):
-        self.manager.join()

@@ -1,21 +1,16 @@
-"""`xla-trainer` command line: pretrain, the evaluations (finetune, linprobe, attnprobe, knn),
-export-timm, bench, bench-data, make-shards, index-shards, precompute-targets, info, prepare-data."""
+"""`xla-trainer` command line: pretrain, train (a classifier from scratch), the evaluations
+(finetune, linprobe, attnprobe, knn), describe, export-timm, bench, bench-data, make-shards,
+index-shards, precompute-targets, info, prepare-data.
+
+Each command imports what it needs when it runs: `--help` and argument errors cost no torch."""
 import argparse
-import importlib.metadata as md
 import json
 import logging
 import sys
 
-from .bench import bench, bench_data
 from .config import CONFIG_DIR, DEFAULT_CONFIG, ConfigError, EvalConfig, load_config
-from .embedded_data import prepare_embedded
-from .evaluate import MODES, knn, train_classifier
-from .pretrained import export_timm
-from .runtime import create_runtime
-from .shards import index_shards, make_shards
-from .targets import precompute_targets
-from .train import TrainingDiverged, make_runtime, pretrain
 
+CLASSIFIER_MODES = ("train", "finetune", "linprobe", "attnprobe")
 OVERRIDES_HELP = "config overrides as key.sub=value (value parsed as YAML), e.g. train.global_batch=64"
 
 
@@ -29,6 +24,7 @@ def eval_default(command: str):
 
 
 def cmd_pretrain(args):
+    from .pretrain import pretrain
     summary = pretrain(load_config(args.config, args.overrides))
     print(f"done: {summary['steps']} steps\n"
           f"  metrics:     {summary['metrics']}\n"
@@ -38,6 +34,7 @@ def cmd_pretrain(args):
 
 
 def cmd_evaluate(args):
+    from .evaluate import knn, train_classifier
     cfg = load_config(args.config, args.overrides, schema=EvalConfig)
     r = knn(cfg) if args.command == "knn" else train_classifier(cfg, args.command)
     line = f"{r['mode']}: top-1 {r['val_top1']:.2f}%, top-5 {r['val_top5']:.2f}% on {r['val_images']} val images"
@@ -47,15 +44,27 @@ def cmd_evaluate(args):
 
 
 def cmd_export_timm(args):
+    from models import BACKBONES
+    from .pretrained import export_backbone
     try:
-        export_timm(args.checkpoint, args.out)
-    except ValueError as e:  # not a checkpoint, or not a file name it can write
+        export_backbone(args.checkpoint, args.out, BACKBONES.get(args.backbone))
+    except ValueError as e:  # not a checkpoint, an unknown backbone, or not a file name it can write
         raise ConfigError(str(e)) from None
+    if args.backbone != "vit":
+        print(f"{args.backbone} state_dict written to {args.out}")
+        return
     print(f"timm state_dict written to {args.out}; load it with timm.create_model('vit_base_patch16_224', "
           f"pretrained=True, pretrained_cfg_overlay=dict(file='{args.out}'), global_pool='avg', fc_norm=True)")
 
 
+def cmd_describe(args):
+    from .describe import describe, load_any_config, table
+    result = describe(load_any_config(args.config, args.overrides), args.mode, args.num_classes)
+    print(table(result) if args.table else json.dumps(result))
+
+
 def cmd_bench(args):
+    from .bench import bench
     result = bench(load_config(args.config, args.overrides), steps=args.steps, warmup=args.warmup)
     mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None else "n/a (unknown peak)"
     print(f"{result['device']} x{result['devices']}  batch {result['global_batch']}, targets {result['targets']}, "
@@ -67,6 +76,7 @@ def cmd_bench(args):
 
 
 def cmd_bench_data(args):
+    from .bench import bench_data
     r = bench_data(load_config(args.config, args.overrides), batches=args.batches)
     print(f"{r['source']} (targets {r['targets']}), {r['workers']} workers: "
           f"{r['images_per_sec']:.1f} images/s, {r['images_per_sec_per_core']:.1f} images/s per worker core")
@@ -74,17 +84,21 @@ def cmd_bench_data(args):
 
 
 def cmd_make_shards(args):
+    from .data.shards import make_shards
     manifest = make_shards(args.images, args.out, args.shard_size, args.max_side, args.quality,
                            args.seed, args.workers)
     print(f"{manifest.num_samples} images in {len(manifest.shards)} shards under {args.out}")
 
 
 def cmd_index_shards(args):
+    from .data.shards import index_shards
     manifest = index_shards(args.prefix)
     print(f"{manifest.num_samples} images in {len(manifest.shards)} shards: {args.prefix}/manifest.json")
 
 
 def cmd_precompute_targets(args):
+    from .pretrain import make_runtime
+    from .targets import precompute_targets
     cfg = load_config(args.config, args.overrides)
     runtime = make_runtime(cfg)
     manifest = precompute_targets(cfg, runtime)
@@ -95,6 +109,8 @@ def cmd_precompute_targets(args):
 
 
 def cmd_info(args):
+    import importlib.metadata as md
+    from .runtime import create_runtime
     runtime = create_runtime(args.backend)
     info = vars(runtime.info())
     if runtime.backend == "xla":
@@ -110,6 +126,7 @@ def cmd_info(args):
 
 
 def cmd_prepare_data(args):
+    from .data.generated import prepare_embedded
     print(prepare_embedded(args.out))
 
 
@@ -119,11 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="pre-train (resumes from the newest checkpoint in train.output_dir)")
     _config_args(p)
     p.set_defaults(func=cmd_pretrain)
-    helps = {"finetune": "fine-tune the encoder with a classification head (layer decay, mixup, ...)",
+    helps = {"train": "train a classifier on any backbone from scratch (supervised; mixup, RandAugment, ...)",
+             "finetune": "fine-tune the encoder with a classification head (layer decay, mixup, ...)",
              "linprobe": "linear probe (BatchNorm + linear) on the frozen encoder",
              "attnprobe": "attentive probe (one learned query, cross-attention, linear) on the frozen encoder",
              "knn": "cosine k-NN on the frozen encoder's features"}
-    for command in (*MODES, "knn"):
+    for command in (*CLASSIFIER_MODES, "knn"):
         p = sub.add_parser(command, help=helps[command])
         _config_args(p, eval_default(command))
         p.set_defaults(func=cmd_evaluate)
@@ -131,7 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="our checkpoint (file, checkpoint directory or output_dir), an official "
                                       "D-iGPT checkpoint, or a timm state_dict; local or gs://")
     p.add_argument("out", help="output file (.pth or .safetensors)")
+    p.add_argument("--backbone", default="vit", help="the backbone registry entry (default vit: a timm ViT)")
     p.set_defaults(func=cmd_export_timm)
+    p = sub.add_parser("describe", help="parameters per part and FLOPs per image of the model a config builds "
+                                        "(no data, no teacher weights, no step)")
+    _config_args(p)
+    p.add_argument("--table", action="store_true", help="a readable table instead of JSON")
+    p.add_argument("--mode", default="finetune", choices=CLASSIFIER_MODES,
+                   help="for a classifier config: what it trains (default finetune)")
+    p.add_argument("--num-classes", type=int, default=1000, help="for a classifier config (default 1000)")
+    p.set_defaults(func=cmd_describe)
     p = sub.add_parser("bench", help="time N train steps after warm-up on a fixed device batch")
     _config_args(p)
     p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
@@ -178,7 +205,10 @@ def main(argv=None) -> int:
     except (FileNotFoundError, FileExistsError) as e:
         print(f"xla-trainer: error: {e}", file=sys.stderr)
         return 2
-    except TrainingDiverged as e:
+    except Exception as e:
+        from .loop import TrainingDiverged
+        if not isinstance(e, TrainingDiverged):
+            raise
         print(f"xla-trainer: error: {e}", file=sys.stderr)
         return 3
     return 0

@@ -6,7 +6,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import yaml
 
@@ -18,29 +18,15 @@ class ConfigError(ValueError):
     """Bad user input, reported before any model is built or compiled."""
 
 
-@dataclass
-class ModelConfig:
-    method: str = "digpt"
-    backbone: str = "base"  # tiny | small | base | large | huge
-    image_size: int = 224
-    patch_size: int = 16
-    width: Optional[int] = None  # override the backbone size's width / depth / heads
-    depth: Optional[int] = None
-    heads: Optional[int] = None
-    segments: list = field(default_factory=lambda: [2, 2])  # segment rows, cols
-    taps: Optional[list] = None  # encoder blocks fed to the decoders; null = 6,8,10,12 of 12
-    decoder_width: int = 1024
-    decoder_depth: int = 2
-    decoder_heads: int = 32
-    shared_tap_norm: bool = True  # official: one LayerNorm shared by the taps
-    cls_visible_to_last_segment: bool = True  # official mask-padding quirk
+def plugin(kind: str, default: str):
+    """A config section chosen by its `name` from the registry of `kind` (objective, backbone,
+    teacher): the entry's own Config dataclass, so its keys are checked like any other."""
+    return field(default_factory=lambda: registry(kind).get(default).Config(), metadata={"registry": kind})
 
 
-@dataclass
-class TeacherConfig:
-    arch: str = "ViT-H-14"  # an open_clip architecture
-    pretrained: Optional[str] = None  # open_clip tag, local file or gs:// URL; null = random init
-    cache_dir: str = "~/.cache/xla-trainer/teachers"
+def registry(kind: str):
+    import models  # on first use: the registries import torch, timm and open_clip
+    return {"objective": models.OBJECTIVES, "backbone": models.BACKBONES, "teacher": models.TEACHERS}[kind]
 
 
 @dataclass
@@ -98,24 +84,48 @@ class RuntimeConfig:
 
 class Sections:
     """A whole experiment: one dataclass field per config section; CHOICES: the allowed values of
-    the keys that have a fixed set."""
+    the keys that have a fixed set (a section's own CHOICES name its keys without the section);
+    MOVED: old key -> new key, for a one-line migration message."""
     CHOICES: typing.ClassVar[dict] = {}
+    MOVED: typing.ClassVar[dict] = {}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def check_given(self, given: set[str]):
+        """Checks across sections, once every key is read; `given`: the keys the file and the
+        overrides set."""
+
+
+def _check_teacher_keys(cfg, given: set[str]):
+    objective = registry("objective").get(cfg.objective.name)
+    stray = sorted(k for k in given if k.split(".")[0] in ("teacher", "targets"))
+    if stray and not objective.needs_teacher:
+        raise ConfigError(f"config key '{stray[0]}' is set, but objective '{cfg.objective.name}' has no "
+                          f"teacher (its targets come from the images); remove the teacher and targets sections")
+
+
+# Keys of the configs before objectives, backbones and teachers had sections of their own.
+_MOVED_MODEL = {f"model.{k}": f"backbone.{k}" for k in ("image_size", "patch_size", "width", "depth", "heads",
+                                                         "drop_path")}
+_MOVED_MODEL["model.backbone"] = "backbone.size"
+
 
 @dataclass
 class Config(Sections):
-    model: ModelConfig = field(default_factory=ModelConfig)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    objective: Any = plugin("objective", "digpt")
+    backbone: Any = plugin("backbone", "vit")
+    teacher: Any = plugin("teacher", "openclip")  # only for an objective that needs a teacher
     targets: TargetsConfig = field(default_factory=TargetsConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    MOVED: typing.ClassVar[dict] = {
+        **_MOVED_MODEL, "model.method": "objective.name",
+        **{f"model.{k}": f"objective.{k}" for k in ("segments", "taps", "decoder_width", "decoder_depth",
+                                                    "decoder_heads", "shared_tap_norm", "cls_visible_to_last_segment")}}
     CHOICES: typing.ClassVar[dict] = {
-        "model.backbone": ("tiny", "small", "base", "large", "huge"),
         "data.source": ("imagefolder", "embedded", "shards"),
         "targets.source": ("online", "precomputed"),
         "targets.dtype": ("float16", "int8"),
@@ -123,22 +133,11 @@ class Config(Sections):
         "runtime.precision": ("bf16", "fp32"),
     }
 
+    def check_given(self, given: set[str]):
+        _check_teacher_keys(self, given)
+
 
 # --- evaluation: finetune, linprobe, attnprobe, knn --------------------------------------------
-@dataclass
-class EncoderConfig:
-    backbone: str = "base"  # tiny | small | base | large | huge (a timm VisionTransformer)
-    image_size: int = 224
-    patch_size: int = 16
-    width: Optional[int] = None
-    depth: Optional[int] = None
-    heads: Optional[int] = None
-    drop_path: float = 0.1  # finetune only
-    # weights: our pre-training checkpoint (file, checkpoint directory or output_dir), an official
-    # D-iGPT pre-training / fine-tuning checkpoint, or a timm ViT state_dict; null = random init
-    init: Optional[str] = None
-
-
 @dataclass
 class EvalDataConfig:
     source: str = "imagefolder"  # imagefolder (root/train, root/val) | digits (scikit-learn's, upscaled) | shards
@@ -189,19 +188,23 @@ class EvalTrainConfig:
     log_every: int = 50
     eval_every: int = 1  # epochs
     keep_checkpoints: int = 1  # newest "last" checkpoints kept; the best one is kept apart
+    # weights: our pre-training checkpoint (file, checkpoint directory or output_dir), an official
+    # D-iGPT pre-training / fine-tuning checkpoint, or a timm state_dict; null = random init
+    init: Optional[str] = None
 
 
 @dataclass
 class EvalConfig(Sections):
-    model: EncoderConfig = field(default_factory=EncoderConfig)
+    """Supervised training (`train`), fine-tuning, the probes and k-NN of a backbone's classifier."""
+    backbone: Any = plugin("backbone", "vit")
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     optim: EvalOptimConfig = field(default_factory=EvalOptimConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     train: EvalTrainConfig = field(default_factory=EvalTrainConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    MOVED: typing.ClassVar[dict] = {**_MOVED_MODEL, "model.init": "train.init"}
     CHOICES: typing.ClassVar[dict] = {
-        "model.backbone": Config.CHOICES["model.backbone"],
         "data.source": ("imagefolder", "digits", "shards"),
         "optim.name": ("adamw", "sgd", "lars"),
         "runtime.backend": Config.CHOICES["runtime.backend"],
@@ -209,18 +212,23 @@ class EvalConfig(Sections):
     }
 
 
-def _all_keys(cls, prefix="") -> list[str]:
+def _all_keys(section, prefix="") -> list[str]:
+    """Every key of a config instance: a plugin section lists the keys of its chosen entry."""
     keys = []
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(f.type):
-            keys += _all_keys(f.type, f"{prefix}{f.name}.")
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            keys += _all_keys(value, f"{prefix}{f.name}.")
         else:
             keys.append(prefix + f.name)
     return keys
 
 
-def _unknown_key(key: str, schema) -> ConfigError:
-    keys = _all_keys(schema)
+def _unknown_key(key: str, cfg) -> ConfigError:
+    if key in cfg.MOVED:
+        return ConfigError(f"config key '{key}' is now '{cfg.MOVED[key]}' (objectives, backbones and teachers "
+                           f"have sections of their own); rename it, as in {DEFAULT_CONFIG}")
+    keys = _all_keys(cfg)
     close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(keys)}"
     return ConfigError(f"unknown config key '{key}'{hint}")
@@ -249,26 +257,42 @@ def _coerce(key: str, value, annotation):
     raise ConfigError(f"config key '{key}' must be {names}, got {value!r} ({type(value).__name__})")
 
 
-def _apply(section, values: dict, prefix: str, schema):
+def _choose_entry(section, name: str, values, key: str, kind: str):
+    """A plugin section whose `name` changes starts over from the new entry's defaults."""
+    if not isinstance(values, dict) or "name" not in values or values["name"] == getattr(section, name).name:
+        return
+    try:
+        setattr(section, name, registry(kind).get(str(values["name"])).Config())
+    except ValueError as e:
+        raise ConfigError(f"config key '{key}.name': {e}") from None
+
+
+def _apply(section, values: dict, prefix: str, cfg, given: set):
     if not isinstance(values, dict):
         raise ConfigError(f"config section '{prefix.rstrip('.') or 'root'}' must be a mapping")
     fields = {f.name: f for f in dataclasses.fields(section)}
     for name, value in values.items():
         key = prefix + str(name)
         if name not in fields:
+            moved = [f"{key}.{sub}" for sub in value if f"{key}.{sub}" in cfg.MOVED] if isinstance(value, dict) else []
+            if moved:  # an old section: name its first moved key
+                raise _unknown_key(moved[0], cfg)
             while isinstance(value, dict) and len(value) == 1:  # name the whole key: optimizer.lr
                 (sub, value), = value.items()
                 key += f".{sub}"
-            raise _unknown_key(key, schema)
+            raise _unknown_key(key, cfg)
+        if "registry" in fields[name].metadata:
+            _choose_entry(section, name, value, key, fields[name].metadata["registry"])
         current = getattr(section, name)
         if dataclasses.is_dataclass(current):
-            _apply(current, value, key + ".", schema)
+            _apply(current, value, key + ".", cfg, given)
             continue
         value = _coerce(key, value, fields[name].type)
-        choices = schema.CHOICES.get(key)
+        choices = cfg.CHOICES.get(key) or getattr(section, "CHOICES", {}).get(name)
         if choices and value not in choices:
             raise ConfigError(f"config key '{key}' must be one of {choices}, got {value!r}")
         setattr(section, name, value)
+        given.add(key)
 
 
 def _parse_yaml(text: str, where: str):
@@ -305,7 +329,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), schem
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file '{path}' cannot be read: {e}") from None
-    _apply(cfg, _parse_yaml(text, str(path)) or {}, "", schema)
+    given = set()
+    _apply(cfg, _parse_yaml(text, str(path)) or {}, "", cfg, given)
     for text in overrides:
-        _apply(cfg, parse_override(text), "", schema)
+        _apply(cfg, parse_override(text), "", cfg, given)
+    cfg.check_given(given)
     return cfg

@@ -1,82 +1,75 @@
-"""Downstream evaluation of an encoder: fine-tuning, linear and attentive probing, k-NN.
+"""Classifiers on any backbone: supervised training from scratch (`train`), fine-tuning, linear
+and attentive probing, k-NN.
 
-Reading order: `train_classifier` (the loop, shared by finetune / linprobe / attnprobe) ->
-`classify_step` (one optimizer step) and `eval_step` (top-1/top-5 counts of one padded val batch,
-summed on the device); `knn` (frozen features, cosine k-NN). Device specifics stay in runtime.py."""
+Reading order: `train_classifier` (builds the classifier and runs the shared loop of loop.py,
+evaluating every train.eval_every epochs) -> `eval_step` (top-1/top-5 counts of one padded val
+batch, summed on the device); `knn` (frozen features, cosine k-NN). Device specifics stay in
+runtime.py."""
 import logging
 from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
-from timm.layers import resample_abs_pos_embed
-from timm.loss import SoftTargetCrossEntropy
 from tqdm import tqdm
 
-from models.classifier import AttentiveProbe, FrozenEncoderProbe, LinearProbe, pooled_or_tokens, vit_classifier
+from models import BACKBONES
+from models.layers.probes import AttentiveProbe, Classification, FrozenEncoderProbe, LinearProbe, pooled_or_tokens
 from .checkpoint import check_checkpoint_format
 from .config import ConfigError, EvalConfig
-from .eval_data import EvalData, open_eval_data
+from .data.eval import EvalData, open_eval_data
+from .flops import peak_flops, train_flops_per_image
+from .loop import Cadence, StepSettings, Task, make_schedule, resume, run
 from .metrics import MetricsLogger
-from .optim import build_eval_optimizer, clip_and_step, set_lr
-from .pretrained import load_encoder_state
+from .optim import build_eval_optimizer
+from .pretrained import load_backbone_state
+from .pretrain import make_runtime
 from .runtime import Runtime
-from .train import Interval, Preemption, make_runtime, make_schedule
 
 log = logging.getLogger(__name__)
-MODES = ("finetune", "linprobe", "attnprobe")
 
 
 # --- models -------------------------------------------------------------------------------------
-def build_encoder(cfg: EvalConfig, num_classes: int = 0, drop_path: float = 0.0):
-    """The timm ViT of model.*, its weights from model.init (random when null)."""
-    m = cfg.model
-    torch.manual_seed(cfg.train.seed)
+def backbone_entry(cfg: EvalConfig):
     try:
-        encoder = vit_classifier(m.backbone, m.image_size, m.patch_size, num_classes, drop_path,
-                                 width=m.width, depth=m.depth, heads=m.heads)
+        backbone = BACKBONES.get(cfg.backbone.name)
+        backbone.check(cfg.backbone)
     except ValueError as e:
-        raise ConfigError(f"model: {e}") from None
-    if m.init:
+        raise ConfigError(str(e)) from None
+    return backbone
+
+
+def build_encoder(cfg: EvalConfig, num_classes: int = 0):
+    """The backbone's classifier, its weights from train.init (random when null)."""
+    backbone = backbone_entry(cfg)
+    torch.manual_seed(cfg.train.seed)
+    encoder = backbone.classifier(cfg.backbone, num_classes)
+    init = cfg.train.init
+    if init:
         try:
-            state = load_encoder_state(m.init)
+            state = load_backbone_state(init, backbone)
         except (FileNotFoundError, ValueError) as e:
-            raise ConfigError(f"model.init: {e} (the demo configs read `make demo`'s runs/demo; "
-                              f"model.init=null starts from random init)") from None
+            raise ConfigError(f"train.init: {e} (the demo configs read `make demo`'s runs/demo; "
+                              f"train.init=null starts from random init)") from None
         state = {k: v for k, v in state.items() if not k.startswith("head.")}  # a new task's head
-        if state["pos_embed"].shape != encoder.pos_embed.shape:  # another resolution: resample
-            state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], list(encoder.patch_embed.grid_size),
-                                                        num_prefix_tokens=1)
-        missing, unexpected = encoder.load_state_dict(state, strict=False)
+        missing, unexpected = encoder.load_state_dict(backbone.adapt_state(state, encoder), strict=False)
         missing = [k for k in missing if not k.startswith("head.")]  # the new head starts fresh
         if missing or unexpected:
-            raise ConfigError(f"model.init '{m.init}' does not fit model.* (backbone {m.backbone}, "
-                              f"image {m.image_size}, patch {m.patch_size}): missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}")
-        log.info("encoder weights from %s", m.init)
+            raise ConfigError(f"train.init '{init}' does not fit backbone.* ({cfg.backbone}): missing "
+                              f"{missing[:5]}, unexpected {unexpected[:5]}")
+        log.info("encoder weights from %s", init)
     return encoder
 
 
 def build_classifier(cfg: EvalConfig, mode: str, num_classes: int) -> torch.nn.Module:
-    if mode == "finetune":
-        return build_encoder(cfg, num_classes, cfg.model.drop_path)
+    if mode in ("train", "finetune"):
+        return build_encoder(cfg, num_classes)
     encoder = build_encoder(cfg)
-    dim = encoder.embed_dim
+    dim = encoder.num_features
     probe = LinearProbe(dim, num_classes) if mode == "linprobe" else AttentiveProbe(dim, num_classes, cfg.probe.heads)
     return FrozenEncoderProbe(encoder, probe)
 
 
 # --- the steps ----------------------------------------------------------------------------------
-def classify_step(model, optimizer, batch, lr, *, runtime: Runtime, clip_grad):
-    """One optimizer step on soft targets (mixup / label smoothing). Device scalars out only."""
-    set_lr(optimizer, lr, batch["images"].device)
-    with runtime.autocast():
-        logits = model(batch["images"])
-    loss = SoftTargetCrossEntropy()(logits.float(), batch["targets"])
-    loss.backward()
-    grad_norm = clip_and_step(model, optimizer, clip_grad)
-    return {"loss": loss.detach(), "grad_norm": grad_norm}
-
-
 def topk_counts(scores: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> dict:
     """Correct top-1 / top-5 predictions among the valid rows (padding rows count nothing)."""
     hits = scores.topk(min(5, scores.shape[1]), dim=1).indices == labels[:, None]
@@ -115,81 +108,68 @@ def evaluate(model, eval_fn, runtime: Runtime, data: EvalData) -> dict:
 
 
 # --- fine-tuning and probes ---------------------------------------------------------------------
-def check_eval_config(cfg: EvalConfig):
+def check_eval_config(cfg: EvalConfig, mode: str = "knn"):
     t = cfg.train
     if t.epochs < 1 or t.log_every < 1 or t.eval_every < 1:
         raise ConfigError("train.epochs, train.log_every and train.eval_every must be >= 1")
-    if cfg.model.image_size % cfg.model.patch_size:
-        raise ConfigError(f"model.image_size {cfg.model.image_size} is not a multiple of "
-                          f"model.patch_size {cfg.model.patch_size}")
+    if mode == "train" and t.init:
+        raise ConfigError(f"`train` trains a classifier from scratch, but train.init is '{t.init}'; "
+                          f"use `finetune` to start from those weights, or pass train.init=null")
+    backbone_entry(cfg)
 
 
 def train_classifier(cfg: EvalConfig, mode: str) -> dict:
-    """finetune (every weight), linprobe or attnprobe (a probe on the frozen encoder): train on
-    data train/, evaluate on val/ every train.eval_every epochs; keep the last and the best
-    checkpoints; resume from the last one in train.output_dir."""
-    check_eval_config(cfg)
+    """train (a classifier from scratch), finetune (every weight, from train.init), linprobe or
+    attnprobe (a probe on the frozen encoder): train on data train/, evaluate on val/ every
+    train.eval_every epochs; keep the last and the best checkpoints; resume from the last one in
+    train.output_dir."""
+    check_eval_config(cfg, mode)
     runtime = make_runtime(cfg)
     out = cfg.train.output_dir.rstrip("/")
     for run_dir in (out, f"{out}/best"):
         check_checkpoint_format(run_dir, runtime.backend)
     data = open_eval_data(cfg, runtime)
     schedule = make_schedule(cfg, data.train_len)
-    model = build_classifier(cfg, mode, data.num_classes)
-    wrapped = runtime.wrap_model(model)
-    o = cfg.optim
+    classifier = build_classifier(cfg, mode, data.num_classes)
+    objective = Classification(classifier)
+    flops = None
+    if peak_flops(runtime.device_kind()):
+        size = cfg.backbone.image_size
+        example = {"images": torch.zeros(1, 3, size, size), "targets": torch.zeros(1, data.num_classes)}
+        flops = train_flops_per_image(objective, None, example)
+    wrapped = runtime.wrap_model(objective, BACKBONES.get(cfg.backbone.name).blocks)
+    o, t = cfg.optim, cfg.train
     optimizer = build_eval_optimizer(
-        model, o.name, schedule.peak_lr, o.weight_decay, o.layer_decay if mode == "finetune" else 1.0,
+        classifier, o.name, schedule.peak_lr, o.weight_decay, o.layer_decay if mode == "finetune" else 1.0,
         o.betas, o.momentum, **(runtime.optimizer_options() if o.name == "adamw" else {}))
     runtime.init_optimizer_state(optimizer)
+    task = Task(mode, classifier, wrapped, optimizer, schedule,
+                StepSettings(1, o.clip_grad, t.global_batch, t.seed), flops=flops)
 
-    last, best = runtime.checkpoints(out, cfg.train.keep_checkpoints), runtime.checkpoints(f"{out}/best", 1)
+    last, best = runtime.checkpoints(out, t.keep_checkpoints), runtime.checkpoints(f"{out}/best", 1)
     state = {"step": 0, "best_top1": -1.0, "best_epoch": 0, "config": cfg.to_dict()}
-    start = last.latest() or 0
-    if start:
-        state = last.restore(start, model, optimizer, dict(state))
-        log.info("resumed from %s at step %d", last.location(start), start)
+    start, extra = resume(last, task, dict(state))
+    state = extra or state
     total = schedule.total_steps
     logger = MetricsLogger(out, runtime.is_main, start)
-    step_fn = runtime.compile_fn(classify_step, f"{mode}_step")
     eval_fn = runtime.compile_fn(eval_step, "eval_step")
-    preemption = Preemption(runtime, cfg.train.log_every)
-    bar = tqdm(total=total, initial=start, desc=mode, disable=not runtime.is_main, dynamic_ncols=True)
-    interval, result = Interval(), {}
-    batches = runtime.device_batches(data.train(start, total))
-    wrapped.train()
-    try:
-        for step, batch in zip(range(start, total), batches):
-            metrics = step_fn(wrapped, optimizer, batch, schedule.lr(step), runtime=runtime, clip_grad=o.clip_grad)
-            done, epoch_end = step + 1, (step + 1) % schedule.steps_per_epoch == 0
-            interval.add(done, metrics)
-            bar.update(1)
-            stop = preemption.agreed(done)
-            if done % cfg.train.log_every == 0 or epoch_end or stop:
-                interval.check_finite(last.location(last.latest()) if last.latest() else "none saved yet")
-                record = interval.summary(runtime, cfg.train.global_batch)
-                logger.log({"step": done, "epoch": done / schedule.steps_per_epoch, **record,
-                            "lr": schedule.lr(step), "compiles": runtime.compiles()})
-                bar.set_postfix(loss=f"{record['loss']:.4f}")
-                interval = Interval()
-            epoch = done // schedule.steps_per_epoch
-            if epoch_end and (epoch % cfg.train.eval_every == 0 or done == total):
-                result = evaluate(wrapped, eval_fn, runtime, data)
-                if result["top1"] > state["best_top1"]:
-                    state.update(best_top1=result["top1"], best_epoch=epoch)
-                    best.save(done, model, optimizer, dict(state, step=done))
-                logger.log({"step": done, "epoch": epoch, **{f"val_{k}": v for k, v in result.items()},
-                            "best_top1": state["best_top1"]}, group="val")
-            if epoch_end or stop:
-                last.save(done, model, optimizer, dict(state, step=done))
-                logger.upload()
-            if stop:
-                log.warning("SIGTERM: saved step %d to %s; exiting (a relaunch resumes from it)", done,
-                            last.location(done))
-                break
-    finally:
-        batches.close()
-    bar.close()
+    result = {}
+
+    def evaluate_at_epoch_end(done: int):
+        nonlocal result
+        epoch, rest = divmod(done, schedule.steps_per_epoch)
+        if rest or (epoch % t.eval_every and done != total):
+            return
+        result = evaluate(classifier, eval_fn, runtime, data)
+        if result["top1"] > state["best_top1"]:
+            state.update(best_top1=result["top1"], best_epoch=epoch)
+            best.save(done, classifier, optimizer, dict(state, step=done))
+        logger.log({"step": done, "epoch": epoch, **{f"val_{k}": v for k, v in result.items()},
+                    "best_top1": state["best_top1"]}, group="val")
+
+    run(task, runtime, runtime.device_batches(data.train(start, total)), last, logger, start=start, end=total,
+        cadence=Cadence(t.log_every, schedule.steps_per_epoch, log_at_epoch_end=True),
+        extra_state=lambda done: dict(state, step=done), after_step=evaluate_at_epoch_end, output_dir=out)
     for store in (last, best):
         store.close()
     logger.close()

@@ -1,4 +1,5 @@
-"""FLOPs of the real model (fvcore) and the peak of the device, for throughput and MFU."""
+"""FLOPs of the real model (fvcore, or an objective's own count) and the peak of the device, for
+throughput and MFU."""
 import re
 
 import torch
@@ -52,22 +53,33 @@ def forward_flops(module: torch.nn.Module, *inputs) -> float:
 
 
 class _LossOnly(torch.nn.Module):
-    def __init__(self, method):
+    """An objective's loss as a function of tensors (fvcore traces positional tensors)."""
+
+    def __init__(self, method, keys):
         super().__init__()
-        self.method = method
+        self.method, self.keys = method, keys
 
-    def forward(self, images, targets, noise):
-        return self.method(images, targets, noise)["loss"]
+    def forward(self, *tensors):
+        *values, noise = tensors if self.method.noise_shape is not None else (*tensors, None)
+        return self.method(dict(zip(self.keys, values)), noise)["loss"]
 
 
-def train_flops_per_image(method: torch.nn.Module, teacher: torch.nn.Module | None, image_size: int,
-                          teacher_tokens: tuple[int, int]) -> dict:
-    """Counted on one CPU image before the model moves to its device. Backward = 2 x forward."""
-    images = torch.zeros(1, 3, image_size, image_size)
-    targets = torch.zeros(1, *teacher_tokens)
-    noise = torch.rand(1, *method.noise_shape)
+def objective_flops(method: torch.nn.Module, batch: dict) -> float:
+    """Forward FLOPs of an objective on `batch`: its own analytic count where fvcore cannot count
+    (a method `forward_flops(batch)`, e.g. for a scan), else fvcore's."""
+    if hasattr(method, "forward_flops"):
+        return float(method.forward_flops(batch))
+    inputs = tuple(batch.values())
+    if method.noise_shape is not None:
+        inputs += (torch.rand(len(batch["images"]), *method.noise_shape),)
+    return forward_flops(_LossOnly(method, list(batch)), *inputs)
+
+
+def train_flops_per_image(method: torch.nn.Module, teacher: torch.nn.Module | None, batch: dict) -> dict:
+    """Counted on one CPU image (`batch`, targets included) before the model moves to its device.
+    Backward = 2 x forward; the teacher (None when its targets are precomputed) runs forward only."""
     with torch.no_grad():
-        student = forward_flops(_LossOnly(method), images, targets, noise)
-        teacher_fwd = forward_flops(teacher, images) if teacher is not None else 0.0
+        student = objective_flops(method, batch)
+        teacher_fwd = forward_flops(teacher, batch["images"]) if teacher is not None else 0.0
     return {"student_forward": student, "teacher_forward": teacher_fwd,
             "train_step": 3 * student + teacher_fwd}

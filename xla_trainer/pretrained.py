@@ -1,5 +1,5 @@
-"""Pre-trained weights in and out (the file side of models/convert.py), local paths or fsspec URLs
-(gs://) alike.
+"""Pre-trained weights in and out (the file side of the backbones' import_state / export_state),
+local paths or fsspec URLs (gs://) alike.
 
 read_state_dict understands: torch files (.pt/.pth/.bin) holding a state_dict bare or under
 "model" / "state_dict" / "module" (DDP's `module.` prefix stripped), which covers the official
@@ -14,10 +14,10 @@ import warnings
 import safetensors.torch
 import torch
 
-from models.convert import encoder_to_timm, strip_ddp_prefix
+from models.state_dicts import strip_ddp_prefix
 
 from .checkpoint import PATTERN, latest_checkpoint
-from .remote_io import exists, filesystem, list_names, read_bytes, write_bytes_atomic
+from .data.remote_io import exists, filesystem, list_names, read_bytes, write_bytes_atomic
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 WRAPPERS = ("model", "state_dict", "module")  # where training scripts keep the state_dict
@@ -48,25 +48,27 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
                      f".safetensors file or a checkpoint directory")
 
 
-def load_encoder_state(path: str) -> dict[str, torch.Tensor]:
-    """The encoder stored at `path`, as timm's VisionTransformer(global_pool='avg', fc_norm=True)
-    state_dict (see models.convert.encoder_to_timm)."""
+def load_backbone_state(path: str, backbone) -> dict[str, torch.Tensor]:
+    """The backbone stored at `path` in its classifier's layout (the registry entry's
+    import_state: for the ViT, timm's VisionTransformer(global_pool='avg', fc_norm=True))."""
     state = read_state_dict(path)
     try:
-        return encoder_to_timm(state)
+        return backbone.import_state(state)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
 
 
-def export_timm(src: str, out: str) -> dict[str, torch.Tensor]:
-    """Write the encoder stored at `src` to `out` (.safetensors, or a torch file by suffix) for
+def export_backbone(src: str, out: str, backbone) -> dict[str, torch.Tensor]:
+    """Write the backbone stored at `src` to `out` (.safetensors, or a torch file by suffix) in
+    the entry's export layout: for the ViT, the state_dict of
     timm.create_model(..., pretrained=True, pretrained_cfg_overlay=dict(file=out),
     global_pool='avg', fc_norm=True). Written atomically; returns the state_dict written."""
     if not out.endswith((".safetensors", *TORCH_SUFFIXES)):
         raise ValueError(f"{out}: expected a .safetensors or {'/'.join(TORCH_SUFFIXES)} file name")
     if exists(out):
         raise FileExistsError(f"{out} exists already and is left as it is; pass another output name")
-    state = {k: v.contiguous() for k, v in load_encoder_state(src).items()}
+    state = backbone.export_state(load_backbone_state(src, backbone))
+    state = {k: v.contiguous() for k, v in state.items()}
     if out.endswith(".safetensors"):
         data = safetensors.torch.save(state)
     else:

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from .config import ConfigError
+from .checkpoint import load_model_state, model_state
 from .seeds import derive_seed
 
 
@@ -75,7 +76,9 @@ class Runtime:
                            self.backend_reason)
 
     # --- model and step ---------------------------------------------------------------------
-    def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
+    def wrap_model(self, model: torch.nn.Module, blocks: tuple[type, ...] = ()) -> torch.nn.Module:
+        """The model on the device, wrapped for the backend; `blocks`: the module classes FSDP
+        shards one at a time (the backbone's and the objective's blocks)."""
         return model.to(self.device)
 
     def compile_fn(self, fn, name: str):
@@ -200,7 +203,7 @@ class DdpRuntime(Runtime):
             return torch.cuda.get_device_name(self.device)
         return super().device_kind()
 
-    def wrap_model(self, model):
+    def wrap_model(self, model, blocks=()):
         model = model.to(self.device)
         if self.torch_compile:
             model = torch.compile(model)
@@ -250,16 +253,16 @@ class XlaRuntime(Runtime):
     def fsdp_size(self) -> int:
         return self.mesh.mesh_shape[1]
 
-    def wrap_model(self, model):
-        """Data-parallel: parameters replicated. With an fsdp axis > 1: FSDPv2, each of the
-        model's `fsdp_blocks` wrapped on its own (its parameters, gradients and optimizer state
+    def wrap_model(self, model, blocks=()):
+        """Data-parallel: parameters replicated. With an fsdp axis > 1: FSDPv2, each module of
+        the `blocks` classes wrapped on its own (its parameters, gradients and optimizer state
         sharded over 'fsdp', gathered for its forward), then the rest of the parameters."""
         model = model.to(self.device)
         if self.fsdp_size == 1:
             return model
         from torch_xla.experimental.spmd_fully_sharded_data_parallel import \
             SpmdFullyShardedDataParallel as FSDPv2
-        block_types = tuple(getattr(model, "fsdp_blocks", ()))
+        block_types = tuple(blocks)
         for name, module in list(model.named_modules()):
             if block_types and isinstance(module, block_types):
                 parent_name, _, child = name.rpartition(".")
@@ -372,7 +375,6 @@ class XlaRuntime(Runtime):
             dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
 
     def checkpoints(self, output_dir: str, keep: int):
-        from .checkpoint import DistributedCheckpoints
         self._ensure_process_group()
         return DistributedCheckpoints(output_dir, keep)
 
@@ -474,3 +476,46 @@ def create_runtime(backend: str = "auto", precision: str = "bf16", torch_compile
         runtime.torch_compile = torch_compile and backend == "cuda"
     runtime.backend_reason = why
     return runtime
+
+
+class DistributedCheckpoints:
+    """torch.distributed.checkpoint through torch_xla's CheckpointManager (XLA SPMD): every host
+    writes its own shards, asynchronously (the step goes on while the CPU copy is written), into
+    <output_dir>/checkpoints/<step>/, local or gs://. A checkpoint counts once its manager
+    metadata is written, after all shards: a crash during a save leaves the previous one whole.
+    Restoring loads into the current model's sharding, so a checkpoint saved on one mesh restores
+    onto another."""
+
+    def __init__(self, output_dir: str, keep: int):
+        # coordinates over the default process group, which the XLA runtime creates (gloo)
+        from torch_xla.experimental.distributed_checkpoint import CheckpointManager
+        self.dir = f"{output_dir.rstrip('/')}/checkpoints"
+        self.manager = CheckpointManager(self.dir, save_interval=1, max_to_keep=keep,
+                                         chkpt_on_preemption=False)
+
+    def latest(self) -> int | None:
+        steps = self.manager.all_steps()
+        return steps[-1] if steps else None
+
+    def location(self, step: int) -> str:
+        return f"{self.dir}/{step}"
+
+    def save(self, step: int, model, optimizer, extra: dict):
+        # only the optimizer's tensors: its param_groups come from the config (the lr from the
+        # schedule, a device tensor under XLA, which DCP would flatten under other names)
+        state = {"model": model_state(model), "optimizer": optimizer.state_dict()["state"], "extra": extra}
+        self.manager.save_async(step, state, force=True)
+
+    def restore(self, step: int, model, optimizer, template: dict) -> dict:
+        """`template`: an `extra` of the same structure as the saved one, loaded into."""
+        from torch_xla.experimental.distributed_checkpoint import prime_optimizer
+        prime_optimizer(optimizer)  # the state tensors must exist to be loaded into
+        current = optimizer.state_dict()
+        state = {"model": model_state(model), "optimizer": current["state"], "extra": template}
+        self.manager.restore(step, state)
+        load_model_state(model, state["model"])
+        optimizer.load_state_dict({"state": state["optimizer"], "param_groups": current["param_groups"]})
+        return state["extra"]
+
+    def close(self):
+        self.manager.join()

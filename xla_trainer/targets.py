@@ -18,11 +18,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.teacher import ClipTeacher
-from . import remote_io
+from models import TEACHERS
+from .data import remote_io
 from .config import Config, ConfigError
-from .shards import MANIFEST, ImageManifest, ShardInfo, iter_samples, jpeg_of, join, keys_digest, tar_bytes
-from .views import decode_view, image_size_of, sample_view
+from .data.shards import MANIFEST, ImageManifest, ShardInfo, iter_samples, jpeg_of, join, keys_digest, tar_bytes
+from .data.views import decode_view, image_size_of, sample_view
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class TargetManifest:
 
     def check_against(self, cfg: Config, images: ImageManifest):
         """Targets from another teacher, resolution or image set fail here, before training."""
-        expected = (cfg.teacher.arch, cfg.teacher.pretrained, cfg.model.image_size)
+        expected = (*teacher_identity(cfg), cfg.backbone.image_size)
         found = (self.teacher, self.pretrained, self.image_size)
         if expected == found and self.pretrained is None and self.seed != cfg.train.seed:
             raise ConfigError(f"targets at {cfg.targets.prefix} come from a random teacher drawn with "
@@ -76,15 +76,23 @@ class TargetManifest:
                                   f"({shard.samples}); precompute it again")
 
 
-def build_teacher(cfg: Config) -> ClipTeacher:
+def build_teacher(cfg: Config) -> torch.nn.Module:
+    """The teacher of the config's teacher section, at the student's resolution."""
     torch.manual_seed(cfg.train.seed)  # a random teacher (pretrained: null) is the same every time
-    return ClipTeacher(cfg.teacher.arch, cfg.teacher.pretrained, cfg.model.image_size,
-                       cache_dir=cfg.teacher.cache_dir)
+    try:
+        return TEACHERS.get(cfg.teacher.name).build(cfg.teacher, cfg.backbone.image_size)
+    except ValueError as e:
+        raise ConfigError(f"teacher: {e}") from None
+
+
+def teacher_identity(cfg: Config) -> tuple[str, str | None]:
+    """(model, weights) of the teacher, as target manifests record them."""
+    return TEACHERS.get(cfg.teacher.name).identity(cfg.teacher)
 
 
 def weights_digest(teacher) -> str:
     h = hashlib.sha256()
-    for name, tensor in sorted(teacher.visual.state_dict().items()):
+    for name, tensor in sorted(teacher.state_dict().items()):
         h.update(name.encode())
         h.update(tensor.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()
@@ -146,7 +154,7 @@ def compute_shard(url: str, runner: TeacherRunner, cfg: Config, bar) -> tuple[by
             width, height = image_size_of(jpeg)
             views = [sample_view(cfg.train.seed, key, k, width, height, cfg.data.crop_scale)
                      for k in range(t.num_views)]
-            pixels = np.stack([decode_view(jpeg, box, flip, cfg.model.image_size) for box, flip in views])
+            pixels = np.stack([decode_view(jpeg, box, flip, cfg.backbone.image_size) for box, flip in views])
         except Exception as e:
             log.warning("precompute: skipping unreadable image %s in %s: %s", key, url, e)
             continue
@@ -194,8 +202,8 @@ def claim_targets(cfg: Config, images: ImageManifest, is_main: bool, shards: set
     this host's leftovers of an interrupted run go."""
     t = cfg.targets
     image_set = hashlib.sha256("".join(s.sha256 for s in images.shards).encode()).hexdigest()
-    job = {"command": "precompute-targets", "image_shards_sha256": image_set, "teacher": cfg.teacher.arch,
-           "pretrained": cfg.teacher.pretrained, "image_size": cfg.model.image_size, "num_views": t.num_views,
+    job = {"command": "precompute-targets", "image_shards_sha256": image_set, "teacher": teacher_identity(cfg)[0],
+           "pretrained": teacher_identity(cfg)[1], "image_size": cfg.backbone.image_size, "num_views": t.num_views,
            "dtype": t.dtype, "seed": cfg.train.seed, "crop_scale": list(cfg.data.crop_scale),
            "precision": cfg.runtime.precision}
     remote_io.claim_output(t.prefix, job, "Pass another targets.prefix.")
@@ -231,8 +239,8 @@ def precompute_targets(cfg: Config, runtime) -> TargetManifest | None:
         return None
     infos = wait_for_shards(images, t.prefix, runtime.process_count)
     manifest = TargetManifest(
-        teacher=cfg.teacher.arch, pretrained=cfg.teacher.pretrained, weights_sha256=weights_digest(teacher),
-        image_size=cfg.model.image_size, grid=list(teacher.grid), dim=teacher.dim, num_views=t.num_views,
+        teacher=teacher_identity(cfg)[0], pretrained=teacher_identity(cfg)[1], weights_sha256=weights_digest(teacher),
+        image_size=cfg.backbone.image_size, grid=list(teacher.grid), dim=teacher.dim, num_views=t.num_views,
         dtype=t.dtype, seed=cfg.train.seed, crop_scale=list(cfg.data.crop_scale),
         bytes_per_image=sum(i.bytes for i in infos) / max(1, sum(i.samples for i in infos)), shards=infos)
     remote_io.write_bytes_atomic(join(t.prefix, MANIFEST), json.dumps(asdict(manifest), indent=1).encode())

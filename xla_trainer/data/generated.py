@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .config import ConfigError
+from ..config import ConfigError
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "retina", "hubble_deep_field",
           "immunohistochemistry", "stereo_motorcycle")

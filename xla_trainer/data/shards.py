@@ -19,7 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import remote_io
-from .config import ConfigError
+from ..config import ConfigError
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"

@@ -20,13 +20,14 @@ from timm.data.mixup import mixup_target
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from torchvision import datasets
 
-from models.teacher import IMAGENET_MEAN, IMAGENET_STD
-from .config import ConfigError, EvalConfig
-from .data import GlobalBatchSampler, build_loader, ignore_sigterm
-from .embedded_data import generated_root_fix, prepare_digits
-from .shard_loader import ShardStream, build_shard_loader
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN, IMAGENET_DEFAULT_STD as IMAGENET_STD
+from ..config import ConfigError, EvalConfig
+from .pretrain import GlobalBatchSampler, build_loader
+from .stream import ignore_sigterm
+from .generated import generated_root_fix, prepare_digits
+from .stream import ShardStream, build_shard_loader
 from .shards import ImageManifest, iter_samples, jpeg_of, join, label_of
-from .seeds import derive_seed
+from ..seeds import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +49,14 @@ for _name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
 def train_transform(cfg: EvalConfig):
     """RandomResizedCrop, flip, then RandAugment and random erasing where augment.* asks (timm)."""
     a = cfg.augment
-    return create_transform(cfg.model.image_size, is_training=True, scale=tuple(cfg.data.crop_scale),
+    return create_transform(cfg.backbone.image_size, is_training=True, scale=tuple(cfg.data.crop_scale),
                             auto_augment=a.rand_augment, re_prob=a.random_erasing, color_jitter=None,
                             interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
 def eval_transform(cfg: EvalConfig):
-    return create_transform(cfg.model.image_size, is_training=False, interpolation="bicubic",
-                            crop_pct=cfg.model.image_size / cfg.data.eval_resize,
+    return create_transform(cfg.backbone.image_size, is_training=False, interpolation="bicubic",
+                            crop_pct=cfg.backbone.image_size / cfg.data.eval_resize,
                             mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
@@ -268,7 +269,7 @@ def shard_data(cfg: EvalConfig, runtime) -> EvalData:
         total_steps=end, process_index=runtime.process_index, process_count=p,
         shuffle_buffer=cfg.data.shuffle_buffer)
     in_order = lambda manifest, prefix: DataLoader(
-        PaddedShardSplit(manifest, prefix, eval_transform(cfg), cfg.model.image_size, t.eval_batch // p,
+        PaddedShardSplit(manifest, prefix, eval_transform(cfg), cfg.backbone.image_size, t.eval_batch // p,
                          runtime.process_index, p),
         batch_size=None, num_workers=workers, worker_init_fn=ignore_sigterm)
     return EvalData(train.classes, train.num_samples, val.num_samples,

@@ -1,28 +1,10 @@
-"""Downstream models around a pre-trained encoder: the fine-tuning ViT, and the linear and
-attentive probes over a frozen one.
-
-The encoder is timm's VisionTransformer in the MAE / D-iGPT fine-tuning layout (cls first, global
-average pool of the patch tokens, fc_norm, head), so a pre-trained SegmentViT, an official D-iGPT
-checkpoint and a timm export all load into the same module (models/convert.py)."""
-from functools import partial
-
+"""Heads on a backbone's classifier (any backbone: they use timm's forward_features /
+forward_head): the linear and attentive probes over a frozen one, and the classification loss of
+a classifier trained whole (fine-tuning, supervised training)."""
 import torch
 from timm.layers import trunc_normal_
-from timm.models.vision_transformer import Block, VisionTransformer
+from timm.loss import SoftTargetCrossEntropy
 from torch import nn
-
-from .vit import vit_dims
-
-
-def vit_classifier(size: str = "base", img_size: int = 224, patch_size: int = 16, num_classes: int = 0,
-                   drop_path: float = 0.0, width: int | None = None, depth: int | None = None,
-                   heads: int | None = None) -> VisionTransformer:
-    width, depth, heads = vit_dims(size, width, depth, heads)
-    return VisionTransformer(
-        img_size=img_size, patch_size=patch_size, num_classes=num_classes, global_pool="avg",
-        fc_norm=True, embed_dim=width, depth=depth, num_heads=heads, mlp_ratio=4.0,
-        qkv_bias=True, class_token=True, drop_path_rate=drop_path,
-        norm_layer=partial(nn.LayerNorm, eps=1e-6))
 
 
 class LinearProbe(nn.Module):
@@ -65,9 +47,8 @@ class AttentiveProbe(nn.Module):
 
 class FrozenEncoderProbe(nn.Module):
     """A probe trained on a frozen encoder, which stays in eval mode and outside autograd."""
-    fsdp_blocks = (Block,)
 
-    def __init__(self, encoder: VisionTransformer, probe: nn.Module):
+    def __init__(self, encoder: nn.Module, probe: nn.Module):
         super().__init__()
         self.encoder = encoder.requires_grad_(False)
         self.probe = probe
@@ -83,8 +64,23 @@ class FrozenEncoderProbe(nn.Module):
         return self.probe(features.float())
 
 
-def pooled_or_tokens(encoder: VisionTransformer, images: torch.Tensor, tokens: bool) -> torch.Tensor:
-    """The encoder's final tokens (B, 1 + N, C), or its pooled features: fc_norm of the mean
-    patch token (B, C)."""
+def pooled_or_tokens(encoder: nn.Module, images: torch.Tensor, tokens: bool) -> torch.Tensor:
+    """The encoder's final tokens (B, N, C), or its pooled features (B, C) (for timm's ViT:
+    fc_norm of the mean patch token)."""
     x = encoder.forward_features(images)
     return x if tokens else encoder.forward_head(x, pre_logits=True)
+
+
+class Classification(nn.Module):
+    """A classifier as the trainer's objective: cross-entropy on soft targets (mixup, label
+    smoothing) over batch {"images", "targets"}; it draws no noise."""
+    noise_shape = None
+
+    def __init__(self, classifier: nn.Module):
+        super().__init__()
+        self.classifier = classifier
+        self.criterion = SoftTargetCrossEntropy()
+
+    def forward(self, batch: dict, noise=None) -> dict:
+        logits = self.classifier(batch["images"])
+        return {"loss": self.criterion(logits.float(), batch["targets"])}

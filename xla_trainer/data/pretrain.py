@@ -2,7 +2,6 @@
 whose order depends only on (seed, step), so a resumed run reads exactly what the interrupted
 run would have read, whatever the number of processes."""
 import logging
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -12,13 +11,13 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms
 from torchvision.transforms import InterpolationMode
 
-from models.teacher import IMAGENET_MEAN, IMAGENET_STD
-from .config import Config, ConfigError
-from .embedded_data import generated_root_fix, prepare_embedded
-from .shard_loader import ShardStream, build_shard_loader
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN, IMAGENET_DEFAULT_STD as IMAGENET_STD
+from ..config import Config, ConfigError
+from .generated import generated_root_fix, prepare_embedded
+from .stream import ShardStream, build_shard_loader, ignore_sigterm
 from .shards import ImageManifest
-from .targets import TargetManifest
-from .seeds import derive_seed
+from ..targets import TargetManifest
+from ..seeds import derive_seed
 
 EMBEDDED_ROOT = "~/.cache/xla-trainer/embedded"
 
@@ -117,12 +116,6 @@ def build_dataset(root: str, image_size: int, crop_scale, seed: int) -> Pretrain
     return PretrainImageFolder(str(train_dir), image_size, crop_scale, seed)
 
 
-def ignore_sigterm(_worker_id: int):
-    """Loader workers leave SIGTERM to the trainer, which finishes its step and saves first; they
-    end with it."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
 def build_loader(dataset, sampler, num_workers: int, collate_fn=collate, persistent: bool = True) -> DataLoader:
     """`persistent`: keep the workers between epochs (a loader iterated once does not need to)."""
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_fn,
@@ -142,7 +135,7 @@ def open_train_data(cfg: Config, runtime) -> TrainData:
     seed, workers = cfg.train.seed, cfg.data.num_workers
     local_batch = cfg.train.global_batch // runtime.process_count
     if cfg.data.source != "shards":
-        dataset = build_dataset(image_root(cfg), cfg.model.image_size, cfg.data.crop_scale, seed)
+        dataset = build_dataset(image_root(cfg), cfg.backbone.image_size, cfg.data.crop_scale, seed)
         sampler = lambda start, end: GlobalBatchSampler(
             len(dataset), cfg.train.global_batch, runtime.process_index, runtime.process_count, seed, start, end)
         return TrainData(len(dataset), lambda start, end: build_loader(dataset, sampler(start, end), workers))
@@ -154,7 +147,7 @@ def open_train_data(cfg: Config, runtime) -> TrainData:
         targets.check_against(cfg, images)
     steps_per_epoch = images.num_samples // cfg.train.global_batch
     stream = lambda start, end: ShardStream(
-        images, cfg.data.shards, targets, cfg.targets.prefix, image_size=cfg.model.image_size,
+        images, cfg.data.shards, targets, cfg.targets.prefix, image_size=cfg.backbone.image_size,
         crop_scale=cfg.data.crop_scale, seed=seed, local_batch=local_batch, steps_per_epoch=steps_per_epoch,
         start_step=start, total_steps=end, process_index=runtime.process_index,
         process_count=runtime.process_count, shuffle_buffer=cfg.data.shuffle_buffer)

@@ -18,14 +18,15 @@ without decoding them.
 import json
 import logging
 import random
+import signal
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .seeds import derive_seed
+from ..seeds import derive_seed
 from .shards import ImageManifest, iter_samples, jpeg_of, join, label_of
-from .targets import TargetManifest, load_npy
+from ..targets import TargetManifest, load_npy
 from .views import decode_view, image_size_of, sample_view, view_index
 
 log = logging.getLogger(__name__)
@@ -194,7 +195,12 @@ def real_batches(loader):
     return (batch for batch in loader if batch is not None)
 
 
+def ignore_sigterm(_worker_id: int):
+    """Loader workers leave SIGTERM to the trainer, which finishes its step and saves first; they
+    end with it."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def build_shard_loader(stream: ShardStream, num_workers: int):
-    from .data import ignore_sigterm
     return real_batches(DataLoader(stream, batch_size=None, num_workers=num_workers,
                                    prefetch_factor=4 if num_workers else None, worker_init_fn=ignore_sigterm))

@@ -1,16 +1,16 @@
 """D-iGPT (arXiv 2312.02147): the encoder sees the first S-1 segments of a random segment order
 under a block-causal mask; an "ar" decoder predicts the teacher's features of the next segment, a
 "kd" decoder those of the visible segment, and both predict the teacher's cls token."""
+from dataclasses import dataclass, field
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from timm.models.vision_transformer import Block
-
-from .decoder import DecoderBlock, FeaturePredictor
-from .registry import register_method
-from .segments import SegmentLayout, block_causal_mask, segment_order
-from .vit import SegmentViT
+from ..layers.segments import SegmentLayout, block_causal_mask, segment_order
+from ..registry import OBJECTIVES, Objective, TargetInfo
+from .digpt_decoder import DecoderBlock, FeaturePredictor
 
 
 def default_taps(depth: int) -> tuple[int, ...]:
@@ -28,9 +28,9 @@ def cosine_distance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 class DiGPT(nn.Module):
     # (name, first segment slot queried): "ar" predicts slots 1..S-1, "kd" slots 0..S-2.
     DECODERS = (("ar", 1), ("kd", 0))
-    fsdp_blocks = (Block, DecoderBlock)  # the units FSDP shards and gathers one at a time
+    own_blocks = (DecoderBlock,)  # FSDP wraps these one by one, besides the encoder's blocks
 
-    def __init__(self, encoder: SegmentViT, teacher_dim: int, teacher_grid: tuple[int, int],
+    def __init__(self, encoder: nn.Module, teacher_dim: int, teacher_grid: tuple[int, int],
                  segments=(2, 2), taps=None, decoder_width=1024, decoder_depth=2,
                  decoder_heads=32, shared_tap_norm=True, cls_visible_to_last_segment=True):
         super().__init__()
@@ -40,9 +40,9 @@ class DiGPT(nn.Module):
             self.teacher_layout = SegmentLayout(tuple(teacher_grid), tuple(segments))
         except ValueError as e:
             raise ValueError(f"teacher grid: {e}") from None
-        self.taps = tuple(taps) if taps else default_taps(len(encoder.blocks))
-        if max(self.taps) > len(encoder.blocks) or min(self.taps) < 1:
-            raise ValueError(f"taps {self.taps} must lie in 1..{len(encoder.blocks)} (encoder depth)")
+        self.taps = tuple(taps) if taps else default_taps(encoder.depth)
+        if max(self.taps) > encoder.depth or min(self.taps) < 1:
+            raise ValueError(f"objective.taps {self.taps} must lie in 1..{encoder.depth} (the encoder's depth)")
         S, T = self.layout.num_segments, self.layout.tokens_per_segment
         self.register_buffer("patch_index", self.layout.patch_index(), persistent=False)
         self.register_buffer("teacher_index", self.teacher_layout.patch_index() + 1, persistent=False)
@@ -58,9 +58,10 @@ class DiGPT(nn.Module):
         """Per-sample uniform noise the trainer draws on the device: one value per segment."""
         return (self.layout.num_segments,)
 
-    def forward(self, images: torch.Tensor, targets: torch.Tensor, noise: torch.Tensor) -> dict:
-        """images (B, 3, H, W); targets: teacher tokens (B, 1 + Gh*Gw, C), cls first; noise (B, S).
-        Returns {"loss", "loss_ar", "loss_kd"}."""
+    def forward(self, batch: dict, noise: torch.Tensor) -> dict:
+        """batch["images"] (B, 3, H, W); batch["targets"]: teacher tokens (B, 1 + Gh*Gw, C), cls
+        first; noise (B, S). Returns {"loss", "loss_ar", "loss_kd"}."""
+        images, targets = batch["images"], batch["targets"]
         order = segment_order(noise)
         S = self.layout.num_segments
         seg_patches = self.patch_index[order]  # (B, S, T)
@@ -91,8 +92,36 @@ class DiGPT(nn.Module):
         return cosine_distance(pred_all, target_all)
 
 
-@register_method("digpt")
-def digpt(*, backbone="base", image_size=224, patch_size=16, width=None, depth=None, heads=None,
-          teacher_dim, teacher_grid, **kwargs) -> DiGPT:
-    encoder = SegmentViT(backbone, image_size, patch_size, width=width, depth=depth, heads=heads)
-    return DiGPT(encoder, teacher_dim, teacher_grid, **kwargs)
+@dataclass
+class DiGPTConfig:
+    name: str = "digpt"
+    segments: list = field(default_factory=lambda: [2, 2])  # segment rows, cols
+    taps: Optional[list] = None  # encoder blocks fed to the decoders; null = 6,8,10,12 of 12
+    decoder_width: int = 1024
+    decoder_depth: int = 2
+    decoder_heads: int = 32
+    shared_tap_norm: bool = True  # official: one LayerNorm shared by the taps
+    cls_visible_to_last_segment: bool = True  # official mask-padding quirk
+
+
+@OBJECTIVES.register("digpt")
+class DiGPTObjective(Objective):
+    Config = DiGPTConfig
+    TINY = {"decoder_width": 32, "decoder_depth": 1, "decoder_heads": 2}
+    INVALID = {"segments": [3, 3]}
+    needs_teacher = True
+    mask = "block-causal"
+
+    @staticmethod
+    def check(cfg: DiGPTConfig, grid: tuple[int, int]):
+        if len(cfg.segments) != 2:
+            raise ValueError(f"objective.segments must be [rows, cols], got {cfg.segments}")
+        try:
+            SegmentLayout(tuple(grid), tuple(cfg.segments))
+        except ValueError as e:
+            raise ValueError(f"objective.segments: {e}") from None
+
+    @staticmethod
+    def build(cfg: DiGPTConfig, student: nn.Module, targets: TargetInfo) -> DiGPT:
+        return DiGPT(student, targets.dim, targets.grid, cfg.segments, cfg.taps, cfg.decoder_width,
+                     cfg.decoder_depth, cfg.decoder_heads, cfg.shared_tap_norm, cfg.cls_visible_to_last_segment)

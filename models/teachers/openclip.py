@@ -3,7 +3,9 @@
 import hashlib
 import os
 import pickle
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import open_clip
 import safetensors
@@ -11,15 +13,15 @@ import safetensors.torch
 import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.model import resize_pos_embed
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN, IMAGENET_DEFAULT_STD as IMAGENET_STD
 from torch import nn
 
-from .convert import strip_ddp_prefix
+from ..registry import TEACHERS, Teacher
+from ..state_dicts import strip_ddp_prefix
 
 # Small architectures of our own (e.g. the demo teacher) next to open_clip's registry.
 open_clip.add_model_config(Path(__file__).parent / "clip_configs")
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def resolve_weights(pretrained: str | None, cache_dir: str) -> str | None:
@@ -111,6 +113,10 @@ class ClipTeacher(nn.Module):
     def train(self, mode: bool = True):
         return super().train(False)  # always eval: no dropout, frozen statistics
 
+    def cast_weights(self, dtype: torch.dtype):
+        """The tower's weights in `dtype`; the input normalisation stays float32."""
+        self.visual.to(dtype)
+
     @property
     def grid(self) -> tuple[int, int]:
         return tuple(self.visual.grid_size)
@@ -125,3 +131,25 @@ class ClipTeacher(nn.Module):
         x = self.visual._embeds(images * self.scale + self.shift)
         x = self.visual.ln_post(self.visual.transformer(x))
         return x @ self.visual.proj
+
+
+@dataclass
+class OpenClipConfig:
+    name: str = "openclip"
+    arch: str = "ViT-H-14"  # an open_clip architecture
+    pretrained: Optional[str] = None  # open_clip tag, local file or gs:// URL; null = random init
+    cache_dir: str = "~/.cache/xla-trainer/teachers"
+
+
+@TEACHERS.register("openclip")
+class OpenClip(Teacher):
+    Config = OpenClipConfig
+    TINY = {"arch": "demo-ViT-T-8"}
+
+    @staticmethod
+    def build(cfg: OpenClipConfig, image_size: int) -> ClipTeacher:
+        return ClipTeacher(cfg.arch, cfg.pretrained, image_size, cache_dir=cfg.cache_dir)
+
+    @staticmethod
+    def identity(cfg: OpenClipConfig) -> tuple[str, str | None]:
+        return cfg.arch, cfg.pretrained

@@ -29,7 +29,7 @@ import fsspec
 from fsspec.asyn import AsyncFileSystem
 from fsspec.utils import get_protocol
 
-from .config import ConfigError
+from ..config import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import RandomResizedCrop
 
-from models.teacher import IMAGENET_MEAN, IMAGENET_STD
-from .seeds import derive_seed
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN, IMAGENET_DEFAULT_STD as IMAGENET_STD
+from ..seeds import derive_seed
 
 _MEAN = np.array(IMAGENET_MEAN, dtype=np.float32).reshape(3, 1, 1)
 _STD = np.array(IMAGENET_STD, dtype=np.float32).reshape(3, 1, 1)

@@ -8,7 +8,7 @@ from timm.layers import Mlp
 from timm.models.vision_transformer import Attention
 from torch import nn
 
-from .pos_embed import sincos_2d
+from ..layers.pos_embed import sincos_2d
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 

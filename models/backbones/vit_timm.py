@@ -1,0 +1,84 @@
+"""A ViT encoder from any of our DiGPT (encoder.*), our SegmentViT, the official D-iGPT
+pre-training or fine-tuning models, or a timm ViT -> the state_dict of timm's
+VisionTransformer(class_token=True, global_pool='avg', fc_norm=True), cls first: the layout the
+ViT classifier loads and export-timm writes. Pure functions over dicts of tensors; reading and
+writing files is xla_trainer/pretrained.py's job."""
+import re
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from ..state_dicts import check_keys, count_indexed, short_list, square_side
+
+# the keys of a timm ViT encoder; pre-training checkpoints hold others (decoders, masks)
+_VIT_KEY = re.compile(r"^(cls_token|pos_embed|reg_token|patch_embed\.|blocks\.|norm\.|fc_norm\.|head\.)")
+
+
+def encoder_to_timm(state: dict, grid: tuple[int, int] | None = None) -> dict:
+    """The encoder of any of: our DiGPT (encoder.*), our SegmentViT, the official pre-training or
+    fine-tuning model, a timm ViT -> the state_dict of timm's
+    VisionTransformer(class_token=True, global_pool='avg', fc_norm=True, num_classes=<head rows or 0>).
+
+    pos_embed comes out cls first, with a zero cls row where the source has none: with full
+    attention the cls token's place in the sequence does not matter, so our encoder (cls last,
+    without a position) is the same encoder. Decoder keys are dropped; fc_norm and head are kept
+    where the source has them, and a fresh fc_norm (ones, zeros: where fine-tuning starts from)
+    is added where it has none. `grid` (rows, cols) of patches is needed only for a non-square grid
+    whose pos_embed has no cls row."""
+    if any(k.startswith("encoder.") for k in state):
+        state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    else:
+        state = {k: v for k, v in state.items() if _VIT_KEY.match(k)}
+    if any(k.startswith("norm.") for k in state):
+        raise ValueError("the source has a final norm over the tokens (norm.*), which a "
+                         "global_pool='avg', fc_norm=True ViT has no place for")
+    for key in ("cls_token", "pos_embed", "patch_embed.proj.weight"):
+        if key not in state:
+            raise ValueError(f"not a ViT encoder state_dict: no {key!r} among {short_list(sorted(state))}")
+    out = dict(state)
+    out["pos_embed"] = _cls_first(state["pos_embed"], grid)
+    width = state["cls_token"].shape[-1]
+    for p, init in (("weight", torch.ones), ("bias", torch.zeros)):
+        out.setdefault(f"fc_norm.{p}", init(width))
+    _check_timm_layout(out, grid)
+    return out
+
+
+def _cls_first(pos_embed: torch.Tensor, grid: tuple[int, int] | None) -> torch.Tensor:
+    rows = pos_embed.shape[1]
+    if grid is not None:
+        patches = grid[0] * grid[1]
+        has_cls = {patches: False, patches + 1: True}.get(rows)
+    else:
+        has_cls = False if square_side(rows) else True if square_side(rows - 1) else None
+    if has_cls is None:
+        raise ValueError(f"pos_embed {tuple(pos_embed.shape)} does not fit the grid {grid or 'square'}"
+                         f"{'' if grid else '; pass grid=(rows, cols) for a non-square grid'}")
+    return pos_embed if has_cls else torch.cat([torch.zeros_like(pos_embed[:, :1]), pos_embed], dim=1)
+
+
+def timm_vit_for(state: dict, grid: tuple[int, int] | None = None, **kwargs) -> VisionTransformer:
+    """The timm ViT (global_pool='avg', fc_norm=True) whose state_dict has the keys and shapes of
+    `state` (an encoder_to_timm output), with randomly initialised weights; `kwargs` override
+    settings that leave the state_dict alone (num_heads, norm eps, ...)."""
+    width, channels, patch, _ = state["patch_embed.proj.weight"].shape
+    patches = state["pos_embed"].shape[1] - 1
+    gh, gw = grid or (square_side(patches),) * 2
+    hidden = state["blocks.0.mlp.fc1.weight"].shape[0] if "blocks.0.mlp.fc1.weight" in state else 4 * width
+    settings = dict(
+        img_size=(gh * patch, gw * patch), patch_size=patch, in_chans=channels, embed_dim=width,
+        depth=count_indexed(state, "blocks."), num_heads=1, mlp_ratio=hidden / width,
+        qkv_bias="blocks.0.attn.qkv.bias" in state, class_token=True, global_pool="avg",
+        fc_norm=True, num_classes=state["head.weight"].shape[0] if "head.weight" in state else 0)
+    return VisionTransformer(**{**settings, **kwargs})
+
+
+def _check_timm_layout(state: dict, grid: tuple[int, int] | None):
+    """Keys and shapes against timm's own model of those dims (built on the meta device: free)."""
+    with torch.device("meta"):
+        expected = timm_vit_for(state, grid).state_dict()
+    check_keys(state, set(expected), "a ViT encoder state_dict")
+    wrong = [f"{k}: {tuple(v.shape)} != {tuple(expected[k].shape)}" for k, v in state.items()
+             if v.shape != expected[k].shape]
+    if wrong:
+        raise ValueError(f"not a ViT encoder state_dict: shapes {short_list(wrong)}")

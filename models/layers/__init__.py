@@ -1,0 +1,1 @@
+"""Layers and heads the backbones and objectives share."""

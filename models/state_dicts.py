@@ -1,0 +1,35 @@
+"""Small helpers over state_dicts (name -> tensor) that several converters share."""
+import math
+import re
+
+
+def strip_ddp_prefix(state: dict) -> dict:
+    """A state_dict saved from DistributedDataParallel (every key under `module.`) without it."""
+    if state and all(k.startswith("module.") for k in state):
+        return {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def param_names(*modules: str) -> set[str]:
+    return {f"{m}.{p}" for m in modules for p in ("weight", "bias")}
+
+
+def count_indexed(state: dict, prefix: str) -> int:
+    """Number of indexed submodules `prefix<i>.` among the keys (max index + 1)."""
+    found = [int(m.group(1)) for k in state if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))]
+    return max(found) + 1 if found else 0
+
+
+def check_keys(state: dict, expected: set[str], what: str):
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(f"not {what}: missing keys {short_list(missing)}, unexpected keys {short_list(unexpected)}")
+
+
+def short_list(names: list[str], limit: int = 12) -> str:
+    return str(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def square_side(n: int) -> int | None:
+    side = math.isqrt(n)
+    return side if side * side == n else None

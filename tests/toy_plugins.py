@@ -1,0 +1,163 @@
+"""A toy objective and a toy backbone, registered from outside the project's packages (the tests
+set XLA_TRAINER_PLUGINS=toy_plugins): the trainer-generic tests run on them, and they prove that a
+system is new files plus configs.
+
+toy objective: encode a random `keep` fraction of the patches (the noise picks which) and regress
+each encoded patch's mean colour. No teacher; any mask-taking backbone.
+toy backbone: patch embedding, learned positions, blocks that mix tokens by a masked mean (any
+boolean mask) then apply an MLP; a timm-style classifier over the mean token."""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Mlp, trunc_normal_
+from torch import nn
+
+from models.registry import BACKBONES, MASKS, OBJECTIVES, Backbone, Objective
+
+
+class MixerBlock(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.mix = nn.Linear(dim, dim)
+        self.mlp = Mlp(dim, 2 * dim)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.norm1(x)
+        if attn_mask is None:
+            mixed = h.mean(1, keepdim=True).expand_as(h)
+        else:
+            weights = attn_mask.to(h.dtype)
+            mixed = (weights / weights.sum(-1, keepdim=True)) @ h
+        x = x + self.mix(mixed)
+        return x + self.mlp(self.norm2(x))
+
+
+class ToyNet(nn.Module):
+    """Student (forward_taps, cls last) and timm-style classifier (mean of the tokens, head)."""
+    extra_tokens = 1
+
+    def __init__(self, image_size: int, patch_size: int, width: int, depth: int, num_classes: int = 0):
+        super().__init__()
+        self.grid = (image_size // patch_size,) * 2
+        self.embed_dim = self.num_features = width
+        self.num_classes = num_classes
+        self.patch_embed = nn.Conv2d(3, width, patch_size, patch_size)
+        self.pos_embed = nn.Parameter(trunc_normal_(torch.zeros(1, self.grid[0] * self.grid[1], width), std=0.02))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.blocks = nn.ModuleList(MixerBlock(width) for _ in range(depth))
+        self.head = nn.Linear(width, num_classes) if num_classes else nn.Identity()
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self.patch_embed(images).flatten(2).transpose(1, 2) + self.pos_embed
+
+    def forward_taps(self, images, token_index, attn_mask, taps):
+        x = self.embed(images)
+        x = torch.gather(x, 1, token_index[..., None].expand(-1, -1, x.shape[-1]))
+        x = torch.cat([x, self.cls_token.expand(x.shape[0], -1, -1)], dim=1)
+        outs = []
+        for i, block in enumerate(self.blocks, start=1):
+            x = block(x, attn_mask)
+            if i in taps:
+                outs.append(x)
+        return outs
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.embed(images)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        pooled = x.mean(1)
+        return pooled if pre_logits else self.head(pooled)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(images))
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def no_weight_decay(self) -> set:
+        return {"pos_embed", "cls_token"}
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return {"stem": r"^(?:patch_embed|pos_embed|cls_token)", "blocks": r"^blocks\.(\d+)"}
+
+
+@dataclass
+class ToyBackboneConfig:
+    name: str = "toy"
+    image_size: int = 32
+    patch_size: int = 8
+    width: int = 32
+    depth: int = 2
+    drop_path: float = 0.0  # unused: the classifier config sections share the key
+
+
+@BACKBONES.register("toy")
+class ToyBackbone(Backbone):
+    Config = ToyBackboneConfig
+    TINY = {"image_size": 32, "patch_size": 8, "width": 32, "depth": 2}
+    INVALID = {"patch_size": 5}
+    masks = MASKS
+    blocks = (MixerBlock,)
+
+    @staticmethod
+    def check(cfg):
+        if cfg.image_size % cfg.patch_size:
+            raise ValueError(f"backbone.image_size {cfg.image_size} is not a multiple of backbone.patch_size "
+                             f"{cfg.patch_size}")
+
+    @staticmethod
+    def student(cfg):
+        return ToyNet(cfg.image_size, cfg.patch_size, cfg.width, cfg.depth)
+
+    @staticmethod
+    def classifier(cfg, num_classes: int = 0):
+        return ToyNet(cfg.image_size, cfg.patch_size, cfg.width, cfg.depth, num_classes)
+
+
+@dataclass
+class ToyConfig:
+    name: str = "toy"
+    keep: float = 0.5  # fraction of the patches encoded
+
+
+class Toy(nn.Module):
+    def __init__(self, encoder: nn.Module, keep: float):
+        super().__init__()
+        self.encoder = encoder
+        tokens = encoder.grid[0] * encoder.grid[1]
+        self.keep = max(1, round(tokens * keep))
+        self.noise_shape = (tokens,)
+        self.head = nn.Linear(encoder.embed_dim, 3)
+
+    def forward(self, batch: dict, noise: torch.Tensor) -> dict:
+        images = batch["images"]
+        visible = noise.argsort(dim=-1)[:, :self.keep]
+        x = self.encoder.forward_taps(images, visible, None, (self.encoder.depth,))[-1][:, :self.keep]
+        colours = F.adaptive_avg_pool2d(images, self.encoder.grid).flatten(2).transpose(1, 2)
+        target = torch.gather(colours, 1, visible[..., None].expand(-1, -1, 3))
+        return {"loss": F.mse_loss(self.head(x).float(), target.float())}
+
+
+@OBJECTIVES.register("toy")
+class ToyObjective(Objective):
+    Config = ToyConfig
+    INVALID = {"keep": 0.0}
+    mask = "full"
+
+    @staticmethod
+    def check(cfg, grid):
+        if not 0 < cfg.keep <= 1:
+            raise ValueError(f"objective.keep must lie in (0, 1], got {cfg.keep}")
+
+    @staticmethod
+    def build(cfg, student, targets):
+        return Toy(student, cfg.keep)

@@ -1,0 +1,149 @@
+"""Pre-training: the config's objective, backbone and teacher checked and built, then the loop
+every task shares (loop.py).
+
+Reading order: `pretrain` -> `build_task` (objective on a backbone's student, teacher, optimizer)
+-> loop.run and loop.train_step -> the objective's forward in models/objectives/ (the loss)."""
+import random
+from dataclasses import asdict
+
+import torch
+
+from models import BACKBONES, OBJECTIVES, TargetInfo, check_pairing
+from .checkpoint import check_checkpoint_format
+from .config import Config, ConfigError
+from .data.pretrain import open_train_data
+from .flops import peak_flops, train_flops_per_image
+from .loop import Cadence, Schedule, StepSettings, Task, make_schedule, resume, run
+from .metrics import MetricsLogger
+from .optim import build_optimizer
+from .runtime import Runtime, create_runtime
+from .targets import TargetManifest, build_teacher
+
+
+# --- checks and construction ------------------------------------------------------------------
+def make_runtime(cfg: Config) -> Runtime:
+    try:
+        return create_runtime(**asdict(cfg.runtime))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def check_config(cfg: Config, runtime: Runtime, for_bench: bool = False):
+    """Everything that can be wrong with the config, before data, models or compilation. `bench`
+    needs no data, so neither data nor target locations."""
+    check_models(cfg)
+    t = cfg.train
+    split = runtime.data_parallel_size * t.accum_steps
+    if t.global_batch % split:
+        raise ConfigError(
+            f"train.global_batch {t.global_batch} is not divisible by data-parallel size "
+            f"{runtime.data_parallel_size} x train.accum_steps {t.accum_steps}; use a multiple of {split}")
+    if t.global_batch % runtime.process_count:
+        raise ConfigError(f"train.global_batch {t.global_batch} must split evenly over "
+                          f"{runtime.process_count} hosts")
+    if t.log_every < 1 or t.ckpt_every < 1:
+        raise ConfigError("train.log_every and train.ckpt_every must be >= 1")
+    if for_bench:
+        return
+    if cfg.data.source == "shards" and not cfg.data.shards:
+        raise ConfigError("data.source=shards needs data.shards, the prefix holding manifest.json")
+    if cfg.targets.source == "precomputed" and (cfg.data.source != "shards" or not cfg.targets.prefix):
+        raise ConfigError("targets.source=precomputed needs data.source=shards and targets.prefix "
+                          "(made by `xla-trainer precompute-targets`)")
+
+
+def check_models(cfg: Config):
+    """The objective and backbone entries, checked alone and as a pair."""
+    try:
+        objective, backbone = OBJECTIVES.get(cfg.objective.name), BACKBONES.get(cfg.backbone.name)
+        backbone.check(cfg.backbone)
+        check_pairing(objective, backbone)
+        objective.check(cfg.objective, backbone.grid(cfg.backbone))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return objective, backbone
+
+
+def build_models(cfg: Config, targets: TargetManifest | None = None):
+    """(objective module, teacher or None) on the CPU, the objective initialised from
+    train.seed. With precomputed targets there is no teacher: the target width and grid come
+    from their manifest."""
+    objective, backbone = check_models(cfg)
+    teacher, info = None, None
+    if objective.needs_teacher:
+        teacher = None if targets else build_teacher(cfg)
+        info = TargetInfo(targets.dim, tuple(targets.grid)) if targets else TargetInfo(teacher.dim, teacher.grid)
+    torch.manual_seed(cfg.train.seed)
+    try:
+        method = objective.build(cfg.objective, backbone.student(cfg.backbone), info)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return method, teacher, info
+
+
+def fsdp_blocks(cfg: Config, method) -> tuple[type, ...]:
+    """The units FSDP shards and gathers one at a time: the backbone's blocks and the objective's own."""
+    return BACKBONES.get(cfg.backbone.name).blocks + tuple(getattr(method, "own_blocks", ()))
+
+
+def example_batch(cfg: Config, info: TargetInfo | None) -> dict:
+    """One image's batch, as the step sees it (teacher targets included), for FLOP counting."""
+    size = cfg.backbone.image_size
+    batch = {"images": torch.zeros(1, 3, size, size)}
+    if info is not None:
+        batch["targets"] = torch.zeros(1, 1 + info.grid[0] * info.grid[1], info.dim)
+    return batch
+
+
+def build_task(cfg: Config, runtime: Runtime, schedule: Schedule, targets: TargetManifest | None = None,
+               count_flops: bool | None = None) -> Task:
+    """The objective on the device (wrapped for the backend), its teacher and optimizer. FLOPs
+    are counted (fvcore, on the CPU first) when the device's peak is known, or when asked."""
+    method, teacher, info = build_models(cfg, targets)
+    flops = None
+    if count_flops or (count_flops is None and peak_flops(runtime.device_kind())):
+        flops = train_flops_per_image(method, None if targets else teacher, example_batch(cfg, info))
+    model = runtime.wrap_model(method, fsdp_blocks(cfg, method))
+    if teacher is not None:
+        if cfg.runtime.precision == "bf16":
+            teacher.cast_weights(torch.bfloat16)  # on the host: no cast graph on the device
+        teacher = teacher.to(runtime.device)
+    optimizer = build_optimizer(method, schedule.peak_lr, cfg.optim.weight_decay, cfg.optim.betas,
+                                **runtime.optimizer_options())
+    runtime.init_optimizer_state(optimizer)
+    t = cfg.train
+    return Task("pretrain", method, model, optimizer, schedule,
+                StepSettings(t.accum_steps, cfg.optim.clip_grad, t.global_batch, t.seed), teacher, flops, info)
+
+
+def pretrain(cfg: Config, runtime: Runtime | None = None) -> dict:
+    runtime = runtime or make_runtime(cfg)
+    check_config(cfg, runtime)
+    check_checkpoint_format(cfg.train.output_dir, runtime.backend)
+    data = open_train_data(cfg, runtime)
+    schedule = make_schedule(cfg, data.num_samples)
+    task = build_task(cfg, runtime, schedule, data.targets)
+    out = cfg.train.output_dir
+    store = runtime.checkpoints(out, cfg.train.keep_checkpoints)
+
+    def extra_state(step: int) -> dict:
+        return {"step": step, "data_position": {"epoch": step // schedule.steps_per_epoch,
+                                                "batch_in_epoch": step % schedule.steps_per_epoch},
+                "rng": {"python": random.getstate(), "torch": torch.get_rng_state()},
+                "config": cfg.to_dict()}
+
+    start, extra = resume(store, task, extra_state(0))
+    if extra:
+        random.setstate(extra["rng"]["python"])
+        torch.set_rng_state(extra["rng"]["torch"])
+    end = min(schedule.total_steps, cfg.train.stop_at_step or schedule.total_steps)
+    logger = MetricsLogger(out, runtime.is_main, start)
+    batches = runtime.device_batches(data.loader(start, end))
+    done, last_ckpt = run(task, runtime, batches, store, logger, start=start, end=end,
+                          cadence=Cadence(cfg.train.log_every, cfg.train.ckpt_every), extra_state=extra_state,
+                          profile_steps=cfg.train.profile_steps, output_dir=out)
+    store.close()
+    logger.close()
+    return {"output_dir": out, "metrics": str(logger.path), "tensorboard": str(logger.local_dir / "tb"),
+            "checkpoint": last_ckpt, "steps": done, "compiles": runtime.compiles(),
+            "parameter_bytes_per_device": runtime.parameter_bytes_per_device(task.model)}
