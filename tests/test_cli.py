@@ -1,9 +1,11 @@
 """The command line: help, overrides, and every bad input rejected before anything compiles."""
 import json
+import math
+import re
 
 import pytest
 
-from conftest import TOY_CONFIG, read_metrics, run_cli, tiny_overrides, toy_overrides
+from conftest import REPO, TOY_CONFIG, read_metrics, run_cli, tiny_overrides, toy_overrides
 from xla_trainer.cli import main
 from xla_trainer.config import ConfigError, EvalConfig, load_config
 
@@ -24,6 +26,13 @@ def test_top_level_help_imports_no_torch():
         assert command in result.stdout
     imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if "import time:" in line}
     assert "xla_trainer.cli" in imported and not {"torch", "timm", "open_clip", "models"} & imported
+
+
+def test_only_the_runtime_imports_torch_xla():
+    sources = [p for folder in ("xla_trainer", "models") for p in (REPO / folder).rglob("*.py")]
+    importers = sorted(str(p.relative_to(REPO)) for p in sources
+                       if re.search(r"^\s*(import|from) torch_xla", p.read_text(), re.M))
+    assert importers == ["xla_trainer/runtime.py"]
 
 
 def test_overrides_and_defaults():
@@ -139,12 +148,10 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(embedded_root, tmp_path):
     extra = {"optim.base_lr": 1e12, "optim.warmup_epochs": 0, "train.ckpt_every": 1, "train.stop_at_step": 8}
     result = run_cli(["pretrain", *toy_overrides(embedded_root, out, **extra)])
     assert result.returncode == 3, result.stderr[-2000:]
-    import re
     match = re.search(r"loss is (nan|inf|-inf) at step (\d+); stopping\. The last good checkpoint is kept: (\S+)",
                       result.stderr)
     assert match, result.stderr[-2000:]
     bad_step = int(match.group(2))
     saved = sorted(p.name for p in out.glob("checkpoint-*.pt"))
     assert saved and saved[-1] == f"checkpoint-{bad_step - 1:08d}.pt" == match.group(3).rsplit("/", 1)[1]
-    import math
     assert all(math.isfinite(r["loss"]) for r in read_metrics(out) if r["loss"] is not None)

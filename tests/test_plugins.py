@@ -19,8 +19,8 @@ TOY = {"backbone.name": "toy", "backbone.image_size": 32, "backbone.patch_size":
 
 
 def eval_args(digits_root, out, **extra):
-    values = {k: v for k, v in ((k, v) for k, v in [a.split("=", 1) for a in
-                                                    tiny_eval_overrides(digits_root, out, **extra)])}
+    """The tiny evaluation overrides with the toy backbone in place of the ViT."""
+    values = dict(a.split("=", 1) for a in tiny_eval_overrides(digits_root, out, **extra))
     values = {k: v for k, v in values.items() if not k.startswith("backbone.")}
     return [f"{k}={v}" for k, v in {**values, **TOY}.items()]
 
@@ -30,7 +30,7 @@ def test_toy_backbone_pretrains_finetunes_probes_and_exports(embedded_root, digi
     assert main(["pretrain", "--config", str(TOY_CONFIG), f"data.root={embedded_root}", f"train.output_dir={run}",
                  "train.stop_at_step=4", *[f"{k}={v}" for k, v in TOY.items()]]) == 0
     assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4]
-    common = {"runtime.backend": "cpu", "train.epochs": 2}
+    common = {"runtime.backend": "cpu", "train.epochs": 1}
     for mode in ("finetune", "linprobe", "attnprobe", "knn"):
         args = eval_args(digits_root, tmp_path / mode, **common, **{"train.init": run})
         assert main([mode, *args]) == 0, mode
