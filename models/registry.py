@@ -139,8 +139,9 @@ class Teacher(Entry):
 
     @staticmethod
     def identity(cfg) -> tuple[str, str | None]:
-        """(model, weights): what precomputed target manifests record and are checked against."""
-        raise NotImplementedError
+        """(model, weights): what precomputed target manifests record and are checked against;
+        by default the section's `arch` and `pretrained` keys."""
+        return cfg.arch, cfg.pretrained
 
 
 BACKBONES = Registry("backbone")

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..registry import TEACHERS, Teacher
 from ..state_dicts import strip_ddp_prefix
+from .frozen import FrozenTeacher
 
 # Small architectures of our own (e.g. the demo teacher) next to open_clip's registry.
 open_clip.add_model_config(Path(__file__).parent / "clip_configs")
@@ -86,7 +87,7 @@ def load_visual_state(clip: nn.Module, state: dict, what: str):
         raise ValueError(f"{what}: not an OpenCLIP visual tower of this arch: {e}") from None
 
 
-class ClipTeacher(nn.Module):
+class ClipTeacher(FrozenTeacher):
     def __init__(self, arch: str = "ViT-H-14", pretrained: str | None = None, image_size: int = 224,
                  input_mean=IMAGENET_MEAN, input_std=IMAGENET_STD,
                  cache_dir: str = "~/.cache/xla-trainer/teachers"):
@@ -102,16 +103,7 @@ class ClipTeacher(nn.Module):
         self.visual = clip.visual
         if self.visual.attn_pool is not None or self.visual.proj is None:
             raise ValueError(f"teacher {arch!r}: only plain ViT towers with a projection are supported")
-        self.requires_grad_(False)
-        # student-normalised pixels -> CLIP-normalised pixels: x * scale + shift
-        mean, std = torch.tensor(input_mean), torch.tensor(input_std)
-        clip_mean, clip_std = torch.tensor(OPENAI_DATASET_MEAN), torch.tensor(OPENAI_DATASET_STD)
-        self.register_buffer("scale", (std / clip_std).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("shift", ((mean - clip_mean) / clip_std).view(1, 3, 1, 1), persistent=False)
-        self.eval()
-
-    def train(self, mode: bool = True):
-        return super().train(False)  # always eval: no dropout, frozen statistics
+        self.freeze(OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, input_mean, input_std)
 
     def cast_weights(self, dtype: torch.dtype):
         """The tower's weights in `dtype`; the input normalisation stays float32."""
@@ -128,7 +120,7 @@ class ClipTeacher(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) student-normalised -> (B, 1 + Gh*Gw, dim) tokens, cls first."""
-        x = self.visual._embeds(images * self.scale + self.shift)
+        x = self.visual._embeds(self.renormalise(images))
         x = self.visual.ln_post(self.visual.transformer(x))
         return x @ self.visual.proj
 
@@ -149,7 +141,3 @@ class OpenClip(Teacher):
     @staticmethod
     def build(cfg: OpenClipConfig, image_size: int) -> ClipTeacher:
         return ClipTeacher(cfg.arch, cfg.pretrained, image_size, cache_dir=cfg.cache_dir)
-
-    @staticmethod
-    def identity(cfg: OpenClipConfig) -> tuple[str, str | None]:
-        return cfg.arch, cfg.pretrained

@@ -8,15 +8,15 @@ from typing import Optional
 import timm
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN, IMAGENET_DEFAULT_STD as IMAGENET_STD
-from torch import nn
 
 from ..registry import TEACHERS, Teacher
+from .frozen import FrozenTeacher
 from .openclip import resolve_weights
 
 TIMM_WEIGHTS = "timm"  # teacher.pretrained: timm's own weights for the arch (timm downloads them)
 
 
-class TimmViTTeacher(nn.Module):
+class TimmViTTeacher(FrozenTeacher):
     def __init__(self, arch: str, pretrained: str | None = None, image_size: int = 224,
                  cache_dir: str = "~/.cache/xla-trainer/teachers"):
         super().__init__()
@@ -28,17 +28,8 @@ class TimmViTTeacher(nn.Module):
                                        num_classes=0, pretrained_cfg_overlay=overlay)
         if getattr(self.model, "cls_token", None) is None or not hasattr(self.model, "patch_embed"):
             raise ValueError(f"teacher {arch!r}: only timm ViTs with a cls token are supported")
-        self.requires_grad_(False)
-        # student-normalised pixels -> the teacher's normalisation: x * scale + shift
-        mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
-        own_mean = torch.tensor(self.model.pretrained_cfg.get("mean", IMAGENET_MEAN))
-        own_std = torch.tensor(self.model.pretrained_cfg.get("std", IMAGENET_STD))
-        self.register_buffer("scale", (std / own_std).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("shift", ((mean - own_mean) / own_std).view(1, 3, 1, 1), persistent=False)
-        self.eval()
-
-    def train(self, mode: bool = True):
-        return super().train(False)  # always eval: no dropout, frozen statistics
+        own = self.model.pretrained_cfg
+        self.freeze(own.get("mean", IMAGENET_MEAN), own.get("std", IMAGENET_STD))
 
     def cast_weights(self, dtype: torch.dtype):
         self.model.to(dtype)
@@ -54,7 +45,7 @@ class TimmViTTeacher(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) student-normalised -> (B, 1 + Gh*Gw, dim) tokens, cls first."""
-        x = self.model.forward_features(images * self.scale + self.shift)
+        x = self.model.forward_features(self.renormalise(images))
         return torch.cat([x[:, :1], x[:, self.model.num_prefix_tokens:]], dim=1)
 
 
@@ -74,7 +65,3 @@ class TimmTeacher(Teacher):
     @staticmethod
     def build(cfg: TimmTeacherConfig, image_size: int) -> TimmViTTeacher:
         return TimmViTTeacher(cfg.arch, cfg.pretrained, image_size, cfg.cache_dir)
-
-    @staticmethod
-    def identity(cfg: TimmTeacherConfig) -> tuple[str, str | None]:
-        return cfg.arch, cfg.pretrained
