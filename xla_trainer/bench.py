@@ -7,7 +7,7 @@ import torch
 
 from .config import Config
 from .data.pretrain import open_train_data
-from .flops import peak_flops
+from .flops import peak_flops, step_flops
 from .loop import Schedule, train_step
 from .optim import peak_lr
 from .pretrain import build_task, check_config, make_runtime
@@ -37,7 +37,7 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 3, runtime: Runtime | None
     flops = task.flops
     if task.teacher is not None and cfg.targets.source == "precomputed":  # the teacher leaves the step
         task.teacher = None
-        flops = {**flops, "teacher_forward": 0.0, "train_step": 3 * flops["student_forward"]}
+        flops = step_flops(flops["student_forward"])
     batch = bench_batch(cfg, cfg.train.global_batch // runtime.process_count, task.target_info)
     step_fn = runtime.compile_fn(train_step, "train_step")
     start = None

@@ -97,14 +97,6 @@ class Sections:
         overrides set."""
 
 
-def _check_teacher_keys(cfg, given: set[str]):
-    objective = registry("objective").get(cfg.objective.name)
-    stray = sorted(k for k in given if k.split(".")[0] in ("teacher", "targets"))
-    if stray and not objective.needs_teacher:
-        raise ConfigError(f"config key '{stray[0]}' is set, but objective '{cfg.objective.name}' has no "
-                          f"teacher (its targets come from the images); remove the teacher and targets sections")
-
-
 # Keys of the configs before objectives, backbones and teachers had sections of their own.
 _MOVED_MODEL = {f"model.{k}": f"backbone.{k}" for k in ("image_size", "patch_size", "width", "depth", "heads",
                                                          "drop_path")}
@@ -134,7 +126,10 @@ class Config(Sections):
     }
 
     def check_given(self, given: set[str]):
-        _check_teacher_keys(self, given)
+        stray = sorted(k for k in given if k.split(".")[0] in ("teacher", "targets"))
+        if stray and not registry("objective").get(self.objective.name).needs_teacher:
+            raise ConfigError(f"config key '{stray[0]}' is set, but objective '{self.objective.name}' has no "
+                              f"teacher (its targets come from the images); remove the teacher and targets sections")
 
 
 # --- evaluation: finetune, linprobe, attnprobe, knn --------------------------------------------

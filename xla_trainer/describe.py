@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from .config import DEFAULT_CONFIG, Config, EvalConfig, _parse_yaml, load_config
-from .flops import forward_flops, objective_flops
+from .flops import objective_flops, step_flops, train_flops_per_image
 
 PRETRAIN_SECTIONS = {"objective", "teacher", "targets"}
 
@@ -20,18 +20,19 @@ def load_any_config(path: str | None, overrides: list[str]):
     return load_config(path, overrides, schema=Config if pretraining else EvalConfig)
 
 
-def count(module: torch.nn.Module) -> dict:
-    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    return {"trainable": trainable, "frozen": sum(p.numel() for p in module.parameters()) - trainable}
+def count(params) -> dict:
+    params = list(params)
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    return {"trainable": trainable, "frozen": sum(p.numel() for p in params) - trainable}
 
 
 def parts(module: torch.nn.Module) -> dict:
     """Parameters of each top-level child (and of the module's own, as "other")."""
-    found = {name: count(child) for name, child in module.named_children() if any(True for _ in child.parameters())}
-    own = [p for name, p in module.named_parameters(recurse=False)]
+    found = {name: count(child.parameters()) for name, child in module.named_children()
+             if any(True for _ in child.parameters())}
+    own = list(module.parameters(recurse=False))
     if own:
-        trainable = sum(p.numel() for p in own if p.requires_grad)
-        found["other"] = {"trainable": trainable, "frozen": sum(p.numel() for p in own) - trainable}
+        found["other"] = count(own)
     return found
 
 
@@ -40,34 +41,31 @@ def describe_pretraining(cfg: Config) -> dict:
     if cfg.teacher is not None and hasattr(cfg.teacher, "pretrained"):
         cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, pretrained=None))
     method, teacher, info = build_models(cfg)
-    batch = example_batch(cfg, info)
-    with torch.no_grad():
-        forward = objective_flops(method, batch)
-        teacher_fwd = forward_flops(teacher, batch["images"]) if teacher is not None else 0.0
+    flops = train_flops_per_image(method, teacher, example_batch(cfg, info))
     found = parts(method)
     if teacher is not None:
-        found["teacher"] = count(teacher)
+        found["teacher"] = count(teacher.parameters())
     return {"objective": cfg.objective.name, "backbone": cfg.backbone.name,
             "teacher": cfg.teacher.name if teacher is not None else None, "parameters": found,
-            "flops_per_image": {"forward": forward, "train_step": 3 * forward + teacher_fwd, "teacher": teacher_fwd}}
+            "flops_per_image": {"forward": flops["student_forward"], "train_step": flops["train_step"],
+                                "teacher": flops["teacher_forward"]}}
 
 
 def describe_classifier(cfg: EvalConfig, mode: str, num_classes: int) -> dict:
     from models.layers.probes import Classification
-    from .evaluate import build_classifier
+    from .evaluate import build_classifier, example_batch
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init=None))
     classifier = build_classifier(cfg, "finetune" if mode == "train" else mode, num_classes)
     objective = Classification(classifier).eval()  # batch statistics of one image: eval mode
-    size = cfg.backbone.image_size
-    batch = {"images": torch.zeros(1, 3, size, size), "targets": torch.zeros(1, num_classes)}
+    batch = example_batch(cfg, num_classes)
     with torch.no_grad():
         forward = objective_flops(objective, batch)
     if mode in ("train", "finetune"):
         head = classifier.get_classifier()
-        body = count(classifier)
-        head_count = count(head)
+        body = count(classifier.parameters())
+        head_count = count(head.parameters())
         found = {"encoder": {k: body[k] - head_count[k] for k in body}, "head": head_count}
-        step = 3 * forward
+        step = step_flops(forward)["train_step"]
     else:
         found = parts(classifier)
         step = forward + 2 * objective_flops(Classification(classifier.probe).eval(), _probe_batch(classifier, batch))

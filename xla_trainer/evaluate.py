@@ -69,6 +69,12 @@ def build_classifier(cfg: EvalConfig, mode: str, num_classes: int) -> torch.nn.M
     return FrozenEncoderProbe(encoder, probe)
 
 
+def example_batch(cfg: EvalConfig, num_classes: int) -> dict:
+    """One image's batch, as the step sees it (soft targets), for FLOP counting."""
+    size = cfg.backbone.image_size
+    return {"images": torch.zeros(1, 3, size, size), "targets": torch.zeros(1, num_classes)}
+
+
 # --- the steps ----------------------------------------------------------------------------------
 def topk_counts(scores: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> dict:
     """Correct top-1 / top-5 predictions among the valid rows (padding rows count nothing)."""
@@ -134,9 +140,7 @@ def train_classifier(cfg: EvalConfig, mode: str) -> dict:
     objective = Classification(classifier)
     flops = None
     if peak_flops(runtime.device_kind()):
-        size = cfg.backbone.image_size
-        example = {"images": torch.zeros(1, 3, size, size), "targets": torch.zeros(1, data.num_classes)}
-        flops = train_flops_per_image(objective, None, example)
+        flops = train_flops_per_image(objective, None, example_batch(cfg, data.num_classes))
     wrapped = runtime.wrap_model(objective, BACKBONES.get(cfg.backbone.name).blocks)
     o, t = cfg.optim, cfg.train
     optimizer = build_eval_optimizer(

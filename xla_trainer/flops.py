@@ -81,5 +81,10 @@ def train_flops_per_image(method: torch.nn.Module, teacher: torch.nn.Module | No
     with torch.no_grad():
         student = objective_flops(method, batch)
         teacher_fwd = forward_flops(teacher, batch["images"]) if teacher is not None else 0.0
-    return {"student_forward": student, "teacher_forward": teacher_fwd,
-            "train_step": 3 * student + teacher_fwd}
+    return step_flops(student, teacher_fwd)
+
+
+def step_flops(student_forward: float, teacher_forward: float = 0.0) -> dict:
+    """A train step's FLOPs per image from its forwards: backward = 2 x the student's forward."""
+    return {"student_forward": student_forward, "teacher_forward": teacher_forward,
+            "train_step": 3 * student_forward + teacher_forward}
