@@ -2,8 +2,10 @@
 config dataclass (the config section of that name), so adding a system is new files plus configs.
 
 A backbone entry gives
-  student(cfg)            -> the encoder objectives train: `grid`, `embed_dim`, `depth`,
-                             `extra_tokens` (appended after the patch tokens, e.g. cls) and
+  student(cfg)            -> the encoder objectives train: `grid`, `patch_size` (pixels, (h, w)),
+                             `embed_dim`, `depth`, `extra_tokens` (appended after the patch
+                             tokens, e.g. cls), optionally `norm` (a final norm objectives may
+                             apply to the last block's output; none when absent) and
                              forward_taps(images, token_index, attn_mask, taps) -> the outputs of
                              blocks `taps` over the patches `token_index` in that order, then the
                              extra tokens, under attn_mask (N + extra, N + extra) or None (full);
@@ -20,7 +22,8 @@ An objective entry gives
   check(cfg, grid)        -> ValueError for a config it cannot train on the backbone's token grid;
   build(cfg, student, targets) -> an nn.Module with `encoder`, `noise_shape` (per-sample uniform
                              noise drawn on the device, None for none) and
-                             forward(batch, noise) -> {"loss": ..., other scalars};
+                             forward(batch, noise) -> {"loss": ..., other scalars}; optionally
+                             no_weight_decay() -> parameter names AdamW must not decay;
                              `targets` is a TargetInfo of the teacher (None without one).
 A teacher entry gives build(cfg, image_size) -> a frozen module with `dim`, `grid` and
 forward(images) -> (B, 1 + Gh*Gw, dim) tokens, cls first, and cast_weights(dtype);

@@ -3,10 +3,16 @@ import math
 import re
 
 
-def strip_ddp_prefix(state: dict) -> dict:
-    """A state_dict saved from DistributedDataParallel (every key under `module.`) without it."""
-    if state and all(k.startswith("module.") for k in state):
-        return {k[len("module."):]: v for k, v in state.items()}
+# prefixes of training wrappers: DistributedDataParallel / DeepSpeed, Lightning < 2.1 under DeepSpeed
+WRAPPER_PREFIXES = ("module.", "_forward_module.")
+
+
+def strip_wrapper_prefixes(state: dict) -> dict:
+    """A state_dict saved from a training wrapper (every key under `module.` or
+    `_forward_module.`, maybe both) without it."""
+    for prefix in WRAPPER_PREFIXES * 2:
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
     return state
 
 

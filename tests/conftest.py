@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +44,21 @@ def run_cli(args: list[str], env: dict | None = None, timeout: int = 600) -> sub
                           capture_output=True, text=True, timeout=timeout)
 
 
+def linprobe(digits_root, output_dir, init, *args: str) -> subprocess.Popen:
+    """A linear probe on the digits, started in the background (the default: the demo's config)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "xla_trainer", "linprobe", *args, f"train.init={init}", f"data.root={digits_root}",
+         f"train.output_dir={output_dir}"],
+        cwd=REPO, env={**os.environ, "PJRT_DEVICE": "CPU"}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+
+
+def linprobe_top1(proc: subprocess.Popen) -> float:
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    return float(re.search(r"linprobe: top-1 ([\d.]+)%", out).group(1))
+
+
 def read_metrics(output_dir) -> list[dict]:
     with open(Path(output_dir) / "metrics.jsonl") as f:
         return [json.loads(line) for line in f]
@@ -74,7 +90,7 @@ def tiny_eval_overrides(digits_root, output_dir, **extra) -> list[str]:
 
 
 # The longest files first: with one file per xdist worker, a long file started last would run alone.
-LONGEST_FIRST = ("test_learning.py", "test_xla_spmd.py", "test_shards.py", "test_xla_checkpoints.py",
+LONGEST_FIRST = ("test_learning.py", "test_xtra.py", "test_xla_spmd.py", "test_shards.py", "test_xla_checkpoints.py",
                  "test_eval.py", "test_preemption.py", "test_convert.py", "test_supervised.py")
 
 

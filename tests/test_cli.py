@@ -55,6 +55,19 @@ def test_paper_config_is_the_recipe():
     assert load_config("configs/digpt/vit_l16_in1k.yaml").backbone.size == "large"
 
 
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml")))
+def test_every_shipped_config_loads_and_passes_its_checks(path):
+    from xla_trainer.config import Config
+    from xla_trainer.describe import load_any_config
+    from xla_trainer.evaluate import check_eval_config
+    from xla_trainer.pretrain import check_models
+    cfg = load_any_config(path, [])
+    if isinstance(cfg, Config):
+        check_models(cfg)
+    else:
+        check_eval_config(cfg)
+
+
 @pytest.mark.parametrize("override,message", [
     ("train.globl_batch=8", "unknown config key 'train.globl_batch'; did you mean 'train.global_batch'?"),
     ("optimizer.lr=1", "unknown config key 'optimizer.lr'"),

@@ -365,7 +365,7 @@ def test_every_encoder_source_gives_the_same_timm_state(tmp_path):
 def test_bad_inputs_are_named(tmp_path):
     unrelated = tmp_path / "unrelated.pt"
     torch.save({"model": {"conv.weight": torch.zeros(3, 3), "fc.bias": torch.zeros(3)}}, unrelated)
-    with pytest.raises(ValueError, match=f"{unrelated}: not a ViT encoder state_dict: no 'cls_token'"):
+    with pytest.raises(ValueError, match=f"{unrelated}: not a ViT encoder state_dict: no 'pos_embed'"):
         load_encoder_state(str(unrelated))
     with pytest.raises(ValueError, match="not an official D-iGPT pre-training state_dict: missing keys"):
         digpt_from_official(read_state_dict(str(unrelated)))

@@ -1,33 +1,15 @@
 """The demo config, unchanged, learns on the embedded real images through the XLA path, and what
 it learns carries over: a linear probe on real labelled digits (scikit-learn's, upscaled) beats
 the same encoder at random init."""
-import os
-import re
-import subprocess
-import sys
 from statistics import mean
 
 import pytest
 
-from conftest import REPO, read_metrics, run_cli
+from conftest import linprobe, linprobe_top1, read_metrics, run_cli
 
 pytestmark = pytest.mark.slow  # make test-fast leaves it out
 
 MARGIN = 10.0  # top-1 points; measured 56.1 (pre-trained) vs 33.5 (random init) on a 2-core CPU VM
-
-
-def linprobe(digits_root, output_dir, init) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "xla_trainer", "linprobe", f"train.init={init}", f"data.root={digits_root}",
-         f"train.output_dir={output_dir}"],
-        cwd=REPO, env={**os.environ, "PJRT_DEVICE": "CPU"}, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True)
-
-
-def top1(proc: subprocess.Popen) -> float:
-    out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err[-3000:]
-    return float(re.search(r"linprobe: top-1 ([\d.]+)%", out).group(1))
 
 
 def test_demo_config_loss_falls_and_the_encoder_learns(embedded_root, digits_root, tmp_path):
@@ -46,5 +28,5 @@ def test_demo_config_loss_falls_and_the_encoder_learns(embedded_root, digits_roo
     # the demo linear-probe config, from the pre-training output_dir and from random init, side by side
     pretrained = linprobe(digits_root, tmp_path / "probe", tmp_path)
     random_init = linprobe(digits_root, tmp_path / "probe-random", "null")
-    pretrained_top1, random_top1 = top1(pretrained), top1(random_init)
+    pretrained_top1, random_top1 = linprobe_top1(pretrained), linprobe_top1(random_init)
     assert pretrained_top1 > random_top1 + MARGIN, (pretrained_top1, random_top1)

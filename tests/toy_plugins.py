@@ -41,6 +41,7 @@ class ToyNet(nn.Module):
     def __init__(self, image_size: int, patch_size: int, width: int, depth: int, num_classes: int = 0):
         super().__init__()
         self.grid = (image_size // patch_size,) * 2
+        self.patch_size = (patch_size, patch_size)
         self.embed_dim = self.num_features = width
         self.num_classes = num_classes
         self.patch_embed = nn.Conv2d(3, width, patch_size, patch_size)

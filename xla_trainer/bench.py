@@ -31,7 +31,7 @@ def bench_batch(cfg: Config, local: int, info) -> dict:
 def bench(cfg: Config, steps: int = 10, warmup: int = 3, runtime: Runtime | None = None) -> dict:
     runtime = runtime or make_runtime(cfg)
     check_config(cfg, runtime, for_bench=True)
-    lr = peak_lr(cfg.optim.base_lr, cfg.train.global_batch)
+    lr = peak_lr(cfg.optim.base_lr, cfg.train.global_batch, cfg.optim.lr)
     schedule = Schedule(1, warmup + steps, 0, lr, lr)  # the peak lr throughout
     task = build_task(cfg, runtime, schedule, count_flops=True)
     flops = task.flops

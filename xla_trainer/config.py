@@ -37,6 +37,7 @@ class DataConfig:
     shuffle_buffer: int = 1000  # samples per loader worker (shards)
     num_workers: int = 4
     crop_scale: list = field(default_factory=lambda: [0.2, 1.0])
+    crop_ratio: list = field(default_factory=lambda: [3 / 4, 4 / 3])  # RandomResizedCrop's aspect ratios
 
 
 @dataclass
@@ -51,9 +52,11 @@ class TargetsConfig:
 @dataclass
 class OptimConfig:
     base_lr: float = 1.5e-4  # lr = base_lr * global_batch / 256
+    lr: Optional[float] = None  # the peak lr itself, not scaled by the batch (XTRA); wins over base_lr
     betas: list = field(default_factory=lambda: [0.9, 0.95])
     weight_decay: float = 0.05
     warmup_epochs: float = 40.0
+    warmup_from: float = 0.0  # the warmup starts at this fraction of the peak lr (XTRA: 0.1)
     min_lr: float = 0.0
     clip_grad: Optional[float] = None
 
@@ -157,11 +160,13 @@ class AugmentConfig:
 class EvalOptimConfig:
     name: str = "adamw"  # adamw | sgd | lars
     base_lr: float = 1e-4  # lr = base_lr * global_batch / 256
+    lr: Optional[float] = None  # the peak lr itself, not scaled by the batch; wins over base_lr
     layer_decay: float = 0.65  # finetune: lr x layer_decay^(depth - layer); 1 = off
     weight_decay: float = 0.05
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     momentum: float = 0.9  # sgd, lars
     warmup_epochs: float = 5.0
+    warmup_from: float = 0.0  # the warmup starts at this fraction of the peak lr (XTRA's probes: 0.1)
     min_lr: float = 1e-6
     clip_grad: Optional[float] = None
 
@@ -171,6 +176,9 @@ class ProbeConfig:
     heads: int = 16  # attnprobe: heads of the attentive pooling
     k: int = 20  # knn: neighbours
     temperature: float = 0.07  # knn: vote weight exp(cos / temperature)
+    # features: null = the classifier's final ones; N = the mean of its last N block outputs
+    # before the final norm (AIM / XTRA: 6 for the attentive probe, 1 for the linear one)
+    blocks: Optional[int] = None
 
 
 @dataclass

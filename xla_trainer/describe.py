@@ -74,9 +74,9 @@ def describe_classifier(cfg: EvalConfig, mode: str, num_classes: int) -> dict:
 
 
 def _probe_batch(model, batch: dict) -> dict:
-    from models.layers.probes import pooled_or_tokens
+    from models.layers.probes import probe_features
     with torch.no_grad():
-        features = pooled_or_tokens(model.encoder, batch["images"], model.probe.takes_tokens)
+        features = probe_features(model.encoder, batch["images"], model.probe.takes_tokens, model.blocks)
     return {"images": features, "targets": batch["targets"]}
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from models import BACKBONES
-from models.layers.probes import AttentiveProbe, Classification, FrozenEncoderProbe, LinearProbe, pooled_or_tokens
+from models.layers.probes import AttentiveProbe, Classification, FrozenEncoderProbe, LinearProbe, probe_features
 from .checkpoint import check_checkpoint_format
 from .config import ConfigError, EvalConfig
 from .data.eval import EvalData, open_eval_data
@@ -64,9 +64,21 @@ def build_classifier(cfg: EvalConfig, mode: str, num_classes: int) -> torch.nn.M
     if mode in ("train", "finetune"):
         return build_encoder(cfg, num_classes)
     encoder = build_encoder(cfg)
+    check_probe_blocks(cfg, encoder)
     dim = encoder.num_features
     probe = LinearProbe(dim, num_classes) if mode == "linprobe" else AttentiveProbe(dim, num_classes, cfg.probe.heads)
-    return FrozenEncoderProbe(encoder, probe)
+    return FrozenEncoderProbe(encoder, probe, cfg.probe.blocks)
+
+
+def check_probe_blocks(cfg: EvalConfig, encoder):
+    blocks = cfg.probe.blocks
+    if blocks is None:
+        return
+    depth = len(getattr(encoder, "blocks", ()))
+    if not hasattr(encoder, "forward_intermediates") or not 1 <= blocks <= depth:
+        raise ConfigError(f"probe.blocks {blocks}: the mean of the last blocks' outputs needs 1 <= probe.blocks <= "
+                          f"{depth} (the depth) and a classifier with forward_intermediates "
+                          f"(backbone {cfg.backbone.name!r}); null takes its final features")
 
 
 def example_batch(cfg: EvalConfig, num_classes: int) -> dict:
@@ -185,10 +197,10 @@ def train_classifier(cfg: EvalConfig, mode: str) -> dict:
 
 
 # --- k-NN ---------------------------------------------------------------------------------------
-def features_step(encoder, images, *, runtime: Runtime):
-    """L2-normalised pooled features of a batch."""
+def features_step(encoder, images, *, runtime: Runtime, blocks: int | None):
+    """L2-normalised pooled features of a batch (probe.blocks: see probe_features)."""
     with runtime.autocast():
-        pooled = pooled_or_tokens(encoder, images, tokens=False)
+        pooled = probe_features(encoder, images, tokens=False, blocks=blocks)
     return F.normalize(pooled.float(), dim=-1)
 
 
@@ -218,7 +230,9 @@ def knn(cfg: EvalConfig) -> dict:
     if cfg.probe.k > data.train_len:
         raise ConfigError(f"probe.k {cfg.probe.k} exceeds the {data.train_len} training images")
     # inference only: replicated on every device, no DDP wrapper
-    encoder = build_encoder(cfg).to(runtime.device).eval().requires_grad_(False)
+    encoder = build_encoder(cfg)
+    check_probe_blocks(cfg, encoder)
+    encoder = encoder.to(runtime.device).eval().requires_grad_(False)
     features = runtime.compile_fn(features_step, "knn_features")
     neighbours = runtime.compile_fn(neighbours_step, "knn_neighbours")
     vote = runtime.compile_fn(vote_step, "knn_vote")
@@ -227,12 +241,13 @@ def knn(cfg: EvalConfig) -> dict:
         bank = []  # (features, labels, valid) per padded train batch, every process's rows
         for batch in tqdm(runtime.device_batches(data.train_in_order()), desc="knn features",
                           disable=not runtime.is_main, dynamic_ncols=True):
-            rows = (features(encoder, batch["images"], runtime=runtime), batch["labels"], batch["valid"])
+            pooled = features(encoder, batch["images"], runtime=runtime, blocks=cfg.probe.blocks)
+            rows = (pooled, batch["labels"], batch["valid"])
             bank.append(tuple(runtime.gather_rows(t) for t in rows))
         totals = {key: torch.zeros((), device=runtime.device) for key in ("top1", "top5", "count")}
         k = cfg.probe.k
         for batch in runtime.device_batches(data.val()):
-            queries = features(encoder, batch["images"], runtime=runtime)
+            queries = features(encoder, batch["images"], runtime=runtime, blocks=cfg.probe.blocks)
             best_sims = torch.full((queries.shape[0], k), float("-inf"), device=queries.device)
             best_labels = torch.zeros((queries.shape[0], k), dtype=torch.long, device=queries.device)
             for keys, key_labels, key_valid in bank:

@@ -34,9 +34,10 @@ class Schedule:
     warmup_steps: int
     peak_lr: float
     min_lr: float
+    warmup_from: float = 0.0
 
     def lr(self, step: int) -> float:
-        return lr_at(step, self.peak_lr, self.warmup_steps, self.total_steps, self.min_lr)
+        return lr_at(step, self.peak_lr, self.warmup_steps, self.total_steps, self.min_lr, self.warmup_from)
 
 
 def make_schedule(cfg, dataset_len: int) -> Schedule:
@@ -47,7 +48,8 @@ def make_schedule(cfg, dataset_len: int) -> Schedule:
                           f"{cfg.train.global_batch}")
     return Schedule(steps_per_epoch, steps_per_epoch * cfg.train.epochs,
                     round(steps_per_epoch * cfg.optim.warmup_epochs),
-                    peak_lr(cfg.optim.base_lr, cfg.train.global_batch), cfg.optim.min_lr)
+                    peak_lr(cfg.optim.base_lr, cfg.train.global_batch, cfg.optim.lr), cfg.optim.min_lr,
+                    cfg.optim.warmup_from)
 
 
 # --- the step -----------------------------------------------------------------------------------

@@ -7,8 +7,10 @@ from timm.optim import Lars, param_groups_layer_decay, param_groups_weight_decay
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas,
                     **options) -> torch.optim.AdamW:
-    # no decay on biases and 1-D parameters (norms), as in the official recipe
-    groups = param_groups_weight_decay(model, weight_decay)
+    """AdamW without decay on biases, 1-D parameters (norms) and the names of the model's
+    optional no_weight_decay() (as timm's models declare them)."""
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+    groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=skip)
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), **options)
 
 
@@ -53,13 +55,17 @@ def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, clip
     return grad_norm
 
 
-def peak_lr(base_lr: float, global_batch: int) -> float:
-    return base_lr * global_batch / 256
+def peak_lr(base_lr: float, global_batch: int, lr: float | None = None) -> float:
+    """`lr` when given, else base_lr scaled linearly with the batch."""
+    return lr if lr is not None else base_lr * global_batch / 256
 
 
-def lr_at(step: int, peak: float, warmup_steps: int, total_steps: int, min_lr: float = 0.0) -> float:
-    """Linear warmup from peak/warmup_steps, then half-cycle cosine from peak to min_lr."""
+def lr_at(step: int, peak: float, warmup_steps: int, total_steps: int, min_lr: float = 0.0,
+          warmup_from: float = 0.0) -> float:
+    """Linear warmup from warmup_from x peak (reaching peak at step warmup_steps - 1), then
+    half-cycle cosine from peak to min_lr."""
     if step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
+        start = warmup_from * peak
+        return start + (peak - start) * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))

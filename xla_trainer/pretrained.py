@@ -14,7 +14,7 @@ import warnings
 import safetensors.torch
 import torch
 
-from models.state_dicts import strip_ddp_prefix
+from models.state_dicts import strip_wrapper_prefixes
 
 from .checkpoint import PATTERN, latest_checkpoint
 from .data.remote_io import exists, filesystem, list_names, read_bytes, write_bytes_atomic
@@ -116,7 +116,7 @@ def _unwrap(obj, path: str) -> dict[str, torch.Tensor]:
         found = f"keys {list(obj)[:8]}" if isinstance(obj, dict) else type(obj).__name__
         raise ValueError(f"{path}: expected a state_dict (name -> tensor), bare or under one of "
                          f"{WRAPPERS}; found {found}")
-    return strip_ddp_prefix(obj)
+    return strip_wrapper_prefixes(obj)
 
 
 def _read_dcp_model(path: str) -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ import io
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -41,6 +41,7 @@ class TargetManifest:
     crop_scale: list
     bytes_per_image: float
     shards: list
+    crop_ratio: list = field(default_factory=lambda: [3 / 4, 4 / 3])  # absent from older manifests
 
     @classmethod
     def load(cls, prefix: str) -> "TargetManifest":
@@ -152,7 +153,8 @@ def compute_shard(url: str, runner: TeacherRunner, cfg: Config, bar) -> tuple[by
         jpeg = jpeg_of(sample)
         try:
             width, height = image_size_of(jpeg)
-            views = [sample_view(cfg.train.seed, key, k, width, height, cfg.data.crop_scale)
+            views = [sample_view(cfg.train.seed, key, k, width, height, cfg.data.crop_scale,
+                                 cfg.data.crop_ratio)
                      for k in range(t.num_views)]
             pixels = np.stack([decode_view(jpeg, box, flip, cfg.backbone.image_size) for box, flip in views])
         except Exception as e:
@@ -242,6 +244,7 @@ def precompute_targets(cfg: Config, runtime) -> TargetManifest | None:
         teacher=teacher_identity(cfg)[0], pretrained=teacher_identity(cfg)[1], weights_sha256=weights_digest(teacher),
         image_size=cfg.backbone.image_size, grid=list(teacher.grid), dim=teacher.dim, num_views=t.num_views,
         dtype=t.dtype, seed=cfg.train.seed, crop_scale=list(cfg.data.crop_scale),
-        bytes_per_image=sum(i.bytes for i in infos) / max(1, sum(i.samples for i in infos)), shards=infos)
+        crop_ratio=list(cfg.data.crop_ratio), shards=infos,
+        bytes_per_image=sum(i.bytes for i in infos) / max(1, sum(i.samples for i in infos)))
     remote_io.write_bytes_atomic(join(t.prefix, MANIFEST), json.dumps(asdict(manifest), indent=1).encode())
     return manifest

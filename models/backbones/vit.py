@@ -13,11 +13,12 @@ from functools import partial
 from typing import ClassVar, Optional
 
 import torch
-from timm.layers import resample_abs_pos_embed
+from timm.layers import resample_abs_pos_embed, trunc_normal_
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from ..layers.pos_embed import sincos_2d
+from ..layers.segments import block_layout, raster_block_causal_mask
 from ..registry import BACKBONES, MASKS, Backbone
 from .vit_timm import encoder_to_timm
 
@@ -41,20 +42,31 @@ def vit_dims(size: str, width: int | None = None, depth: int | None = None,
 
 
 class SegmentViT(VisionTransformer):
-    """ViT with fixed 2-D sin-cos positions, a zero-initialised cls token appended LAST, no final
-    norm, xavier-uniform Linear init (the MAE / D-iGPT recipe)."""
-    extra_tokens = 1  # the cls token, after the patch tokens
+    """ViT run over a chosen subset of its patches in a chosen order, the extra (cls) token last.
+
+    Defaults: the MAE / D-iGPT student (fixed 2-D sin-cos positions, a zero cls token appended
+    last, no final norm, xavier-uniform Linear init). XTRA's: pos_embed="learned",
+    cls_token=False, final_norm=True, init="trunc_normal"."""
 
     def __init__(self, size: str = "base", img_size: int = 224, patch_size: int = 16,
-                 width: int | None = None, depth: int | None = None, heads: int | None = None):
+                 width: int | None = None, depth: int | None = None, heads: int | None = None, *,
+                 cls_token: bool = True, pos_embed: str = "sincos", final_norm: bool = False,
+                 init: str = "xavier", drop_path: float = 0.0):
         width, depth, heads = vit_dims(size, width, depth, heads)
         super().__init__(
             img_size=img_size, patch_size=patch_size, embed_dim=width, depth=depth,
-            num_heads=heads, mlp_ratio=4.0, qkv_bias=True, class_token=True,
-            no_embed_class=True, global_pool="token", num_classes=0, final_norm=False,
+            num_heads=heads, mlp_ratio=4.0, qkv_bias=True, class_token=cls_token,
+            no_embed_class=True, global_pool="token" if cls_token else "avg", fc_norm=False,
+            num_classes=0, final_norm=final_norm, drop_path_rate=drop_path,
             norm_layer=partial(nn.LayerNorm, eps=1e-6))
-        self.pos_embed.requires_grad_(False)
-        self._init_d_igpt_weights()
+        self.extra_tokens = int(cls_token)  # the cls token, after the patch tokens
+        INITS[init](self)
+        if pos_embed == "sincos":
+            self.pos_embed.requires_grad_(False)
+            with torch.no_grad():
+                self.pos_embed.copy_(sincos_2d(self.grid, self.embed_dim)[None])
+        else:
+            trunc_normal_(self.pos_embed, std=0.02)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -64,28 +76,19 @@ class SegmentViT(VisionTransformer):
     def depth(self) -> int:
         return len(self.blocks)
 
-    def _init_d_igpt_weights(self):
-        with torch.no_grad():
-            self.pos_embed.copy_(sincos_2d(self.grid, self.embed_dim)[None])
-            nn.init.zeros_(self.cls_token)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        proj = self.patch_embed.proj.weight
-        nn.init.xavier_uniform_(proj.view(proj.shape[0], -1))
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        return tuple(self.patch_embed.patch_size)
 
     def forward_taps(self, images: torch.Tensor, token_index: torch.Tensor, attn_mask: torch.Tensor,
                      taps: tuple[int, ...]) -> list[torch.Tensor]:
         """Encode the patches `token_index` (B, N) in that order, plus cls last, under `attn_mask`
-        (N+1, N+1) or None (full attention); return the outputs of blocks `taps` (1-based)."""
+        (N + extra, N + extra) or None (full attention); return the outputs of blocks `taps`
+        (1-based), before the final norm (`self.norm`, an Identity without one)."""
         x = self.patch_embed(images) + self.pos_embed  # every token keeps its true 2-D position
         x = torch.gather(x, 1, token_index[..., None].expand(-1, -1, x.shape[-1]))
-        x = torch.cat([x, self.cls_token.expand(x.shape[0], -1, -1)], dim=1)
+        if self.cls_token is not None:
+            x = torch.cat([x, self.cls_token.expand(x.shape[0], -1, -1)], dim=1)
         outs = []
         for i, block in enumerate(self.blocks, start=1):
             x = block(x, attn_mask=attn_mask)
@@ -94,14 +97,74 @@ class SegmentViT(VisionTransformer):
         return outs
 
 
+def _init_xavier(model: VisionTransformer):
+    """MAE / D-iGPT: xavier-uniform Linear and patch conv (as a matrix), zero biases and cls."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    proj = model.patch_embed.proj.weight
+    nn.init.xavier_uniform_(proj.view(proj.shape[0], -1))
+    if model.cls_token is not None:
+        nn.init.zeros_(model.cls_token)
+
+
+def _init_trunc_normal(model: VisionTransformer):
+    """XTRA: Linear ~ N(0, 0.02) (truncated at +-2, i.e. not at all), kaiming-normal patch conv
+    (fan in, relu gain), zero biases."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    nn.init.kaiming_normal_(model.patch_embed.proj.weight, mode="fan_in", nonlinearity="relu")
+    nn.init.zeros_(model.patch_embed.proj.bias)
+
+
+INITS = {"xavier": _init_xavier, "trunc_normal": _init_trunc_normal}
+
+
+class ViTClassifier(VisionTransformer):
+    """timm's VisionTransformer, optionally under a block-causal mask over blocks of
+    `causal_blocks` patches (an XTRA encoder keeps its pre-training mask when probed); without one
+    it is timm's model exactly."""
+
+    def __init__(self, causal_blocks: tuple[int, int] | None = None, **kwargs):
+        super().__init__(**kwargs)
+        mask = None
+        if causal_blocks:
+            mask = raster_block_causal_mask(tuple(self.patch_embed.grid_size), tuple(causal_blocks),
+                                            prefix_tokens=self.num_prefix_tokens)
+        self.register_buffer("attn_mask", mask, persistent=False)
+
+    def forward_features(self, x, attn_mask=None, is_causal=False):
+        return super().forward_features(x, attn_mask=self.attn_mask if attn_mask is None else attn_mask,
+                                        is_causal=is_causal)
+
+    def forward_intermediates(self, x, *args, attn_mask=None, **kwargs):
+        return super().forward_intermediates(x, *args, attn_mask=self.attn_mask if attn_mask is None
+                                             else attn_mask, **kwargs)
+
+
 def vit_classifier(size: str = "base", img_size: int = 224, patch_size: int = 16, num_classes: int = 0,
                    drop_path: float = 0.0, width: int | None = None, depth: int | None = None,
-                   heads: int | None = None) -> VisionTransformer:
+                   heads: int | None = None, *, cls_token: bool = True, final_norm: bool = False,
+                   causal_blocks: tuple[int, int] | None = None) -> ViTClassifier:
+    """Global average pool of the patch tokens, then the head. A student without a final norm
+    gets a fresh fc_norm after the pool (MAE / D-iGPT); one with a final norm keeps it over the
+    tokens, before the pool (XTRA)."""
     width, depth, heads = vit_dims(size, width, depth, heads)
-    return VisionTransformer(
-        img_size=img_size, patch_size=patch_size, num_classes=num_classes, global_pool="avg",
-        fc_norm=True, embed_dim=width, depth=depth, num_heads=heads, mlp_ratio=4.0,
-        qkv_bias=True, class_token=True, drop_path_rate=drop_path,
+    return ViTClassifier(
+        causal_blocks, img_size=img_size, patch_size=patch_size, num_classes=num_classes,
+        global_pool="avg", fc_norm=not final_norm, embed_dim=width, depth=depth, num_heads=heads,
+        mlp_ratio=4.0, qkv_bias=True, class_token=cls_token, drop_path_rate=drop_path,
         norm_layer=partial(nn.LayerNorm, eps=1e-6))
 
 
@@ -114,8 +177,17 @@ class ViTConfig:
     width: Optional[int] = None  # override the size's width / depth / heads
     depth: Optional[int] = None
     heads: Optional[int] = None
-    drop_path: float = 0.0  # the classifier's (fine-tuning, supervised training); students have none
-    CHOICES: ClassVar[dict] = {"size": tuple(VIT_SIZES)}
+    drop_path: float = 0.0  # stochastic depth, max rate (linear over the blocks)
+    # the student's flavour: D-iGPT's defaults; XTRA: learned, false, true, trunc_normal
+    pos_embed: str = "sincos"  # sincos (fixed 2-D) | learned
+    cls_token: bool = True  # a cls token (the student's last, the classifier's first)
+    final_norm: bool = False  # a LayerNorm over the last block's tokens
+    init: str = "xavier"  # xavier (MAE, D-iGPT) | trunc_normal (XTRA)
+    # the classifier attends block-causally over blocks of [rows, cols] patches, as an XTRA
+    # encoder was pre-trained (its probes keep the mask); null = full attention
+    causal_blocks: Optional[list] = None
+    CHOICES: ClassVar[dict] = {"size": tuple(VIT_SIZES), "pos_embed": ("sincos", "learned"),
+                               "init": tuple(INITS)}
 
 
 @BACKBONES.register("vit")
@@ -131,15 +203,23 @@ class ViT(Backbone):
         if cfg.image_size % cfg.patch_size:
             raise ValueError(f"backbone.image_size {cfg.image_size} is not a multiple of "
                              f"backbone.patch_size {cfg.patch_size}")
+        if cfg.causal_blocks is not None:
+            try:
+                block_layout(ViT.grid(cfg), tuple(cfg.causal_blocks))
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"backbone.causal_blocks {cfg.causal_blocks}: {e}") from None
 
     @staticmethod
     def student(cfg: ViTConfig) -> SegmentViT:
-        return SegmentViT(cfg.size, cfg.image_size, cfg.patch_size, cfg.width, cfg.depth, cfg.heads)
+        return SegmentViT(cfg.size, cfg.image_size, cfg.patch_size, cfg.width, cfg.depth, cfg.heads,
+                          cls_token=cfg.cls_token, pos_embed=cfg.pos_embed, final_norm=cfg.final_norm,
+                          init=cfg.init, drop_path=cfg.drop_path)
 
     @staticmethod
-    def classifier(cfg: ViTConfig, num_classes: int = 0) -> VisionTransformer:
+    def classifier(cfg: ViTConfig, num_classes: int = 0) -> ViTClassifier:
         return vit_classifier(cfg.size, cfg.image_size, cfg.patch_size, num_classes, cfg.drop_path,
-                              cfg.width, cfg.depth, cfg.heads)
+                              cfg.width, cfg.depth, cfg.heads, cls_token=cfg.cls_token,
+                              final_norm=cfg.final_norm, causal_blocks=cfg.causal_blocks)
 
     import_state = staticmethod(encoder_to_timm)
 
@@ -147,5 +227,6 @@ class ViT(Backbone):
     def adapt_state(state: dict, classifier: VisionTransformer) -> dict:
         if state["pos_embed"].shape != classifier.pos_embed.shape:  # another resolution: resample
             state = {**state, "pos_embed": resample_abs_pos_embed(
-                state["pos_embed"], list(classifier.patch_embed.grid_size), num_prefix_tokens=1)}
+                state["pos_embed"], list(classifier.patch_embed.grid_size),
+                num_prefix_tokens=classifier.num_prefix_tokens)}
         return state

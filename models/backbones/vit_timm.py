@@ -1,8 +1,9 @@
-"""A ViT encoder from any of our DiGPT (encoder.*), our SegmentViT, the official D-iGPT
-pre-training or fine-tuning models, or a timm ViT -> the state_dict of timm's
-VisionTransformer(class_token=True, global_pool='avg', fc_norm=True), cls first: the layout the
-ViT classifier loads and export-timm writes. Pure functions over dicts of tensors; reading and
-writing files is xla_trainer/pretrained.py's job."""
+"""A ViT encoder from any of our pre-training objectives (encoder.*), our SegmentViT, the official
+D-iGPT pre-training or fine-tuning models, the official XTRA pre-training models (enc.*), or a timm
+ViT -> the state_dict of timm's VisionTransformer(global_pool='avg'): the layout the ViT classifier
+loads and export-timm writes. With a cls token it comes first; without a final norm the layout
+has fc_norm after the pool (MAE / D-iGPT), with one it keeps `norm` before the pool (XTRA). Pure
+functions over dicts of tensors; reading and writing files is xla_trainer/pretrained.py's job."""
 import re
 
 import torch
@@ -14,32 +15,40 @@ from ..state_dicts import check_keys, count_indexed, short_list, square_side
 _VIT_KEY = re.compile(r"^(cls_token|pos_embed|reg_token|patch_embed\.|blocks\.|norm\.|fc_norm\.|head\.)")
 
 
-def encoder_to_timm(state: dict, grid: tuple[int, int] | None = None) -> dict:
-    """The encoder of any of: our DiGPT (encoder.*), our SegmentViT, the official pre-training or
-    fine-tuning model, a timm ViT -> the state_dict of timm's
-    VisionTransformer(class_token=True, global_pool='avg', fc_norm=True, num_classes=<head rows or 0>).
+# where an encoder sits in the checkpoints of a whole pre-training model: ours, the official XTRA's
+ENCODER_PREFIXES = ("encoder.", "enc.")
 
-    pos_embed comes out cls first, with a zero cls row where the source has none: with full
+
+def encoder_to_timm(state: dict, grid: tuple[int, int] | None = None) -> dict:
+    """The encoder of any of: our pre-training objectives (encoder.*), our SegmentViT, the official
+    D-iGPT pre-training or fine-tuning model, the official XTRA model (enc.*), a timm ViT -> the
+    state_dict of timm's VisionTransformer(global_pool='avg', class_token=<has one>,
+    fc_norm=<has no final norm>, num_classes=<head rows or 0>).
+
+    A cls token's pos_embed row comes out first, zero where the source has none: with full
     attention the cls token's place in the sequence does not matter, so our encoder (cls last,
-    without a position) is the same encoder. Decoder keys are dropped; fc_norm and head are kept
-    where the source has them, and a fresh fc_norm (ones, zeros: where fine-tuning starts from)
-    is added where it has none. `grid` (rows, cols) of patches is needed only for a non-square grid
-    whose pos_embed has no cls row."""
-    if any(k.startswith("encoder.") for k in state):
-        state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    without a position) is the same encoder. Other keys (decoders, predictors) are dropped; a
+    source without a final norm gets a fresh fc_norm (ones, zeros: where fine-tuning starts from)
+    where it has none. `grid` (rows, cols) of patches is needed only for a non-square grid whose
+    pos_embed has no cls row."""
+    prefix = next((p for p in ENCODER_PREFIXES if any(k.startswith(p) for k in state)), None)
+    if prefix:
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     else:
         state = {k: v for k, v in state.items() if _VIT_KEY.match(k)}
-    if any(k.startswith("norm.") for k in state):
-        raise ValueError("the source has a final norm over the tokens (norm.*), which a "
-                         "global_pool='avg', fc_norm=True ViT has no place for")
-    for key in ("cls_token", "pos_embed", "patch_embed.proj.weight"):
+    if any(k.startswith("norm.") for k in state) and any(k.startswith("fc_norm.") for k in state):
+        raise ValueError("the source has both a final norm over the tokens (norm.*) and fc_norm.*, "
+                         "which a global_pool='avg' ViT has no place for")
+    for key in ("pos_embed", "patch_embed.proj.weight"):
         if key not in state:
             raise ValueError(f"not a ViT encoder state_dict: no {key!r} among {short_list(sorted(state))}")
     out = dict(state)
-    out["pos_embed"] = _cls_first(state["pos_embed"], grid)
-    width = state["cls_token"].shape[-1]
-    for p, init in (("weight", torch.ones), ("bias", torch.zeros)):
-        out.setdefault(f"fc_norm.{p}", init(width))
+    if "cls_token" in state:
+        out["pos_embed"] = _cls_first(state["pos_embed"], grid)
+    if "norm.weight" not in state:
+        width = state["pos_embed"].shape[-1]
+        for p, init in (("weight", torch.ones), ("bias", torch.zeros)):
+            out.setdefault(f"fc_norm.{p}", init(width))
     _check_timm_layout(out, grid)
     return out
 
@@ -58,18 +67,19 @@ def _cls_first(pos_embed: torch.Tensor, grid: tuple[int, int] | None) -> torch.T
 
 
 def timm_vit_for(state: dict, grid: tuple[int, int] | None = None, **kwargs) -> VisionTransformer:
-    """The timm ViT (global_pool='avg', fc_norm=True) whose state_dict has the keys and shapes of
-    `state` (an encoder_to_timm output), with randomly initialised weights; `kwargs` override
-    settings that leave the state_dict alone (num_heads, norm eps, ...)."""
+    """The timm ViT (global_pool='avg') whose state_dict has the keys and shapes of `state` (an
+    encoder_to_timm output), with randomly initialised weights; `kwargs` override settings that
+    leave the state_dict alone (num_heads, norm eps, ...)."""
     width, channels, patch, _ = state["patch_embed.proj.weight"].shape
-    patches = state["pos_embed"].shape[1] - 1
+    cls_token = "cls_token" in state
+    patches = state["pos_embed"].shape[1] - cls_token
     gh, gw = grid or (square_side(patches),) * 2
     hidden = state["blocks.0.mlp.fc1.weight"].shape[0] if "blocks.0.mlp.fc1.weight" in state else 4 * width
     settings = dict(
         img_size=(gh * patch, gw * patch), patch_size=patch, in_chans=channels, embed_dim=width,
         depth=count_indexed(state, "blocks."), num_heads=1, mlp_ratio=hidden / width,
-        qkv_bias="blocks.0.attn.qkv.bias" in state, class_token=True, global_pool="avg",
-        fc_norm=True, num_classes=state["head.weight"].shape[0] if "head.weight" in state else 0)
+        qkv_bias="blocks.0.attn.qkv.bias" in state, class_token=cls_token, global_pool="avg",
+        fc_norm="norm.weight" not in state, num_classes=state["head.weight"].shape[0] if "head.weight" in state else 0)
     return VisionTransformer(**{**settings, **kwargs})
 
 

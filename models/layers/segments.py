@@ -1,4 +1,4 @@
-"""Segment layout, per-sample segment order and the block-causal mask (D-iGPT / XTRA style).
+"""Segment layout, per-sample segment order and the block-causal masks of D-iGPT and XTRA.
 
 A patch grid is cut into `split = (rows, cols)` equal segments. Segments are numbered in raster
 order and so are the patches inside a segment, so `patch_index[s, t]` is the raster index in the
@@ -66,3 +66,30 @@ def block_causal_mask(num_blocks: int, block_len: int, cls_visible_to_last_block
     if cls_visible_to_last_block:
         full[(num_blocks - 1) * block_len:-1, -1] = True
     return full
+
+
+def block_layout(grid: tuple[int, int], block: tuple[int, int]) -> SegmentLayout:
+    """The grid cut into blocks of `block` (rows, cols) patches, numbered in raster block order."""
+    if len(block) != 2 or grid[0] % block[0] or grid[1] % block[1] or min(block) < 1:
+        raise ValueError(f"blocks of {'x'.join(map(str, block))} patches do not tile the "
+                         f"{grid[0]}x{grid[1]} patch grid; pick a block shape that divides it")
+    return SegmentLayout(grid, (grid[0] // block[0], grid[1] // block[1]))
+
+
+def raster_block_causal_mask(grid: tuple[int, int], block: tuple[int, int], prefix_tokens: int = 0,
+                             suffix_tokens: int = 0) -> torch.Tensor:
+    """Boolean mask, True = may attend, over `prefix_tokens`, the patches in raster PATCH order
+    (XTRA keeps them so: a block's tokens are not contiguous), then `suffix_tokens`. Patch i sees
+    patch j iff block(j) <= block(i), blocks of `block` patches in raster block order. The extra
+    (cls) tokens see only each other, so they carry no pixels and every patch may see them: no
+    block learns of a later one through them."""
+    layout = block_layout(grid, block)
+    block_of = torch.empty(grid[0] * grid[1], dtype=torch.long)
+    block_of[layout.patch_index().flatten()] = torch.arange(layout.num_segments).repeat_interleave(
+        layout.tokens_per_segment)
+    extra = torch.full((prefix_tokens,), -1), torch.full((suffix_tokens,), -1)
+    rank = torch.cat([extra[0], block_of, extra[1]])  # extra tokens rank before every block
+    mask = rank[:, None] >= rank[None, :]
+    is_extra = rank < 0
+    mask[is_extra[:, None] & ~is_extra[None, :]] = False  # ... yet see no patch
+    return mask

@@ -17,7 +17,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN, IMAGENET_DEFAULT_S
 from torch import nn
 
 from ..registry import TEACHERS, Teacher
-from ..state_dicts import strip_ddp_prefix
+from ..state_dicts import strip_wrapper_prefixes
 from .frozen import FrozenTeacher
 
 # Small architectures of our own (e.g. the demo teacher) next to open_clip's registry.
@@ -73,7 +73,7 @@ def _unwrap(state) -> dict | None:
         state = state["state_dict"]
     if not isinstance(state, dict):
         return None
-    return strip_ddp_prefix(state)
+    return strip_wrapper_prefixes(state)
 
 
 def load_visual_state(clip: nn.Module, state: dict, what: str):

@@ -24,9 +24,9 @@ EMBEDDED_ROOT = "~/.cache/xla-trainer/embedded"
 log = logging.getLogger(__name__)
 
 
-def pretrain_transform(image_size: int, crop_scale) -> transforms.Compose:
+def pretrain_transform(image_size: int, crop_scale, crop_ratio=(3 / 4, 4 / 3)) -> transforms.Compose:
     return transforms.Compose([
-        transforms.RandomResizedCrop(image_size, scale=tuple(crop_scale),
+        transforms.RandomResizedCrop(image_size, scale=tuple(crop_scale), ratio=tuple(crop_ratio),
                                      interpolation=InterpolationMode.BICUBIC),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
@@ -39,9 +39,9 @@ class PretrainImageFolder(Dataset):
     augmentation of a sample is seeded by (seed, epoch, index), independent of worker and host.
     An unreadable image is logged by path, counted, and replaced by the next readable one."""
 
-    def __init__(self, root: str, image_size: int, crop_scale, seed: int):
+    def __init__(self, root: str, image_size: int, crop_scale, seed: int, crop_ratio=(3 / 4, 4 / 3)):
         self.folder = datasets.ImageFolder(root)
-        self.transform = pretrain_transform(image_size, crop_scale)
+        self.transform = pretrain_transform(image_size, crop_scale, crop_ratio)
         self.seed = seed
 
     def __len__(self):
@@ -108,12 +108,12 @@ def image_root(cfg: Config) -> str:
     return cfg.data.root
 
 
-def build_dataset(root: str, image_size: int, crop_scale, seed: int) -> PretrainImageFolder:
+def build_dataset(root: str, image_size: int, crop_scale, seed: int, crop_ratio=(3 / 4, 4 / 3)) -> PretrainImageFolder:
     train_dir = Path(root) / "train"
     if not train_dir.is_dir():
         raise FileNotFoundError(f"data.root '{root}' has no train/ directory; expected "
                                 f"{train_dir}/<class>/<image> (the ImageNet layout)")
-    return PretrainImageFolder(str(train_dir), image_size, crop_scale, seed)
+    return PretrainImageFolder(str(train_dir), image_size, crop_scale, seed, crop_ratio)
 
 
 def build_loader(dataset, sampler, num_workers: int, collate_fn=collate, persistent: bool = True) -> DataLoader:
@@ -135,7 +135,8 @@ def open_train_data(cfg: Config, runtime) -> TrainData:
     seed, workers = cfg.train.seed, cfg.data.num_workers
     local_batch = cfg.train.global_batch // runtime.process_count
     if cfg.data.source != "shards":
-        dataset = build_dataset(image_root(cfg), cfg.backbone.image_size, cfg.data.crop_scale, seed)
+        dataset = build_dataset(image_root(cfg), cfg.backbone.image_size, cfg.data.crop_scale, seed,
+                                cfg.data.crop_ratio)
         sampler = lambda start, end: GlobalBatchSampler(
             len(dataset), cfg.train.global_batch, runtime.process_index, runtime.process_count, seed, start, end)
         return TrainData(len(dataset), lambda start, end: build_loader(dataset, sampler(start, end), workers))
@@ -148,7 +149,8 @@ def open_train_data(cfg: Config, runtime) -> TrainData:
     steps_per_epoch = images.num_samples // cfg.train.global_batch
     stream = lambda start, end: ShardStream(
         images, cfg.data.shards, targets, cfg.targets.prefix, image_size=cfg.backbone.image_size,
-        crop_scale=cfg.data.crop_scale, seed=seed, local_batch=local_batch, steps_per_epoch=steps_per_epoch,
+        crop_scale=cfg.data.crop_scale, crop_ratio=cfg.data.crop_ratio, seed=seed, local_batch=local_batch,
+        steps_per_epoch=steps_per_epoch,
         start_step=start, total_steps=end, process_index=runtime.process_index,
         process_count=runtime.process_count, shuffle_buffer=cfg.data.shuffle_buffer)
     return TrainData(images.num_samples, lambda start, end: build_shard_loader(stream(start, end), workers), targets)

@@ -41,10 +41,10 @@ class ShardStream(IterableDataset):
     def __init__(self, images: ImageManifest, image_prefix: str, targets: TargetManifest | None,
                  target_prefix: str | None, *, image_size: int, crop_scale, seed: int, local_batch: int,
                  steps_per_epoch: int, start_step: int, total_steps: int, process_index: int,
-                 process_count: int, shuffle_buffer: int):
+                 process_count: int, shuffle_buffer: int, crop_ratio=(3 / 4, 4 / 3)):
         self.images, self.image_prefix = images, image_prefix
         self.targets, self.target_prefix = targets, target_prefix
-        self.image_size, self.crop_scale, self.seed = image_size, crop_scale, seed
+        self.image_size, self.crop_scale, self.crop_ratio, self.seed = image_size, crop_scale, crop_ratio, seed
         self.local_batch, self.steps_per_epoch = local_batch, steps_per_epoch
         self.start_step, self.total_steps = start_step, total_steps
         self.process_index, self.process_count = process_index, process_count
@@ -132,7 +132,8 @@ class ShardStream(IterableDataset):
         try:
             if target is None:
                 width, height = image_size_of(jpeg)
-                box, flip = sample_view(self.seed, key, epoch, width, height, self.crop_scale)
+                box, flip = sample_view(self.seed, key, epoch, width, height, self.crop_scale,
+                                         self.crop_ratio)
                 return decode_view(jpeg, box, flip, self.image_size), None
             views = json.loads(target["views.json"])
             k = view_index(self.seed, epoch, key, len(views["flips"]))

@@ -16,12 +16,13 @@ _MEAN = np.array(IMAGENET_MEAN, dtype=np.float32).reshape(3, 1, 1)
 _STD = np.array(IMAGENET_STD, dtype=np.float32).reshape(3, 1, 1)
 
 
-def sample_view(seed: int, key: str, index: int, width: int, height: int, crop_scale) -> tuple:
+def sample_view(seed: int, key: str, index: int, width: int, height: int, crop_scale,
+                crop_ratio=(3 / 4, 4 / 3)) -> tuple:
     """((top, left, height, width), flip) of the pre-training augmentation: torchvision's
     RandomResizedCrop parameters and a coin flip, under a generator seeded by (seed, key, index)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, key, index))
-        box = RandomResizedCrop.get_params(torch.empty(0, height, width), tuple(crop_scale), (3 / 4, 4 / 3))
+        box = RandomResizedCrop.get_params(torch.empty(0, height, width), tuple(crop_scale), tuple(crop_ratio))
         flip = bool(torch.rand(1) < 0.5)
     return tuple(int(v) for v in box), flip
 
