@@ -89,7 +89,11 @@ class Backbone(Entry):
 
     @staticmethod
     def check(cfg):
-        """Raise ValueError for sizes this backbone cannot build (before anything is built)."""
+        """Raise ValueError for sizes this backbone cannot build (before anything is built); by
+        default, an image_size its patch_size does not tile."""
+        if cfg.image_size % cfg.patch_size:
+            raise ValueError(f"backbone.image_size {cfg.image_size} is not a multiple of "
+                             f"backbone.patch_size {cfg.patch_size}")
 
     @staticmethod
     def grid(cfg) -> tuple[int, int]:

@@ -59,6 +59,36 @@ def linprobe_top1(proc: subprocess.Popen) -> float:
     return float(re.search(r"linprobe: top-1 ([\d.]+)%", out).group(1))
 
 
+def pretrain_then_probe(config: str, probe_config: str, embedded_root, digits_root, out) -> tuple:
+    """A shipped demo pre-training config as it is (XLA:CPU), then `probe_config`'s linear probe on
+    the digits from its output and from random init, side by side: (metrics rows, the two top-1s)."""
+    result = run_cli(["pretrain", "--config", config, f"data.root={embedded_root}", f"train.output_dir={out}"],
+                     env={"PJRT_DEVICE": "CPU"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    probe = ("--config", probe_config)
+    runs = (linprobe(digits_root, out / "probe", out, *probe),
+            linprobe(digits_root, out / "probe-random", "null", *probe))
+    return read_metrics(out), *(linprobe_top1(r) for r in runs)
+
+
+def check_four_devices_match_one(pretrain_args, tmp_path):
+    """`pretrain_args(output_dir, **overrides)` run on 1 XLA CPU device and on a 4-device FSDP mesh
+    (parameters sharded too): the same losses and gradient norms, a loss that moves, and a step
+    that compiles once."""
+    rows = {}
+    for devices, extra in ((1, {}), (4, {"runtime.mesh": "[1,-1]"})):
+        out = tmp_path / f"dev{devices}"
+        result = run_cli(["pretrain", *pretrain_args(out, **extra)],
+                         env={"PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": str(devices)})
+        assert result.returncode == 0, result.stderr[-3000:]
+        rows[devices] = read_metrics(out)
+    for a, b in zip(rows[1], rows[4], strict=True):
+        for key in ("loss", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=2e-3), (a["step"], key)
+    assert rows[1][0]["loss"] != pytest.approx(rows[1][-1]["loss"], abs=1e-4)
+    assert all(0 < r[0]["compiles"] == r[-1]["compiles"] for r in rows.values())
+
+
 def read_metrics(output_dir) -> list[dict]:
     with open(Path(output_dir) / "metrics.jsonl") as f:
         return [json.loads(line) for line in f]
@@ -90,8 +120,9 @@ def tiny_eval_overrides(digits_root, output_dir, **extra) -> list[str]:
 
 
 # The longest files first: with one file per xdist worker, a long file started last would run alone.
-LONGEST_FIRST = ("test_learning.py", "test_xtra.py", "test_xla_spmd.py", "test_shards.py", "test_xla_checkpoints.py",
-                 "test_eval.py", "test_preemption.py", "test_convert.py", "test_supervised.py")
+LONGEST_FIRST = ("test_learning.py", "test_xtra.py", "test_crate_alpha.py", "test_xla_spmd.py", "test_shards.py",
+                 "test_xla_checkpoints.py", "test_eval.py", "test_preemption.py", "test_convert.py",
+                 "test_supervised.py")
 
 
 def pytest_collection_modifyitems(items):

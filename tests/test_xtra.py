@@ -321,21 +321,10 @@ def xtra_overrides(data_root, output_dir, **extra) -> list[str]:
 
 @pytest.mark.slow
 def test_xla_spmd_four_devices_match_one(embedded_root, tmp_path):
-    """XTRA on the real XLA path: a 4-device mesh (FSDP: parameters sharded too) gives one
-    device's losses, and the step compiles once."""
-    from conftest import read_metrics, run_cli
-    rows = {}
-    for devices, extra in ((1, {}), (4, {"runtime.mesh": "[1,-1]"})):
-        out = tmp_path / f"dev{devices}"
-        result = run_cli(["pretrain", *xtra_overrides(embedded_root, out, **extra)],
-                         env={"PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": str(devices)})
-        assert result.returncode == 0, result.stderr[-3000:]
-        rows[devices] = read_metrics(out)
-    for a, b in zip(rows[1], rows[4], strict=True):
-        for key in ("loss", "grad_norm"):
-            assert b[key] == pytest.approx(a[key], rel=2e-3), (a["step"], key)
-    assert rows[1][0]["loss"] != pytest.approx(rows[1][-1]["loss"], abs=1e-3)
-    assert all(0 < r[0]["compiles"] == r[-1]["compiles"] for r in rows.values())
+    """XTRA on the real XLA path: a 4-device FSDP mesh gives one device's losses, and the step
+    compiles once."""
+    from conftest import check_four_devices_match_one
+    check_four_devices_match_one(lambda out, **extra: xtra_overrides(embedded_root, out, **extra), tmp_path)
 
 
 MARGIN = 8.0  # top-1 points; measured 67.3 (pre-trained) vs 53.8 (random init) on a 2-core CPU VM
@@ -345,15 +334,9 @@ MARGIN = 8.0  # top-1 points; measured 67.3 (pre-trained) vs 53.8 (random init) 
 def test_demo_pretraining_beats_random_init_on_the_linear_probe(embedded_root, digits_root, tmp_path):
     """configs/xtra/demo.yaml as shipped, then configs/xtra/linprobe_demo.yaml on the digits from
     its output and from random init, side by side."""
-    from conftest import linprobe, linprobe_top1, read_metrics, run_cli
-    result = run_cli(["pretrain", "--config", "configs/xtra/demo.yaml", f"data.root={embedded_root}",
-                      f"train.output_dir={tmp_path}"], env={"PJRT_DEVICE": "CPU"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = read_metrics(tmp_path)
+    from conftest import pretrain_then_probe
+    rows, pretrained_top1, random_top1 = pretrain_then_probe(
+        "configs/xtra/demo.yaml", "configs/xtra/linprobe_demo.yaml", embedded_root, digits_root, tmp_path)
     assert rows[-1]["step"] == 300 and rows[-1]["loss"] < 0.7 * rows[0]["loss"]
     assert rows[-1]["compiles"] == rows[1]["compiles"]
-    probe = ("--config", "configs/xtra/linprobe_demo.yaml")
-    runs = linprobe(digits_root, tmp_path / "probe", tmp_path, *probe), \
-        linprobe(digits_root, tmp_path / "probe-random", "null", *probe)
-    pretrained_top1, random_top1 = (linprobe_top1(r) for r in runs)
     assert pretrained_top1 > random_top1 + MARGIN, (pretrained_top1, random_top1)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from timm.layers import Mlp, trunc_normal_
 from torch import nn
 
+from models.layers.taps import block_outputs, gather_tokens
 from models.registry import BACKBONES, MASKS, OBJECTIVES, Backbone, Objective
 
 
@@ -58,15 +59,9 @@ class ToyNet(nn.Module):
         return self.patch_embed(images).flatten(2).transpose(1, 2) + self.pos_embed
 
     def forward_taps(self, images, token_index, attn_mask, taps):
-        x = self.embed(images)
-        x = torch.gather(x, 1, token_index[..., None].expand(-1, -1, x.shape[-1]))
-        x = torch.cat([x, self.cls_token.expand(x.shape[0], -1, -1)], dim=1)
-        outs = []
-        for i, block in enumerate(self.blocks, start=1):
-            x = block(x, attn_mask)
-            if i in taps:
-                outs.append(x)
-        return outs
+        x = gather_tokens(self.embed(images), token_index)
+        return block_outputs(self.blocks, torch.cat([x, self.cls_token.expand(x.shape[0], -1, -1)], dim=1),
+                             attn_mask, taps)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         x = self.embed(images)
@@ -108,12 +103,6 @@ class ToyBackbone(Backbone):
     INVALID = {"patch_size": 5}
     masks = MASKS
     blocks = (MixerBlock,)
-
-    @staticmethod
-    def check(cfg):
-        if cfg.image_size % cfg.patch_size:
-            raise ValueError(f"backbone.image_size {cfg.image_size} is not a multiple of backbone.patch_size "
-                             f"{cfg.patch_size}")
 
     @staticmethod
     def student(cfg):

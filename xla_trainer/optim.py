@@ -17,13 +17,15 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, beta
 def build_eval_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: float,
                          layer_decay: float = 1.0, betas=(0.9, 0.999), momentum: float = 0.9,
                          **options) -> torch.optim.Optimizer:
-    """AdamW, SGD or LARS over the trainable parameters. layer_decay < 1 scales each ViT layer's
-    lr by layer_decay^(depth - layer) (timm's grouping, BEiT / MAE fine-tuning); `options` are the
+    """AdamW, SGD or LARS over the trainable parameters, without decay on biases, 1-D parameters
+    and the model's no_weight_decay() names. layer_decay < 1 scales each ViT layer's lr by
+    layer_decay^(depth - layer) (timm's grouping, BEiT / MAE fine-tuning); `options` are the
     runtime's AdamW options (capturable on XLA)."""
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
     if layer_decay < 1.0:
-        groups = param_groups_layer_decay(model, weight_decay, model.no_weight_decay(), layer_decay=layer_decay)
+        groups = param_groups_layer_decay(model, weight_decay, skip, layer_decay=layer_decay)
     else:
-        groups = param_groups_weight_decay(model, weight_decay)
+        groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=skip)
     groups = [g for g in groups if any(p.requires_grad for p in g["params"])]
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), **options)

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..layers.pos_embed import sincos_2d
 from ..layers.segments import block_layout, raster_block_causal_mask
+from ..layers.taps import block_outputs, gather_tokens
 from ..registry import BACKBONES, MASKS, Backbone
 from .vit_timm import encoder_to_timm
 
@@ -85,16 +86,10 @@ class SegmentViT(VisionTransformer):
         """Encode the patches `token_index` (B, N) in that order, plus cls last, under `attn_mask`
         (N + extra, N + extra) or None (full attention); return the outputs of blocks `taps`
         (1-based), before the final norm (`self.norm`, an Identity without one)."""
-        x = self.patch_embed(images) + self.pos_embed  # every token keeps its true 2-D position
-        x = torch.gather(x, 1, token_index[..., None].expand(-1, -1, x.shape[-1]))
+        x = gather_tokens(self.patch_embed(images) + self.pos_embed, token_index)  # true 2-D positions
         if self.cls_token is not None:
             x = torch.cat([x, self.cls_token.expand(x.shape[0], -1, -1)], dim=1)
-        outs = []
-        for i, block in enumerate(self.blocks, start=1):
-            x = block(x, attn_mask=attn_mask)
-            if i in taps:
-                outs.append(x)
-        return outs
+        return block_outputs(self.blocks, x, attn_mask, taps)
 
 
 def _init_xavier(model: VisionTransformer):
@@ -200,9 +195,7 @@ class ViT(Backbone):
 
     @staticmethod
     def check(cfg: ViTConfig):
-        if cfg.image_size % cfg.patch_size:
-            raise ValueError(f"backbone.image_size {cfg.image_size} is not a multiple of "
-                             f"backbone.patch_size {cfg.patch_size}")
+        Backbone.check(cfg)
         if cfg.causal_blocks is not None:
             try:
                 block_layout(ViT.grid(cfg), tuple(cfg.causal_blocks))
