@@ -5,12 +5,20 @@ import torch
 from timm.optim import Lars, param_groups_layer_decay, param_groups_weight_decay
 
 
+def no_decay_names(model: torch.nn.Module) -> set[str]:
+    """The parameter names the model's optional no_weight_decay() exempts (timm's convention)."""
+    return set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+
+
+def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """timm's groups: no decay on biases, 1-D parameters (norms) and no_decay_names(model)."""
+    return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=no_decay_names(model))
+
+
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas,
                     **options) -> torch.optim.AdamW:
-    """AdamW without decay on biases, 1-D parameters (norms) and the names of the model's
-    optional no_weight_decay() (as timm's models declare them)."""
-    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
-    groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=skip)
+    """AdamW over weight_decay_groups(model)."""
+    groups = weight_decay_groups(model, weight_decay)
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), **options)
 
 
@@ -21,11 +29,10 @@ def build_eval_optimizer(model: torch.nn.Module, name: str, lr: float, weight_de
     and the model's no_weight_decay() names. layer_decay < 1 scales each ViT layer's lr by
     layer_decay^(depth - layer) (timm's grouping, BEiT / MAE fine-tuning); `options` are the
     runtime's AdamW options (capturable on XLA)."""
-    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
     if layer_decay < 1.0:
-        groups = param_groups_layer_decay(model, weight_decay, skip, layer_decay=layer_decay)
+        groups = param_groups_layer_decay(model, weight_decay, no_decay_names(model), layer_decay=layer_decay)
     else:
-        groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=skip)
+        groups = weight_decay_groups(model, weight_decay)
     groups = [g for g in groups if any(p.requires_grad for p in g["params"])]
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), **options)

@@ -8,6 +8,7 @@ boolean mask through SDPA) and the classifier (timm-style), with one state_dict.
 neither timm nor another library has these blocks.
 """
 from dataclasses import dataclass
+from functools import partial
 from typing import ClassVar, Optional
 
 import torch
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, PatchEmbed
 from torch import nn
 
+from ..layers.init import init_linears
 from ..layers.taps import block_outputs, gather_tokens
 from ..registry import BACKBONES, MASKS, Backbone
 from ..state_dicts import square_side
@@ -97,11 +99,7 @@ class CrateAlpha(nn.Module):
     def _init_weights(self):
         """The JAX code's: kernels ~ N(0, 0.02) (the patch conv kaiming-uniform), positions ~
         N(0, 0.02), cls ~ N(0, 1e-6), zero biases; ODL's dictionaries as ODL makes them."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_linears(self, partial(nn.init.normal_, std=0.02))
         conv = self.patch_embed.proj
         nn.init.kaiming_uniform_(conv.weight, nonlinearity="relu")  # flax: bound sqrt(6 / fan in)
         nn.init.zeros_(conv.bias)
@@ -120,9 +118,13 @@ class CrateAlpha(nn.Module):
         return block_outputs(self.blocks, torch.cat([x, cls], dim=1), attn_mask, taps)
 
     # --- the classifier ---
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """cls first, then the patches, each with its position."""
         x = self.patch_embed(images)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.embed(images)
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
@@ -133,8 +135,7 @@ class CrateAlpha(nn.Module):
         interface, the NLC / intermediates-only form the probes use)."""
         if output_fmt != "NLC" or not intermediates_only:
             raise ValueError("CrateAlpha.forward_intermediates gives NLC intermediates only")
-        x = self.patch_embed(images)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        x = self.embed(images)
         outs = []
         for i, block in enumerate(self.blocks):
             x = block(x)
@@ -214,7 +215,8 @@ class CrateAlphaBackbone(Backbone):
     def adapt_state(state: dict, classifier: CrateAlpha) -> dict:
         """Another patch size or resolution, as the official fine-tuning does: the patch kernel
         resized bilinearly, the position grid resampled linearly (corners aligned, as
-        scipy.ndimage.zoom(order=1)), the cls position kept."""
+        scipy.ndimage.zoom(order=1)), the cls position kept. By hand: timm's
+        resample_abs_pos_embed does not align corners."""
         state = dict(state)
         kernel, target = state["patch_embed.proj.weight"], classifier.patch_embed.proj.weight
         if kernel.shape != target.shape:

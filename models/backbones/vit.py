@@ -17,6 +17,7 @@ from timm.layers import resample_abs_pos_embed, trunc_normal_
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
+from ..layers.init import init_linears
 from ..layers.pos_embed import sincos_2d
 from ..layers.segments import block_layout, raster_block_causal_mask
 from ..layers.taps import block_outputs, gather_tokens
@@ -94,14 +95,7 @@ class SegmentViT(VisionTransformer):
 
 def _init_xavier(model: VisionTransformer):
     """MAE / D-iGPT: xavier-uniform Linear and patch conv (as a matrix), zero biases and cls."""
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+    init_linears(model, nn.init.xavier_uniform_)
     proj = model.patch_embed.proj.weight
     nn.init.xavier_uniform_(proj.view(proj.shape[0], -1))
     if model.cls_token is not None:
@@ -111,14 +105,7 @@ def _init_xavier(model: VisionTransformer):
 def _init_trunc_normal(model: VisionTransformer):
     """XTRA: Linear ~ N(0, 0.02) (truncated at +-2, i.e. not at all), kaiming-normal patch conv
     (fan in, relu gain), zero biases."""
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+    init_linears(model, partial(trunc_normal_, std=0.02))
     nn.init.kaiming_normal_(model.patch_embed.proj.weight, mode="fan_in", nonlinearity="relu")
     nn.init.zeros_(model.patch_embed.proj.bias)
 

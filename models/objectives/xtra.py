@@ -15,6 +15,7 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from ..layers.init import init_linears
 from ..layers.segments import block_layout, raster_block_causal_mask
 from ..registry import OBJECTIVES, Objective, TargetInfo
 
@@ -100,11 +101,7 @@ class XTRA(nn.Module):
         """The official init of the parts past the encoder: Linear ~ N(0, 0.02), zero biases,
         positions ~ N(0, 0.02)."""
         for part in (self.proj, self.predictor, self.head):
-            for m in part.modules():
-                if isinstance(m, nn.Linear):
-                    trunc_normal_(m.weight, std=0.02)
-                    if m.bias is not None:
-                        nn.init.zeros_(m.bias)
+            init_linears(part, partial(trunc_normal_, std=0.02))
         trunc_normal_(self.predictor.pos_embed, std=0.02)
 
     def no_weight_decay(self) -> set[str]:

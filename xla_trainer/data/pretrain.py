@@ -16,6 +16,7 @@ from ..config import Config, ConfigError
 from .generated import generated_root_fix, prepare_embedded
 from .stream import ShardStream, build_shard_loader, ignore_sigterm
 from .shards import ImageManifest
+from .views import CROP_RATIO
 from ..targets import TargetManifest
 from ..seeds import derive_seed
 
@@ -24,7 +25,7 @@ EMBEDDED_ROOT = "~/.cache/xla-trainer/embedded"
 log = logging.getLogger(__name__)
 
 
-def pretrain_transform(image_size: int, crop_scale, crop_ratio=(3 / 4, 4 / 3)) -> transforms.Compose:
+def pretrain_transform(image_size: int, crop_scale, crop_ratio=CROP_RATIO) -> transforms.Compose:
     return transforms.Compose([
         transforms.RandomResizedCrop(image_size, scale=tuple(crop_scale), ratio=tuple(crop_ratio),
                                      interpolation=InterpolationMode.BICUBIC),
@@ -39,7 +40,7 @@ class PretrainImageFolder(Dataset):
     augmentation of a sample is seeded by (seed, epoch, index), independent of worker and host.
     An unreadable image is logged by path, counted, and replaced by the next readable one."""
 
-    def __init__(self, root: str, image_size: int, crop_scale, seed: int, crop_ratio=(3 / 4, 4 / 3)):
+    def __init__(self, root: str, image_size: int, crop_scale, seed: int, crop_ratio=CROP_RATIO):
         self.folder = datasets.ImageFolder(root)
         self.transform = pretrain_transform(image_size, crop_scale, crop_ratio)
         self.seed = seed
@@ -108,7 +109,7 @@ def image_root(cfg: Config) -> str:
     return cfg.data.root
 
 
-def build_dataset(root: str, image_size: int, crop_scale, seed: int, crop_ratio=(3 / 4, 4 / 3)) -> PretrainImageFolder:
+def build_dataset(root: str, image_size: int, crop_scale, seed: int, crop_ratio=CROP_RATIO) -> PretrainImageFolder:
     train_dir = Path(root) / "train"
     if not train_dir.is_dir():
         raise FileNotFoundError(f"data.root '{root}' has no train/ directory; expected "

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..seeds import derive_seed
 from .shards import ImageManifest, iter_samples, jpeg_of, join, label_of
 from ..targets import TargetManifest, load_npy
-from .views import decode_view, image_size_of, sample_view, view_index
+from .views import CROP_RATIO, decode_view, image_size_of, sample_view, view_index
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class ShardStream(IterableDataset):
     def __init__(self, images: ImageManifest, image_prefix: str, targets: TargetManifest | None,
                  target_prefix: str | None, *, image_size: int, crop_scale, seed: int, local_batch: int,
                  steps_per_epoch: int, start_step: int, total_steps: int, process_index: int,
-                 process_count: int, shuffle_buffer: int, crop_ratio=(3 / 4, 4 / 3)):
+                 process_count: int, shuffle_buffer: int, crop_ratio=CROP_RATIO):
         self.images, self.image_prefix = images, image_prefix
         self.targets, self.target_prefix = targets, target_prefix
         self.image_size, self.crop_scale, self.crop_ratio, self.seed = image_size, crop_scale, crop_ratio, seed

@@ -12,12 +12,13 @@ from torchvision.transforms import RandomResizedCrop
 from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN, IMAGENET_DEFAULT_STD as IMAGENET_STD
 from ..seeds import derive_seed
 
+CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect ratios by default (torchvision's)
 _MEAN = np.array(IMAGENET_MEAN, dtype=np.float32).reshape(3, 1, 1)
 _STD = np.array(IMAGENET_STD, dtype=np.float32).reshape(3, 1, 1)
 
 
 def sample_view(seed: int, key: str, index: int, width: int, height: int, crop_scale,
-                crop_ratio=(3 / 4, 4 / 3)) -> tuple:
+                crop_ratio=CROP_RATIO) -> tuple:
     """((top, left, height, width), flip) of the pre-training augmentation: torchvision's
     RandomResizedCrop parameters and a coin flip, under a generator seeded by (seed, key, index)."""
     with torch.random.fork_rng(devices=[]):
