@@ -8,9 +8,15 @@ A backbone entry gives
                              apply to the last block's output; none when absent) and
                              forward_taps(images, token_index, attn_mask, taps) -> the outputs of
                              blocks `taps` over the patches `token_index` in that order, then the
-                             extra tokens, under attn_mask (N + extra, N + extra) or None (full);
+                             extra tokens, under attn_mask (N + extra, N + extra), or one
+                             per sample (B, 1, N + extra, N + extra: SDPA's layout), or None (full);
+                             `causal_only` True: a causal scan over the given order (masks
+                             ("causal",)), which objectives give no mask;
   classifier(cfg, n)      -> a timm-style classifier (forward_features, forward_head(pre_logits),
-                             num_features, no_weight_decay, group_matcher for layer decay);
+                             num_features, no_weight_decay, group_matcher for layer decay;
+                             optionally forward_intermediates (the probes' probe.blocks, the
+                             features `visualize` draws) and last_attention(images) -> (B, N),
+                             the last block's cls (or mean) attention over the patches);
   import_state(state)     -> a checkpoint's backbone weights (ours, official, timm) in the
                              classifier's layout; adapt_state(state, classifier) -> fitted to its
                              resolution; export_state(state) -> the exported file's layout;
@@ -19,6 +25,8 @@ A backbone entry gives
   check(cfg), grid(cfg)   -> ValueError for sizes it cannot build; its (rows, cols) token grid.
 An objective entry gives
   needs_teacher, mask     -> whether a teacher makes its targets; the mask it needs of a backbone;
+  causal_student          -> True: a block-causal objective that also trains a causal-only
+                             backbone, its tokens fed in segment order under the causal scan;
   check(cfg, grid)        -> ValueError for a config it cannot train on the backbone's token grid;
   build(cfg, student, targets) -> an nn.Module with `encoder`, `noise_shape` (per-sample uniform
                              noise drawn on the device, None for none) and
@@ -129,6 +137,7 @@ class Backbone(Entry):
 class Objective(Entry):
     needs_teacher: ClassVar[bool] = False
     mask: ClassVar[str] = "full"
+    causal_student: ClassVar[bool] = False
 
     @staticmethod
     def check(cfg, grid: tuple[int, int]):
@@ -167,8 +176,13 @@ def load_plugins():
 
 
 def check_pairing(objective, backbone):
-    """An objective whose mask the backbone cannot honour is refused before anything is built."""
-    if objective.mask not in backbone.masks:
-        raise ValueError(f"objective {objective.name!r} needs a {objective.mask} attention mask, which "
-                         f"backbone {backbone.name!r} cannot take (it takes: {', '.join(backbone.masks)}); "
-                         f"pick another backbone.name or objective.name")
+    """An objective whose mask the backbone cannot honour is refused before anything is built; a
+    causal-only backbone trains an objective that declares causal_student (a block-causal mask
+    relaxed to causal inside each block)."""
+    if objective.mask in backbone.masks or (objective.causal_student and "causal" in backbone.masks):
+        return
+    hint = (f"; {objective.name!r} cannot feed a causal scan its tokens in causal order (an objective "
+            f"that can declares causal_student, as digpt and xtra do)" if "causal" in backbone.masks else "")
+    raise ValueError(f"objective {objective.name!r} needs a {objective.mask} attention mask, which "
+                     f"backbone {backbone.name!r} cannot take (it takes: {', '.join(backbone.masks)}); "
+                     f"pick another backbone.name or objective.name{hint}")

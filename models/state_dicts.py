@@ -2,6 +2,8 @@
 import math
 import re
 
+import torch
+
 
 # prefixes of training wrappers: DistributedDataParallel / DeepSpeed, Lightning < 2.1 under DeepSpeed
 WRAPPER_PREFIXES = ("module.", "_forward_module.")
@@ -39,3 +41,21 @@ def short_list(names: list[str], limit: int = 12) -> str:
 def square_side(n: int) -> int | None:
     side = math.isqrt(n)
     return side if side * side == n else None
+
+
+def fuse_qkv(state: dict, prefix: str) -> dict:
+    """Separate `<prefix><i>.attn.{q,k,v}.{weight,bias}` fused into timm's `attn.qkv` (rows q, k, v)."""
+    out = dict(state)
+    for key in [k for k in state if k.startswith(prefix) and re.search(r"\.attn\.q\.(weight|bias)$", k)]:
+        parts = [out.pop(key.replace(".attn.q.", f".attn.{n}.")) for n in "qkv"]
+        out[key.replace(".attn.q.", ".attn.qkv.")] = torch.cat(parts)
+    return out
+
+
+def split_qkv(state: dict, prefix: str) -> dict:
+    """fuse_qkv undone."""
+    out = dict(state)
+    for key in [k for k in state if k.startswith(prefix) and re.search(r"\.attn\.qkv\.(weight|bias)$", k)]:
+        for name, part in zip("qkv", out.pop(key).chunk(3)):
+            out[key.replace(".attn.qkv.", f".attn.{name}.")] = part
+    return out

@@ -11,7 +11,7 @@ from xla_trainer.config import ConfigError, EvalConfig, load_config
 
 
 @pytest.mark.parametrize("command", ["pretrain", "train", "describe", "bench", "bench-data", "info", "prepare-data",
-                                     "make-shards", "index-shards", "precompute-targets"])
+                                     "make-shards", "index-shards", "precompute-targets", "visualize"])
 def test_help(command, capsys):
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])
@@ -75,8 +75,8 @@ def test_every_shipped_config_loads_and_passes_its_checks(path):
     ("objective.shared_tap_norm=3", "config key 'objective.shared_tap_norm' must be bool"),
     ("backbone.size=giant", "config key 'backbone.size' must be one of ('tiny', 'small', 'base', 'large', 'huge')"),
     ("objective.decoder_widht=8", "unknown config key 'objective.decoder_widht'; did you mean 'objective.decoder_width'?"),
-    ("objective.name=nope", "config key 'objective.name': unknown objective 'nope'; registered: digpt, toy, xtra"),
-    ("backbone.name=nope", "unknown backbone 'nope'; registered: crate_alpha, toy, vit"),
+    ("objective.name=nope", "config key 'objective.name': unknown objective 'nope'; registered: digpt, saim, toy, xtra"),
+    ("backbone.name=nope", "unknown backbone 'nope'; registered: adventurer, crate_alpha, toy, vit"),
     ("model.segments=[2,2]", "config key 'model.segments' is now 'objective.segments'"),
     ("model.backbone=base", "config key 'model.backbone' is now 'backbone.size'"),
     ("runtime.backend=tpu", "config key 'runtime.backend' must be one of"),

@@ -11,8 +11,20 @@ from models import BACKBONES, OBJECTIVES, TEACHERS, TargetInfo, check_pairing
 from models.registry import Backbone
 from xla_trainer.pretrained import export_backbone, load_backbone_state
 
-PAIRS = [(o, b) for o in OBJECTIVES.names() for b in BACKBONES.names()
-         if OBJECTIVES.get(o).mask in BACKBONES.get(b).masks]
+def pairs_allowed() -> list[tuple[str, str]]:
+    """Every (objective, backbone) that check_pairing accepts."""
+    allowed = []
+    for o in OBJECTIVES.names():
+        for b in BACKBONES.names():
+            try:
+                check_pairing(OBJECTIVES.get(o), BACKBONES.get(b))
+            except ValueError:
+                continue
+            allowed.append((o, b))
+    return allowed
+
+
+PAIRS = pairs_allowed()
 
 
 def tiny(entry, **extra):
@@ -49,8 +61,10 @@ def test_objective_trains_every_parameter_and_uses_its_noise(objective, backbone
     losses = method(batch, noise_for(method))
     assert losses["loss"].dim() == 0 and torch.isfinite(losses["loss"])
     losses["loss"].backward()
-    # the student's optional final norm may go unapplied (D-iGPT reads blocks before it)
-    untouched = [n for n, p in method.named_parameters() if p.requires_grad and not n.startswith("encoder.norm.")
+    # the student's optional final norm may go unapplied (D-iGPT reads blocks before it), and so
+    # may a causal scan's cls, read after every patch, where only the patches count (XTRA)
+    exempt = ("encoder.norm.",) + (("encoder.cls_token",) if getattr(method.encoder, "causal_only", False) else ())
+    untouched = [n for n, p in method.named_parameters() if p.requires_grad and not n.startswith(exempt)
                  and (p.grad is None or not p.grad.abs().sum() > 0)]
     assert not untouched, untouched
     assert hasattr(method, "encoder")
@@ -74,17 +88,38 @@ def test_objective_check_refuses_its_invalid_example(name):
 def test_a_backbone_without_the_mask_is_refused(name):
     objective = OBJECTIVES.get(name)
 
+    # a causal scan stands in for a block-causal mask where the objective says it can
+    stand_ins = ("causal",) if objective.causal_student else ()
+
     class NoMask(Backbone):
-        masks = tuple(m for m in ("full", "causal", "block-causal", "arbitrary") if m != objective.mask)
+        masks = tuple(m for m in ("full", "causal", "block-causal", "arbitrary")
+                      if m != objective.mask and m not in stand_ins)
 
     NoMask.name = "no-mask"
     with pytest.raises(ValueError, match=f"needs a {objective.mask} attention mask, which backbone 'no-mask'"):
         check_pairing(objective, NoMask)
 
 
+@pytest.mark.parametrize("name", OBJECTIVES.names())
+def test_a_causal_only_backbone_trains_only_the_objectives_that_say_so(name):
+    objective = OBJECTIVES.get(name)
+
+    class Scan(Backbone):
+        masks = ("causal",)
+
+    Scan.name = "scan"
+    if objective.causal_student or objective.mask == "causal":
+        check_pairing(objective, Scan)
+    else:
+        with pytest.raises(ValueError, match="cannot feed a causal scan its tokens in causal order.*causal_student"):
+            check_pairing(objective, Scan)
+
+
 # --- backbones ----------------------------------------------------------------------------------
 def test_every_pair_of_the_registries_that_masks_allow_is_covered():
     assert ("digpt", "vit") in PAIRS and ("toy", "toy") in PAIRS and ("digpt", "toy") in PAIRS
+    assert ("digpt", "adventurer") in PAIRS and ("xtra", "adventurer") in PAIRS
+    assert ("toy", "adventurer") not in PAIRS  # the toy objective needs full attention
 
 
 @pytest.mark.parametrize("name", BACKBONES.names())

@@ -177,5 +177,5 @@ def test_encoder_state_dict_loads_into_timm():
 
 def test_registry():
     assert models.OBJECTIVES.get("digpt").needs_teacher and models.OBJECTIVES.get("digpt").mask == "block-causal"
-    with pytest.raises(ValueError, match="unknown objective 'nope'; registered: digpt, toy, xtra"):
+    with pytest.raises(ValueError, match="unknown objective 'nope'; registered: digpt, saim, toy, xtra"):
         models.OBJECTIVES.get("nope")

@@ -30,6 +30,7 @@ class MixerBlock(nn.Module):
             mixed = h.mean(1, keepdim=True).expand_as(h)
         else:
             weights = attn_mask.to(h.dtype)
+            weights = weights[:, 0] if weights.dim() == 4 else weights  # per sample: (B, 1, L, L)
             mixed = (weights / weights.sum(-1, keepdim=True)) @ h
         x = x + self.mix(mixed)
         return x + self.mlp(self.norm2(x))

@@ -1,6 +1,6 @@
 """`xla-trainer` command line: pretrain, train (a classifier from scratch), the evaluations
-(finetune, linprobe, attnprobe, knn), describe, export-timm, bench, bench-data, make-shards,
-index-shards, precompute-targets, info, prepare-data.
+(finetune, linprobe, attnprobe, knn, eval), describe, export-timm, bench, bench-data, make-shards,
+index-shards, precompute-targets, visualize, info, prepare-data.
 
 Each command imports what it needs when it runs: `--help` and argument errors cost no torch."""
 import argparse
@@ -41,6 +41,12 @@ def cmd_evaluate(args):
     if "best_top1" in r:
         line += f" (best top-1 {r['best_top1']:.2f}% at epoch {r['best_epoch']}; checkpoint {r['best_checkpoint']})"
     print(f"{line}; metrics: {r['metrics']}")
+
+
+def cmd_eval(args):
+    from .evaluate import evaluate_checkpoint
+    r = evaluate_checkpoint(load_config(args.config, args.overrides, schema=EvalConfig))
+    print(f"eval: top-1 {r['val_top1']:.2f}%, top-5 {r['val_top5']:.2f}% on {r['val_images']} val images")
 
 
 def cmd_export_timm(args):
@@ -125,6 +131,14 @@ def cmd_info(args):
     print(json.dumps(info, indent=2))
 
 
+def cmd_visualize(args):
+    from .visualize import visualize
+    cfg = load_config(args.config, args.overrides, schema=EvalConfig)
+    r = visualize(cfg, args.images, args.out, args.count, args.cell)
+    print(f"{len(r['images'])} images x ({', '.join(r['columns'])}) written to {r['out']} "
+          f"({r['size'][0]}x{r['size'][1]} px)")
+
+
 def cmd_prepare_data(args):
     from .data.generated import prepare_embedded
     print(prepare_embedded(args.out))
@@ -145,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(command, help=helps[command])
         _config_args(p, eval_default(command))
         p.set_defaults(func=cmd_evaluate)
+    p = sub.add_parser("eval", help="top-1/top-5 on data val/ of a trained classifier (train.init, its own head "
+                                    "kept: e.g. an official Adventurer checkpoint)")
+    _config_args(p, CONFIG_DIR / "train" / "demo.yaml")
+    p.set_defaults(func=cmd_eval)
     p = sub.add_parser("export-timm", help="write an encoder as a timm ViT state_dict")
     p.add_argument("checkpoint", help="our checkpoint (file, checkpoint directory or output_dir), an official "
                                       "D-iGPT checkpoint, or a timm state_dict; local or gs://")
@@ -184,6 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run the teacher over the image shards (data.shards) into target shards (targets.prefix)")
     _config_args(p)
     p.set_defaults(func=cmd_precompute_targets)
+    p = sub.add_parser("visualize", help="draw a few images' last-block attention and patch-feature PCA as a PNG grid")
+    _config_args(p, CONFIG_DIR / "saim" / "linprobe_demo.yaml")
+    p.add_argument("--images", default="embedded", help="a folder of images (--count of them, spread over the sorted files) or "
+                                                         "'embedded' (the demo photos; default)")
+    p.add_argument("--out", required=True, help="the PNG to write (never overwritten)")
+    p.add_argument("--count", type=int, default=4, help="images, one row each (default 4)")
+    p.add_argument("--cell", type=int, default=128, help="panel side in pixels (default 128)")
+    p.set_defaults(func=cmd_visualize)
     p = sub.add_parser("info", help="backend, devices, mesh, process count/index, versions")
     p.add_argument("--backend", default="auto", choices=("auto", "xla", "cuda", "cpu"))
     p.set_defaults(func=cmd_info)

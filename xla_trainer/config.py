@@ -145,11 +145,16 @@ class EvalDataConfig:
     num_workers: int = 8
     crop_scale: list = field(default_factory=lambda: [0.08, 1.0])
     eval_resize: int = 256  # val: resize the short side to this, then center-crop model.image_size
+    repeated_aug: int = 1  # each image this many times in a row per epoch, each copy augmented anew (DeiT: 3)
 
 
 @dataclass
 class AugmentConfig:
     rand_augment: Optional[str] = "rand-m9-mstd0.5-inc1"  # timm's RandAugment spec; null = none
+    # DeiT III's ThreeAugment instead of RandAugment: crop + flip, one of grayscale / solarize /
+    # blur, then ColorJitter(color_jitter)
+    three_augment: bool = False
+    color_jitter: Optional[float] = None  # brightness = contrast = saturation; null = none
     random_erasing: float = 0.25
     mixup: float = 0.8  # alpha; 0 = off
     cutmix: float = 1.0  # alpha; 0 = off
@@ -191,6 +196,9 @@ class EvalTrainConfig:
     log_every: int = 50
     eval_every: int = 1  # epochs
     keep_checkpoints: int = 1  # newest "last" checkpoints kept; the best one is kept apart
+    # train / finetune: a moving average of the weights (timm's ModelEmaV3, updated in every step
+    # with this decay; DeiT's recipes: 0.99996), evaluated beside them and kept in the checkpoints
+    ema: Optional[float] = None
     # weights: our pre-training checkpoint (file, checkpoint directory or output_dir), an official
     # D-iGPT pre-training / fine-tuning checkpoint, or a timm state_dict; null = random init
     init: Optional[str] = None

@@ -10,6 +10,7 @@ from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
+from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
 from models import BACKBONES
@@ -38,8 +39,9 @@ def backbone_entry(cfg: EvalConfig):
     return backbone
 
 
-def build_encoder(cfg: EvalConfig, num_classes: int = 0):
-    """The backbone's classifier, its weights from train.init (random when null)."""
+def build_encoder(cfg: EvalConfig, num_classes: int = 0, keep_head: bool = False):
+    """The backbone's classifier, its weights from train.init (random when null); its head is
+    new unless keep_head (then train.init must hold one of num_classes outputs)."""
     backbone = backbone_entry(cfg)
     torch.manual_seed(cfg.train.seed)
     encoder = backbone.classifier(cfg.backbone, num_classes)
@@ -50,9 +52,14 @@ def build_encoder(cfg: EvalConfig, num_classes: int = 0):
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"train.init: {e} (the demo configs read `make demo`'s runs/demo; "
                               f"train.init=null starts from random init)") from None
-        state = {k: v for k, v in state.items() if not k.startswith("head.")}  # a new task's head
-        missing, unexpected = encoder.load_state_dict(backbone.adapt_state(state, encoder), strict=False)
-        missing = [k for k in missing if not k.startswith("head.")]  # the new head starts fresh
+        if not keep_head:
+            state = {k: v for k, v in state.items() if not k.startswith("head.")}  # a new task's head
+        try:
+            state = backbone.adapt_state(state, encoder)
+        except ValueError as e:  # e.g. a patch size the backbone does not resample
+            raise ConfigError(f"train.init '{init}': {e}") from None
+        missing, unexpected = encoder.load_state_dict(state, strict=False)
+        missing = [k for k in missing if keep_head or not k.startswith("head.")]  # a new head starts fresh
         if missing or unexpected:
             raise ConfigError(f"train.init '{init}' does not fit backbone.* ({cfg.backbone}): missing "
                               f"{missing[:5]}, unexpected {unexpected[:5]}")
@@ -68,6 +75,17 @@ def build_classifier(cfg: EvalConfig, mode: str, num_classes: int) -> torch.nn.M
     dim = encoder.num_features
     probe = LinearProbe(dim, num_classes) if mode == "linprobe" else AttentiveProbe(dim, num_classes, cfg.probe.heads)
     return FrozenEncoderProbe(encoder, probe, cfg.probe.blocks)
+
+
+def make_ema(cfg: EvalConfig, classifier, runtime: Runtime):
+    """timm's ModelEmaV3 of the classifier (train.ema: its decay, constant, no warmup, as DeiT's
+    ModelEma), or None. Data-parallel only: an FSDP-wrapped model is not deep-copied."""
+    if cfg.train.ema is None:
+        return None
+    if getattr(runtime, "fsdp_size", 1) > 1:
+        raise ConfigError("train.ema keeps a whole copy of the weights, which FSDP does not shard: use a "
+                          "data-parallel runtime.mesh ([-1, 1]) or train.ema=null")
+    return ModelEmaV3(classifier, decay=cfg.train.ema)
 
 
 def check_probe_blocks(cfg: EvalConfig, encoder):
@@ -130,6 +148,11 @@ def check_eval_config(cfg: EvalConfig, mode: str = "knn"):
     t = cfg.train
     if t.epochs < 1 or t.log_every < 1 or t.eval_every < 1:
         raise ConfigError("train.epochs, train.log_every and train.eval_every must be >= 1")
+    if t.ema is not None and not 0 < t.ema < 1:
+        raise ConfigError(f"train.ema {t.ema} is a decay: it must lie in (0, 1) (DeiT's: 0.99996), or null for none")
+    if t.ema is not None and mode in ("linprobe", "attnprobe"):
+        raise ConfigError(f"train.ema averages trained weights: a probe's encoder is frozen; "
+                          f"set train.ema=null")
     if mode == "train" and t.init:
         raise ConfigError(f"`train` trains a classifier from scratch, but train.init is '{t.init}'; "
                           f"use `finetune` to start from those weights, or pass train.init=null")
@@ -153,18 +176,26 @@ def train_classifier(cfg: EvalConfig, mode: str) -> dict:
     flops = None
     if peak_flops(runtime.device_kind()):
         flops = train_flops_per_image(objective, None, example_batch(cfg, data.num_classes))
+    ema = make_ema(cfg, classifier, runtime)  # a copy of the weights before any wrapper
     wrapped = runtime.wrap_model(objective, BACKBONES.get(cfg.backbone.name).blocks)
     o, t = cfg.optim, cfg.train
     optimizer = build_eval_optimizer(
         classifier, o.name, schedule.peak_lr, o.weight_decay, o.layer_decay if mode == "finetune" else 1.0,
         o.betas, o.momentum, **(runtime.optimizer_options() if o.name == "adamw" else {}))
     runtime.init_optimizer_state(optimizer)
+    if ema is not None:
+        ema.module.to(runtime.device)
+        runtime.shard_like(ema.module.state_dict().values(), classifier.state_dict().values())
     task = Task(mode, classifier, wrapped, optimizer, schedule,
-                StepSettings(1, o.clip_grad, t.global_batch, t.seed), flops=flops)
+                StepSettings(1, o.clip_grad, t.global_batch, t.seed), flops=flops,
+                ema=None if ema is None else lambda: ema.update(classifier))
 
     last, best = runtime.checkpoints(out, t.keep_checkpoints), runtime.checkpoints(f"{out}/best", 1)
     state = {"step": 0, "best_top1": -1.0, "best_epoch": 0, "config": cfg.to_dict()}
-    start, extra = resume(last, task, dict(state))
+    with_ema = lambda extra: extra if ema is None else {**extra, "ema": ema.module.state_dict()}
+    start, extra = resume(last, task, with_ema(dict(state)))
+    if extra and ema is not None:
+        ema.module.load_state_dict(extra.pop("ema"))
     state = extra or state
     total = schedule.total_steps
     logger = MetricsLogger(out, runtime.is_main, start)
@@ -177,6 +208,9 @@ def train_classifier(cfg: EvalConfig, mode: str) -> dict:
         if rest or (epoch % t.eval_every and done != total):
             return
         result = evaluate(classifier, eval_fn, runtime, data)
+        if ema is not None:  # the average's accuracy beside the weights' (DeiT's "EMA" row)
+            result.update({f"ema_{k}": v for k, v in evaluate(ema.module, eval_fn, runtime, data).items()
+                           if k != "images"})
         if result["top1"] > state["best_top1"]:
             state.update(best_top1=result["top1"], best_epoch=epoch)
             best.save(done, classifier, optimizer, dict(state, step=done))
@@ -185,7 +219,7 @@ def train_classifier(cfg: EvalConfig, mode: str) -> dict:
 
     run(task, runtime, runtime.device_batches(data.train(start, total)), last, logger, start=start, end=total,
         cadence=Cadence(t.log_every, schedule.steps_per_epoch, log_at_epoch_end=True),
-        extra_state=lambda done: dict(state, step=done), after_step=evaluate_at_epoch_end, output_dir=out)
+        extra_state=lambda done: with_ema(dict(state, step=done)), after_step=evaluate_at_epoch_end, output_dir=out)
     for store in (last, best):
         store.close()
     logger.close()
@@ -194,6 +228,20 @@ def train_classifier(cfg: EvalConfig, mode: str) -> dict:
             "best_top1": state["best_top1"], "best_epoch": state["best_epoch"],
             "best_checkpoint": best.location(best_step) if best_step else None,
             "metrics": str(logger.path), "compiles": runtime.compiles()}
+
+
+def evaluate_checkpoint(cfg: EvalConfig) -> dict:
+    """Top-1 / top-5 on data val/ of the classifier stored at train.init, its own head included
+    (e.g. an official Adventurer checkpoint), under the eval transform: resize the short side to
+    data.eval_resize, center-crop backbone.image_size (224 / 256: crop ratio 0.875)."""
+    check_eval_config(cfg)
+    if not cfg.train.init:
+        raise ConfigError("evaluating a classifier needs its weights: set train.init")
+    runtime = make_runtime(cfg)
+    data = open_eval_data(cfg, runtime)
+    classifier = build_encoder(cfg, data.num_classes, keep_head=True).to(runtime.device)
+    result = evaluate(classifier, runtime.compile_fn(eval_step, "eval_step"), runtime, data)
+    return {"mode": "eval", **{f"val_{k}": v for k, v in result.items()}, "compiles": runtime.compiles()}
 
 
 # --- k-NN ---------------------------------------------------------------------------------------

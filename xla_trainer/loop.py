@@ -80,10 +80,12 @@ def with_targets(batch: dict, teacher) -> dict:
     return batch
 
 
-def train_step(model, teacher, optimizer, batch, lr, step, *, runtime: Runtime, settings: StepSettings):
+def train_step(model, teacher, optimizer, batch, lr, step, *, runtime: Runtime, settings: StepSettings,
+               ema: Callable[[], None] | None = None):
     """One optimizer step over the local batch, in settings.accum_steps micro-batches. The model
-    (an objective: forward(batch, noise) -> losses) names the noise it wants. Returns device
-    scalars only: nothing here reads a value back to the host."""
+    (an objective: forward(batch, noise) -> losses) names the noise it wants; `ema` updates a
+    moving average of the weights after the update, in the same graph. Returns device scalars
+    only: nothing here reads a value back to the host."""
     set_lr(optimizer, lr, batch["images"].device)
     shape = getattr(model, "module", model).noise_shape
     noise = None if shape is None else runtime.step_noise(shape, settings.global_batch, settings.seed, step)
@@ -98,6 +100,8 @@ def train_step(model, teacher, optimizer, batch, lr, step, *, runtime: Runtime, 
         for k, v in losses.items():
             totals[k] = totals.get(k, 0) + v.detach().float() / accum
     metrics = {**totals, "grad_norm": clip_and_step(model, optimizer, settings.clip_grad)}
+    if ema is not None:
+        ema()
     if "skipped" in batch:
         metrics["skipped_images"] = batch["skipped"].sum()
     return metrics
@@ -189,6 +193,7 @@ class Task:
     teacher: torch.nn.Module | None = None
     flops: dict | None = None
     target_info: object = None  # the teacher's TargetInfo (dim, grid), for an objective with one
+    ema: Callable[[], None] | None = None  # updates a moving average of the weights (train.ema)
 
 
 def resume(store, task: Task, template: dict) -> tuple[int, dict | None]:
@@ -227,7 +232,7 @@ def run(task: Task, runtime: Runtime, batches, store, logger: MetricsLogger, *, 
         for step, batch in zip(range(start, end), batches):
             profile.before(step)
             metrics = step_fn(task.model, task.teacher, task.optimizer, batch, schedule.lr(step), step,
-                              runtime=runtime, settings=task.settings)
+                              runtime=runtime, settings=task.settings, ema=task.ema)
             profile.after(step)
             done = step + 1  # steps completed; the step number every log and message uses
             interval.add(done, metrics)

@@ -91,6 +91,10 @@ class Runtime:
     def init_optimizer_state(self, optimizer: torch.optim.Optimizer):
         """Eager backends create optimizer state lazily in the first step; nothing to do."""
 
+    def shard_like(self, tensors, like):
+        """Each tensor of `tensors` placed as its counterpart in `like` (XLA: the same sharding,
+        so that a step taking both compiles once); nothing to do on eager backends."""
+
     def parameter_bytes_per_device(self, model) -> int:
         return sum(p.numel() * p.element_size() for p in model.parameters())
 
@@ -312,9 +316,19 @@ class XlaRuntime(Runtime):
                                               "exp_avg_sq": torch.zeros_like(p)}
                 if group["capturable"]:
                     replicate(step)
-                for t in (state["exp_avg"], state["exp_avg_sq"]):
-                    self._torch_xla._XLAC._xla_mark_sharding(t, self._torch_xla._XLAC._get_xla_op_sharding(p))
+                self.shard_like((state["exp_avg"], state["exp_avg_sq"]), (p, p), sync=False)
         self._torch_xla.sync()
+
+    def shard_like(self, tensors, like, sync: bool = True):
+        xla = self._torch_xla._XLAC
+        for t, p in zip(tensors, like):
+            sharding = xla._get_xla_op_sharding(p)
+            if sharding:
+                xla._xla_mark_sharding(t, sharding)
+            else:  # an unmarked parameter is replicated
+                self._xs.mark_sharding(t, self.mesh, (None,) * t.dim())
+        if sync:
+            self._torch_xla.sync()
 
     def step_noise(self, shape, global_batch, seed, step):
         # Reseeding the device generator is a scalar upload, not a new graph. Under SPMD the

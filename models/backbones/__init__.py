@@ -1,2 +1,2 @@
 """Backbones: each file registers one entry into models.registry.BACKBONES."""
-from . import crate_alpha, vit  # noqa: F401
+from . import adventurer, crate_alpha, vit  # noqa: F401

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, PatchEmbed
 from torch import nn
 
+from ..layers.attention_maps import query_attention
 from ..layers.init import init_linears
 from ..layers.taps import block_outputs, gather_tokens
 from ..registry import BACKBONES, MASKS, Backbone
@@ -142,6 +143,15 @@ class CrateAlpha(nn.Module):
             if i >= self.depth - indices:
                 outs.append((self.norm(x) if norm else x)[:, 1:])
         return outs
+
+    def last_attention(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, N): the last block's attention of cls over the patches (query_attention)."""
+        x = self.embed(images)
+        for block in self.blocks[:-1]:
+            x = block(x)
+        last = self.blocks[-1]
+        w = last.attn.qkv(last.norm1(x)).unflatten(-1, (last.attn.heads, -1)).transpose(1, 2)  # q = k
+        return query_attention(w, w, 1)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = x[:, 0]

@@ -17,6 +17,7 @@ from timm.layers import resample_abs_pos_embed, trunc_normal_
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
+from ..layers.attention_maps import query_attention
 from ..layers.init import init_linears
 from ..layers.pos_embed import sincos_2d
 from ..layers.segments import block_layout, raster_block_causal_mask
@@ -134,18 +135,29 @@ class ViTClassifier(VisionTransformer):
         return super().forward_intermediates(x, *args, attn_mask=self.attn_mask if attn_mask is None
                                              else attn_mask, **kwargs)
 
+    def last_attention(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, N): the last block's attention over the patches (query_attention)."""
+        x = self.norm_pre(self._pos_embed(self.patch_embed(images)))
+        for block in self.blocks[:-1]:
+            x = block(x, attn_mask=self.attn_mask)
+        last = self.blocks[-1]
+        attn = last.attn
+        q, k, _ = attn.qkv(last.norm1(x)).unflatten(-1, (3, attn.num_heads, -1)).permute(2, 0, 3, 1, 4)
+        return query_attention(attn.q_norm(q), attn.k_norm(k), self.num_prefix_tokens, self.attn_mask)
+
 
 def vit_classifier(size: str = "base", img_size: int = 224, patch_size: int = 16, num_classes: int = 0,
                    drop_path: float = 0.0, width: int | None = None, depth: int | None = None,
                    heads: int | None = None, *, cls_token: bool = True, final_norm: bool = False,
-                   causal_blocks: tuple[int, int] | None = None) -> ViTClassifier:
-    """Global average pool of the patch tokens, then the head. A student without a final norm
-    gets a fresh fc_norm after the pool (MAE / D-iGPT); one with a final norm keeps it over the
-    tokens, before the pool (XTRA)."""
+                   causal_blocks: tuple[int, int] | None = None, pool: str = "avg") -> ViTClassifier:
+    """Global average pool of the patch tokens (pool="avg") or the cls token (pool="token", SAIM's
+    fine-tuning and probe), then the head. A student without a final norm gets a fresh fc_norm
+    after the pool (MAE / D-iGPT; on cls it is the same LayerNorm as a final norm's); one with a
+    final norm keeps it over the tokens, before the pool (XTRA)."""
     width, depth, heads = vit_dims(size, width, depth, heads)
     return ViTClassifier(
         causal_blocks, img_size=img_size, patch_size=patch_size, num_classes=num_classes,
-        global_pool="avg", fc_norm=not final_norm, embed_dim=width, depth=depth, num_heads=heads,
+        global_pool=pool, fc_norm=not final_norm, embed_dim=width, depth=depth, num_heads=heads,
         mlp_ratio=4.0, qkv_bias=True, class_token=cls_token, drop_path_rate=drop_path,
         norm_layer=partial(nn.LayerNorm, eps=1e-6))
 
@@ -168,8 +180,9 @@ class ViTConfig:
     # the classifier attends block-causally over blocks of [rows, cols] patches, as an XTRA
     # encoder was pre-trained (its probes keep the mask); null = full attention
     causal_blocks: Optional[list] = None
+    pool: str = "avg"  # the classifier's features: avg (of the patch tokens) | token (cls: SAIM's)
     CHOICES: ClassVar[dict] = {"size": tuple(VIT_SIZES), "pos_embed": ("sincos", "learned"),
-                               "init": tuple(INITS)}
+                               "init": tuple(INITS), "pool": ("avg", "token")}
 
 
 @BACKBONES.register("vit")
@@ -183,6 +196,8 @@ class ViT(Backbone):
     @staticmethod
     def check(cfg: ViTConfig):
         Backbone.check(cfg)
+        if cfg.pool == "token" and not cfg.cls_token:
+            raise ValueError("backbone.pool=token pools the cls token: set backbone.cls_token=true or pool=avg")
         if cfg.causal_blocks is not None:
             try:
                 block_layout(ViT.grid(cfg), tuple(cfg.causal_blocks))
@@ -199,7 +214,7 @@ class ViT(Backbone):
     def classifier(cfg: ViTConfig, num_classes: int = 0) -> ViTClassifier:
         return vit_classifier(cfg.size, cfg.image_size, cfg.patch_size, num_classes, cfg.drop_path,
                               cfg.width, cfg.depth, cfg.heads, cls_token=cfg.cls_token,
-                              final_norm=cfg.final_norm, causal_blocks=cfg.causal_blocks)
+                              final_norm=cfg.final_norm, causal_blocks=cfg.causal_blocks, pool=cfg.pool)
 
     import_state = staticmethod(encoder_to_timm)
 

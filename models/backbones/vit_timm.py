@@ -1,6 +1,6 @@
 """A ViT encoder from any of our pre-training objectives (encoder.*), our SegmentViT, the official
-D-iGPT pre-training or fine-tuning models, the official XTRA pre-training models (enc.*), or a timm
-ViT -> the state_dict of timm's VisionTransformer(global_pool='avg'): the layout the ViT classifier
+D-iGPT pre-training or fine-tuning models, the official XTRA pre-training models (enc.*), the
+official SAIM pre-training models (separate q / k / v, a query stream beside), or a timm ViT -> the state_dict of timm's VisionTransformer(global_pool='avg'): the layout the ViT classifier
 loads and export-timm writes. With a cls token it comes first; without a final norm the layout
 has fc_norm after the pool (MAE / D-iGPT), with one it keeps `norm` before the pool (XTRA). Pure
 functions over dicts of tensors; reading and writing files is xla_trainer/pretrained.py's job."""
@@ -9,7 +9,7 @@ import re
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from ..state_dicts import check_keys, count_indexed, short_list, square_side
+from ..state_dicts import check_keys, count_indexed, fuse_qkv, short_list, square_side
 
 # the keys of a timm ViT encoder; pre-training checkpoints hold others (decoders, masks)
 _VIT_KEY = re.compile(r"^(cls_token|pos_embed|reg_token|patch_embed\.|blocks\.|norm\.|fc_norm\.|head\.)")
@@ -17,11 +17,15 @@ _VIT_KEY = re.compile(r"^(cls_token|pos_embed|reg_token|patch_embed\.|blocks\.|n
 
 # where an encoder sits in the checkpoints of a whole pre-training model: ours, the official XTRA's
 ENCODER_PREFIXES = ("encoder.", "enc.")
+# a whole model whose encoder sits at the top level beside a query stream (the official SAIM's):
+# its `norm` is the query stream's head norm, not the encoder's
+QUERY_STREAM = "query_blocks."
 
 
 def encoder_to_timm(state: dict, grid: tuple[int, int] | None = None) -> dict:
     """The encoder of any of: our pre-training objectives (encoder.*), our SegmentViT, the official
-    D-iGPT pre-training or fine-tuning model, the official XTRA model (enc.*), a timm ViT -> the
+    D-iGPT pre-training or fine-tuning model, the official XTRA model (enc.*), the official SAIM
+    model, a timm ViT -> the
     state_dict of timm's VisionTransformer(global_pool='avg', class_token=<has one>,
     fc_norm=<has no final norm>, num_classes=<head rows or 0>).
 
@@ -35,7 +39,9 @@ def encoder_to_timm(state: dict, grid: tuple[int, int] | None = None) -> dict:
     if prefix:
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     else:
-        state = {k: v for k, v in state.items() if _VIT_KEY.match(k)}
+        head_norm = "norm." if any(k.startswith(QUERY_STREAM) for k in state) else None
+        state = {k: v for k, v in state.items() if _VIT_KEY.match(k) and not (head_norm and k.startswith(head_norm))}
+    state = fuse_qkv(state, "blocks.")  # encoders with separate q / k / v projections (SAIM's)
     if any(k.startswith("norm.") for k in state) and any(k.startswith("fc_norm.") for k in state):
         raise ValueError("the source has both a final norm over the tokens (norm.*) and fc_norm.*, "
                          "which a global_pool='avg' ViT has no place for")

@@ -1,2 +1,2 @@
 """Pre-training objectives: each file registers one entry into models.registry.OBJECTIVES."""
-from . import digpt, xtra  # noqa: F401
+from . import digpt, saim, xtra  # noqa: F401

@@ -48,6 +48,8 @@ class DiGPT(nn.Module):
         self.register_buffer("teacher_index", self.teacher_layout.patch_index() + 1, persistent=False)
         self.register_buffer("attn_mask", block_causal_mask(S - 1, T, cls_visible_to_last_segment),
                              persistent=False)
+        # a causal-only student (a scan) takes the segments in order, causal inside each one, no mask
+        self.causal_encoder = getattr(encoder, "causal_only", False)
         self.decoders = nn.ModuleDict({
             name: FeaturePredictor(encoder.embed_dim, len(self.taps), encoder.grid, decoder_width,
                                    decoder_depth, decoder_heads, teacher_dim, shared_tap_norm)
@@ -65,8 +67,8 @@ class DiGPT(nn.Module):
         order = segment_order(noise)
         S = self.layout.num_segments
         seg_patches = self.patch_index[order]  # (B, S, T)
-        taps = self.encoder.forward_taps(images, seg_patches[:, :-1].flatten(1), self.attn_mask,
-                                         self.taps)
+        taps = self.encoder.forward_taps(images, seg_patches[:, :-1].flatten(1),
+                                         None if self.causal_encoder else self.attn_mask, self.taps)
         losses = {}
         for name, first in self.DECODERS:
             slots = order[:, first:first + S - 1]
@@ -111,6 +113,7 @@ class DiGPTObjective(Objective):
     INVALID = {"segments": [3, 3]}
     needs_teacher = True
     mask = "block-causal"
+    causal_student = True  # its tokens are in segment order already
 
     @staticmethod
     def check(cfg: DiGPTConfig, grid: tuple[int, int]):

@@ -16,6 +16,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from ..layers.init import init_linears
+from ..layers.pixels import normalise_pixels
 from ..layers.segments import block_layout, raster_block_causal_mask
 from ..registry import OBJECTIVES, Objective, TargetInfo
 
@@ -59,13 +60,6 @@ def block_pixels(images: torch.Tensor, block_px: tuple[int, int]) -> torch.Tenso
     return x.permute(0, 2, 4, 1, 3, 5).flatten(3).flatten(1, 2)
 
 
-def normalise_blocks(pixels: torch.Tensor, eps: float) -> torch.Tensor:
-    """Each block to zero mean and unit (unbiased) variance, in float32."""
-    pixels = pixels.float()
-    mean, var = pixels.mean(-1, keepdim=True), pixels.var(-1, keepdim=True)
-    return (pixels - mean) / (var + eps).sqrt()
-
-
 class XTRA(nn.Module):
     own_blocks = (Block,)  # FSDP wraps the predictor's blocks one by one too
     noise_shape = None  # no randomness: the order is fixed
@@ -81,8 +75,13 @@ class XTRA(nn.Module):
         self.register_buffer("encoder_mask", raster_block_causal_mask(grid, tuple(block), suffix_tokens=extra),
                              persistent=False)
         self.register_buffer("predictor_mask", raster_block_causal_mask(grid, tuple(block)), persistent=False)
-        self.register_buffer("raster_index", torch.arange(n)[None], persistent=False)
         self.register_buffer("block_index", self.layout.patch_index(), persistent=False)  # (S, T)
+        # a causal-only student (a scan) reads the patches in block order, so that a block sees
+        # only itself and the blocks before it, then its outputs go back to raster order
+        self.causal_encoder = getattr(encoder, "causal_only", False)
+        order = self.block_index.flatten() if self.causal_encoder else torch.arange(n)
+        self.register_buffer("encoder_index", order[None], persistent=False)
+        self.register_buffer("raster_of_encoder", order.argsort(), persistent=False)
         width = predictor_width or encoder.embed_dim
         self.proj = MLPHead(encoder.embed_dim, proj_hidden, width, out_bias=False)
         self.predictor = Predictor(n, width, predictor_depth, predictor_heads)
@@ -112,9 +111,9 @@ class XTRA(nn.Module):
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         """(B, S, C * block pixels): block b's prediction of block b + 1 (the last one unused)."""
-        n = self.raster_index.shape[1]
-        x = self.encoder.forward_taps(images, self.raster_index.expand(images.shape[0], -1), self.encoder_mask,
-                                      (self.encoder.depth,))[-1][:, :n]
+        x = self.encoder.forward_taps(images, self.encoder_index.expand(images.shape[0], -1),
+                                      None if self.causal_encoder else self.encoder_mask, (self.encoder.depth,))[-1]
+        x = x[:, self.raster_of_encoder]  # the patches in raster order, the extra tokens dropped
         x = self.proj(getattr(self.encoder, "norm", nn.Identity())(x))
         if self.predictor_fp32:  # the official code runs its predictor in float32 under fp16 autocast
             with torch.autocast(x.device.type, enabled=False):
@@ -126,7 +125,7 @@ class XTRA(nn.Module):
 
     def targets(self, images: torch.Tensor) -> torch.Tensor:
         """(B, S, C * block pixels): each block's pixels, normalised per block."""
-        return normalise_blocks(block_pixels(images, self.block_pixels_shape), self.target_eps)
+        return normalise_pixels(block_pixels(images, self.block_pixels_shape), self.target_eps)
 
     def forward(self, batch: dict, noise=None) -> dict:
         """batch["images"] (B, 3, H, W), normalised. Returns {"loss"}: the MSE of each block's
@@ -156,6 +155,7 @@ class XTRAObjective(Objective):
     TINY = {"block": [2, 2], "proj_hidden": 64, "predictor_depth": 1, "predictor_heads": 2, "head_hidden": 64}
     INVALID = {"block": [3, 3]}
     mask = "block-causal"
+    causal_student = True  # with the patches in block order (XTRA.encoder_index)
 
     @staticmethod
     def check(cfg: XTRAConfig, grid: tuple[int, int]):

@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 from timm.data import Mixup, auto_augment, create_transform
 from timm.data.mixup import mixup_target
+from timm.data.transforms import RandomResizedCropAndInterpolation
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
-from torchvision import datasets
+from torchvision import datasets, transforms
 
 from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN, IMAGENET_DEFAULT_STD as IMAGENET_STD
 from ..config import ConfigError, EvalConfig
@@ -46,11 +47,39 @@ for _name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
     auto_augment.NAME_TO_OP[_name] = _posterize
 
 
+class RandomBlur:
+    """PIL's Gaussian blur of a radius uniform in [low, high] (DeiT III's; torchvision's
+    GaussianBlur takes a kernel size instead). Python's RNG, which `seeded` seeds."""
+
+    def __init__(self, low: float = 0.1, high: float = 2.0):
+        self.low, self.high = low, high
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return image.filter(ImageFilter.GaussianBlur(radius=random.uniform(self.low, self.high)))
+
+
+def three_augment(image_size: int, crop_scale, color_jitter: float | None) -> transforms.Compose:
+    """DeiT III's ThreeAugment (deit/augment.py; timm has none): RandomResizedCrop bicubic + flip,
+    then one of grayscale, solarize (threshold 128) or blur, then ColorJitter, tensor, normalise."""
+    jitter = [transforms.ColorJitter(color_jitter, color_jitter, color_jitter)] if color_jitter else []
+    return transforms.Compose([
+        RandomResizedCropAndInterpolation(image_size, scale=tuple(crop_scale), interpolation="bicubic"),
+        transforms.RandomHorizontalFlip(),
+        transforms.RandomChoice([transforms.Grayscale(3), transforms.RandomSolarize(128, p=1.0), RandomBlur()]),
+        *jitter, transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
 def train_transform(cfg: EvalConfig):
-    """RandomResizedCrop, flip, then RandAugment and random erasing where augment.* asks (timm)."""
+    """RandomResizedCrop, flip, then RandAugment and random erasing where augment.* asks (timm),
+    or ThreeAugment (augment.three_augment)."""
     a = cfg.augment
+    if a.three_augment:
+        if a.rand_augment or a.random_erasing:
+            raise ConfigError("augment.three_augment replaces RandAugment and random erasing; set "
+                              "augment.rand_augment=null and augment.random_erasing=0, or three_augment=false")
+        return three_augment(cfg.backbone.image_size, cfg.data.crop_scale, a.color_jitter)
     return create_transform(cfg.backbone.image_size, is_training=True, scale=tuple(cfg.data.crop_scale),
-                            auto_augment=a.rand_augment, re_prob=a.random_erasing, color_jitter=None,
+                            auto_augment=a.rand_augment, re_prob=a.random_erasing, color_jitter=a.color_jitter,
                             interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
@@ -73,9 +102,10 @@ def seeded(transform, image: Image.Image, seed: int) -> torch.Tensor:
 
 
 class LabelledImages(Dataset):
-    """An ImageFolder indexed by (index, epoch) for training (the augmentation seeded by
-    (seed, epoch, index)) or by (index, valid) for evaluation (padding rows repeat an image and
-    are marked invalid)."""
+    """An ImageFolder indexed by (index, draw) for training (the augmentation seeded by
+    (seed, draw, index); the draw is the epoch, or epoch x repeats + copy under repeated
+    augmentation) or by (index, valid) for evaluation (padding rows repeat an image and are
+    marked invalid)."""
 
     def __init__(self, folder: datasets.ImageFolder, transform, seed: int = 0):
         self.folder, self.transform, self.seed = folder, transform, seed
@@ -223,6 +253,8 @@ def split_root(cfg: EvalConfig) -> Path:
 def open_eval_data(cfg: EvalConfig, runtime) -> EvalData:
     """The labelled splits, checked before any model is built."""
     t = cfg.train
+    if cfg.data.repeated_aug < 1:
+        raise ConfigError(f"data.repeated_aug must be >= 1 (1 = off), got {cfg.data.repeated_aug}")
     for name, batch in (("train.global_batch", t.global_batch), ("train.eval_batch", t.eval_batch)):
         if batch % runtime.data_parallel_size:
             raise ConfigError(f"{name} {batch} is not divisible by the {runtime.data_parallel_size} "
@@ -246,7 +278,7 @@ def folder_data(cfg: EvalConfig, runtime) -> EvalData:
         train_folder.classes, len(train_folder), len(val_folder),
         train=lambda start, end: build_loader(train_set, GlobalBatchSampler(
             len(train_folder), t.global_batch, runtime.process_index, runtime.process_count, t.seed,
-            start, end), workers, collate),
+            start, end, cfg.data.repeated_aug), workers, collate),
         train_in_order=lambda: in_order(train_folder),
         val=lambda: in_order(val_folder))
 
@@ -257,6 +289,9 @@ def shard_data(cfg: EvalConfig, runtime) -> EvalData:
     if not cfg.data.shards:
         raise ConfigError("data.source=shards needs data.shards, the prefix holding train/ and val/ "
                           "(each written by `xla-trainer make-shards`)")
+    if cfg.data.repeated_aug != 1:
+        raise ConfigError(f"data.repeated_aug {cfg.data.repeated_aug}: repeated augmentation needs an image "
+                          f"tree (data.source imagefolder or digits), not streamed shards; set data.repeated_aug=1")
     train_prefix, val_prefix = join(cfg.data.shards, "train"), join(cfg.data.shards, "val")
     train, val = ImageManifest.load(train_prefix), ImageManifest.load(val_prefix)
     if not train.classes or train.classes != val.classes:

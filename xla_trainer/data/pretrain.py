@@ -73,11 +73,17 @@ class GlobalBatchSampler:
     """Yields this process's part of global batch `step` for step in [start_step, total_steps).
 
     Epoch e visits a permutation seeded by a hash of (seed, e); global batch b of it is split into
-    process_count contiguous parts (drop_last: a trailing partial batch is never used)."""
+    process_count contiguous parts (drop_last: a trailing partial batch is never used).
+
+    `repeats` > 1 is repeated augmentation (DeiT's RASampler, x3 in its recipes): each image of
+    the permutation `repeats` times in a row, the epoch still dataset_len samples long, each copy
+    keyed by its own draw (epoch * repeats + copy) so that its augmentation differs. timm's
+    RepeatAugSampler is not used: it is a per-replica sampler whose order is seeded by the epoch
+    alone, while these batches are a function of (seed, step), cut contiguously over the hosts."""
 
     def __init__(self, dataset_len: int, global_batch: int, process_index: int, process_count: int,
-                 seed: int, start_step: int, total_steps: int):
-        self.n, self.global_batch, self.seed = dataset_len, global_batch, seed
+                 seed: int, start_step: int, total_steps: int, repeats: int = 1):
+        self.n, self.global_batch, self.seed, self.repeats = dataset_len, global_batch, seed, repeats
         self.local_batch = global_batch // process_count
         self.offset = process_index * self.local_batch
         self.steps_per_epoch = dataset_len // global_batch
@@ -92,9 +98,11 @@ class GlobalBatchSampler:
             epoch, b = divmod(step, self.steps_per_epoch)
             if epoch != perm_epoch:
                 perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(derive_seed(self.seed, "order", epoch)))
+                perm = perm.repeat_interleave(self.repeats)[:self.n]
                 perm_epoch = epoch
             start = b * self.global_batch + self.offset
-            yield [(int(i), epoch) for i in perm[start:start + self.local_batch]]
+            r = self.repeats
+            yield [(int(perm[j]), epoch * r + j % r) for j in range(start, start + self.local_batch)]
 
 
 def image_root(cfg: Config) -> str:

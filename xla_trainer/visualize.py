@@ -1,0 +1,112 @@
+"""`visualize`: for a few images, the encoder's last-block attention (the cls query's, or the mean
+query's without cls) over the patches and a 3-channel PCA of its patch features, drawn as one PNG
+grid beside the inputs (the figures of the SAIM and D-iGPT papers). Attention for every backbone
+whose classifier has last_attention (ViT, CRATE-alpha); features for every backbone with
+forward_intermediates. On the CPU: a handful of images needs no accelerator."""
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .config import ConfigError, EvalConfig
+from .data.eval import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from .data.pretrain import EMBEDDED_ROOT
+from .data.remote_io import exists, write_bytes_atomic
+from .evaluate import build_encoder
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def image_files(images: str, count: int) -> list[Path]:
+    """`count` image files spread evenly over the sorted files under `images` (or the embedded
+    photos), so that an ImageFolder tree gives images of several classes."""
+    if images == "embedded":
+        from .data.generated import prepare_embedded
+        root = prepare_embedded(Path(EMBEDDED_ROOT).expanduser())
+    else:
+        root = Path(images).expanduser()
+        if not root.is_dir():
+            raise FileNotFoundError(f"--images {images}: not a directory (pass a folder of images, or 'embedded')")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ConfigError(f"--images {images}: no {'/'.join(IMAGE_SUFFIXES)} files found")
+    count = min(count, len(files))
+    return [files[i * len(files) // count] for i in range(count)]
+
+
+def patch_features(encoder: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(B, N, C): the last block's patch tokens, before any final norm."""
+    if not hasattr(encoder, "forward_intermediates"):
+        raise ConfigError(f"backbone {type(encoder).__name__} has no forward_intermediates: no patch features to draw")
+    return encoder.forward_intermediates(x, indices=1, norm=False, output_fmt="NLC", intermediates_only=True)[-1]
+
+
+def pca_rgb(features: torch.Tensor) -> torch.Tensor:
+    """(B, N, 3) in [0, 1]: the first three principal components of all the images' patch
+    features together, each scaled to [0, 1] over them."""
+    flat = features.flatten(0, 1).double()
+    flat = flat - flat.mean(0)
+    _, _, v = torch.linalg.svd(flat, full_matrices=False)
+    proj = flat @ v[:3].T
+    lo, hi = proj.min(0).values, proj.max(0).values
+    return ((proj - lo) / (hi - lo).clamp_min(1e-12)).reshape(*features.shape[:2], 3).float()
+
+
+def hot(values: torch.Tensor) -> torch.Tensor:
+    """(..., 3) in [0, 1]: black -> red -> yellow -> white, after scaling `values` to [0, 1]."""
+    t = (values - values.min()) / (values.max() - values.min()).clamp_min(1e-12)
+    return torch.stack([(3 * t).clamp(0, 1), (3 * t - 1).clamp(0, 1), (3 * t - 2).clamp(0, 1)], -1)
+
+
+def panel(grid_rgb: torch.Tensor, grid: tuple[int, int], cell: int) -> torch.Tensor:
+    """(N, 3) per-patch colours -> (3, cell, cell), nearest upsampling (the patch grid stays visible)."""
+    image = grid_rgb.T.reshape(1, 3, *grid)
+    return F.interpolate(image, size=(cell, cell), mode="nearest")[0]
+
+
+def visualize(cfg: EvalConfig, images: str, out: str, count: int = 4, cell: int = 128) -> dict:
+    """Write the PNG grid to `out` (rows: images; columns: input, attention, PCA) and return
+    {"out", "images", "columns", "size"}."""
+    if not out.endswith(".png"):
+        raise ConfigError(f"--out {out}: expected a .png file name")
+    if exists(out):
+        raise FileExistsError(f"{out} exists already and is left as it is; pass another output name")
+    files = image_files(images, count)
+    encoder = build_encoder(cfg).eval()
+    transform = eval_transform(cfg)
+    x = torch.stack([transform(Image.open(f).convert("RGB")) for f in files])
+    with torch.no_grad():
+        attention = encoder.last_attention(x) if hasattr(encoder, "last_attention") else None
+        features = patch_features(encoder, x)
+    grid = _grid(encoder, features.shape[1])
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    inputs = F.interpolate((x * std + mean).clamp(0, 1), size=(cell, cell), mode="bilinear", align_corners=False)
+    colours = pca_rgb(features)
+    rows = []
+    for i in range(len(files)):
+        columns = [inputs[i]]
+        if attention is not None:
+            columns.append(panel(hot(attention[i]), grid, cell))
+        columns.append(panel(colours[i], grid, cell))
+        rows.append(torch.cat(columns, dim=2))
+    picture = (torch.cat(rows, dim=1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(picture).save(buffer, format="PNG")
+    write_bytes_atomic(out, buffer.getvalue())
+    names = ["input"] + (["attention"] if attention is not None else []) + ["pca"]
+    return {"out": out, "images": [str(f) for f in files], "columns": names,
+            "size": [picture.shape[1], picture.shape[0]]}
+
+
+def _grid(encoder, n: int) -> tuple[int, int]:
+    """The (rows, cols) of the n patch tokens: the patch embedding's grid, else a square."""
+    grid = tuple(getattr(getattr(encoder, "patch_embed", None), "grid_size", ()))
+    if len(grid) == 2 and grid[0] * grid[1] == n:
+        return grid
+    side = int(round(n ** 0.5))
+    if side * side != n:
+        raise ConfigError(f"{n} patch tokens make no square grid and the backbone names no patch_embed.grid_size")
+    return side, side
