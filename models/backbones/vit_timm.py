@@ -39,8 +39,9 @@ def encoder_to_timm(state: dict, grid: tuple[int, int] | None = None) -> dict:
     if prefix:
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     else:
-        head_norm = "norm." if any(k.startswith(QUERY_STREAM) for k in state) else None
-        state = {k: v for k, v in state.items() if _VIT_KEY.match(k) and not (head_norm and k.startswith(head_norm))}
+        beside_query_stream = any(k.startswith(QUERY_STREAM) for k in state)
+        state = {k: v for k, v in state.items()
+                 if _VIT_KEY.match(k) and not (beside_query_stream and k.startswith("norm."))}
     state = fuse_qkv(state, "blocks.")  # encoders with separate q / k / v projections (SAIM's)
     if any(k.startswith("norm.") for k in state) and any(k.startswith("fc_norm.") for k in state):
         raise ValueError("the source has both a final norm over the tokens (norm.*) and fc_norm.*, "
