@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast install
+.PHONY: demo test test-fast install wheels
 
 install: $(STAMP)
 
@@ -28,3 +28,18 @@ test: $(STAMP)
 # The edit loop: everything but the tests marked slow (subprocess runs, XLA compiles, long trainings).
 test-fast: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow"
+
+# The packages the lent GPU machine lacks, as CPython 3.12 manylinux wheels in .whl/, for
+# gpu_scripts/device_check.sh (that machine has no network): gpu_scripts/wheels.txt as published,
+# wheels-sdist.txt (source only on PyPI) built here into pure-Python wheels. Emptied first, so that
+# .whl/ holds exactly the listed versions.
+WHEELS := .whl
+WHEEL_PLATFORM := --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 \
+	--platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64
+
+wheels:
+	rm -rf $(WHEELS)
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: $(WHEEL_PLATFORM) -d $(WHEELS) \
+		-r gpu_scripts/wheels.txt
+	$(PYTHON) -m pip wheel --quiet --no-deps -w $(WHEELS) -r gpu_scripts/wheels-sdist.txt
+	@echo "$$(ls $(WHEELS) | wc -l) wheels, $$(du -sh $(WHEELS) | cut -f1), in $(WHEELS)/"

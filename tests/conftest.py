@@ -121,8 +121,8 @@ def tiny_eval_overrides(digits_root, output_dir, **extra) -> list[str]:
 
 # The longest files first: with one file per xdist worker, a long file started last would run alone.
 LONGEST_FIRST = ("test_learning.py", "test_saim.py", "test_xtra.py", "test_crate_alpha.py", "test_adventurer.py",
-                 "test_xla_spmd.py", "test_shards.py", "test_xla_checkpoints.py", "test_eval.py", "test_preemption.py",
-                 "test_convert.py", "test_supervised.py")
+                 "test_xla_spmd.py", "test_shards.py", "test_xla_checkpoints.py", "test_resume.py", "test_eval.py",
+                 "test_preemption.py", "test_convert.py", "test_supervised.py")
 
 
 def pytest_collection_modifyitems(items):

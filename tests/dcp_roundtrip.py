@@ -1,8 +1,9 @@
-"""Run in a subprocess by test_xla_checkpoints.py: on one mesh, perturb a tiny D-iGPT, take one
-optimizer step and save it with distributed checkpointing; on another mesh, restore it and print
-whether every weight and optimizer tensor is identical to what was saved.
+"""Run in a subprocess by test_xla_checkpoints.py: on one placement, perturb a tiny D-iGPT, take one
+optimizer step and save it; on another placement, restore it and print whether every weight and
+optimizer tensor is identical to what was saved.
 
-Usage: python dcp_roundtrip.py MESH save|restore OUTPUT_DIR DATA_ROOT
+Usage: python dcp_roundtrip.py PLACEMENT save|restore OUTPUT_DIR DATA_ROOT
+PLACEMENT: an XLA mesh ("[-1,1]", "[2,2]") or "cpu" (the eager CPU backend).
 """
 import json
 import os
@@ -17,8 +18,9 @@ from xla_trainer.config import load_config  # noqa: E402
 from xla_trainer.optim import build_optimizer  # noqa: E402
 from xla_trainer.pretrain import build_models, fsdp_blocks, make_runtime  # noqa: E402
 
-mesh, mode, out, data_root = sys.argv[1:5]
-cfg = load_config(None, tiny_overrides(data_root, out, **{"runtime.backend": "xla", "runtime.mesh": mesh}))
+placement, mode, out, data_root = sys.argv[1:5]
+on = {"runtime.backend": "cpu"} if placement == "cpu" else {"runtime.backend": "xla", "runtime.mesh": placement}
+cfg = load_config(None, tiny_overrides(data_root, out, **on))
 runtime = make_runtime(cfg)
 method, _, _ = build_models(cfg)
 runtime.wrap_model(method, fsdp_blocks(cfg, method))

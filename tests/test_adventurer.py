@@ -16,6 +16,7 @@ from models.backbones.adventurer import FLIPS, AdventurerConfig
 from models.backbones.adventurer_official import adventurer_to_official
 from models.layers import mamba2
 from models.layers.mamba2 import Mamba2, ssd_scan
+from xla_trainer.checkpoint import newest_checkpoint, read_checkpoint
 from xla_trainer.config import ConfigError, EvalConfig, load_config
 from xla_trainer.describe import describe
 from xla_trainer.pretrained import load_backbone_state
@@ -360,6 +361,6 @@ def test_train_demo_beats_chance_with_an_ema_beside_it(digits_root, tmp_path, ca
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     val = [r for r in rows if r.get("group") == "val"]
     assert len(val) == 10 and all(0 <= r["val_ema_top1"] <= 100 for r in val)
-    saved = torch.load(sorted(tmp_path.glob("checkpoint-*.pt"))[-1], weights_only=False)
-    assert saved["ema"].keys() == saved["model"].keys()
-    assert not torch.equal(saved["ema"]["head.weight"], saved["model"]["head.weight"])
+    saved = read_checkpoint(newest_checkpoint(str(tmp_path)), ("model", "extra"))
+    assert saved["extra"]["ema"].keys() == saved["model"].keys()
+    assert not torch.equal(saved["extra"]["ema"]["head.weight"], saved["model"]["head.weight"])

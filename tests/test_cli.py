@@ -6,6 +6,7 @@ import re
 import pytest
 
 from conftest import REPO, TOY_CONFIG, read_metrics, run_cli, tiny_overrides, toy_overrides
+from xla_trainer.checkpoint import committed_steps
 from xla_trainer.cli import main
 from xla_trainer.config import ConfigError, EvalConfig, load_config
 
@@ -165,6 +166,6 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(embedded_root, tmp_path):
                       result.stderr)
     assert match, result.stderr[-2000:]
     bad_step = int(match.group(2))
-    saved = sorted(p.name for p in out.glob("checkpoint-*.pt"))
-    assert saved and saved[-1] == f"checkpoint-{bad_step - 1:08d}.pt" == match.group(3).rsplit("/", 1)[1]
+    saved = committed_steps(str(out / "checkpoints"))
+    assert saved and saved[-1] == bad_step - 1 and match.group(3) == f"{out}/checkpoints/{bad_step - 1}"
     assert all(math.isfinite(r["loss"]) for r in read_metrics(out) if r["loss"] is not None)

@@ -23,8 +23,9 @@ from models.objectives.digpt_official import digpt_from_official
 from models.layers.pos_embed import sincos_2d
 from models.teachers.openclip import ClipTeacher
 from models.backbones.vit import SegmentViT
-from xla_trainer.checkpoint import FileCheckpoints
-from xla_trainer.pretrained import export_backbone, load_backbone_state, newest_checkpoint, read_state_dict
+from xla_trainer.checkpoint import newest_checkpoint
+from xla_trainer.pretrained import export_backbone, load_backbone_state, read_state_dict
+from xla_trainer.runtime import Runtime
 
 pytestmark = pytest.mark.slow  # make test-fast leaves it out
 
@@ -267,29 +268,47 @@ def assert_same_encoder(vit, encoder: SegmentViT):
         assert torch.allclose(vit(images), pooled, atol=1e-5)
 
 
-def test_our_file_checkpoints_export_to_timm(tmp_path):
+def test_our_eager_checkpoints_export_to_timm(tmp_path):
+    """Saved by the CPU backend's store in this process (one process: no process group)."""
     run = tmp_path / "run"
-    store = FileCheckpoints(str(run), keep=2, is_main=True)
+    store = Runtime("fp32").checkpoints(str(run), keep=2)
     model = perturbed(tiny_digpt(depth=2), seed=1)
     optimizer = torch.optim.AdamW(model.parameters())
     store.save(1, model, optimizer, {"step": 1})
     perturbed(model, seed=2)
     store.save(2, model, optimizer, {"step": 2, "rng": {"python": (3, (1, 2), None)}})
-    assert newest_checkpoint(str(run)) == str(run / "checkpoint-00000002.pt")
+    store.close()
+    assert newest_checkpoint(str(run)) == f"{run}/checkpoints/2"
     out = tmp_path / "vit.safetensors"
     export_timm(str(run), str(out))  # the run's newest checkpoint
     assert_same_encoder(timm_from_file(out, depth=2), model.encoder.eval())
 
 
+def test_checkpoint_files_of_older_runs_still_export(tmp_path):
+    """checkpoint-<step>.pt, which the CPU/CUDA backends wrote before one format."""
+    model = perturbed(tiny_digpt(depth=2), seed=1)
+    optimizer = torch.optim.AdamW(model.parameters())
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": 3},
+               tmp_path / "checkpoint-00000003.pt")
+    assert newest_checkpoint(str(tmp_path)) == f"{tmp_path}/checkpoint-00000003.pt"
+    out = tmp_path / "vit.safetensors"
+    export_timm(str(tmp_path), str(out))
+    assert_same_encoder(timm_from_file(out, depth=2), model.encoder.eval())
+    # and a run resumes from it: the store's one reader for every format
+    store = Runtime("fp32").checkpoints(str(tmp_path), keep=2)
+    fresh = tiny_digpt(depth=2)
+    assert store.latest() == 3 and store.restore(3, fresh, torch.optim.AdamW(fresh.parameters()), {}) == {"step": 3}
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+
+
 DCP_WRITER = """
 import sys
-import torch, torch.distributed as dist, torch_xla.runtime as xr, torch_xla.core.xla_model as xm
+import torch, torch_xla.core.xla_model as xm
 sys.path.insert(0, {repo!r})
 from models.backbones.vit import SegmentViT
 from models.objectives.digpt import DiGPT
-from xla_trainer.runtime import DistributedCheckpoints
-xr.use_spmd()
-dist.init_process_group("gloo", init_method="file://" + sys.argv[1] + "/pg", rank=0, world_size=1)
+from xla_trainer.runtime import create_runtime
+runtime = create_runtime("xla")
 torch.manual_seed(3)
 model = DiGPT(SegmentViT("tiny", 32, 8, width=32, depth=2, heads=2), teacher_dim=16, teacher_grid=(4, 4),
               decoder_width=32, decoder_depth=1, decoder_heads=2)
@@ -298,7 +317,7 @@ with torch.no_grad():
         p.add_(0.1 * torch.randn(p.shape))
 torch.save(model.state_dict(), sys.argv[1] + "/reference.pt")
 model.to(xm.xla_device())
-store = DistributedCheckpoints(sys.argv[1], keep=2)
+store = runtime.checkpoints(sys.argv[1], keep=2)
 store.save(5, model, torch.optim.AdamW(model.parameters()), {{"step": 5}})
 store.close()
 """
@@ -306,8 +325,8 @@ store.close()
 
 @pytest.fixture(scope="module")
 def distributed_run(tmp_path_factory):
-    """An output_dir with checkpoints/5/ written by torch_xla's CheckpointManager (in a
-    subprocess: it needs a process group) and the weights it saved, as reference.pt."""
+    """An output_dir with checkpoints/5/ written under XLA SPMD (in a subprocess: XLA) and the
+    weights it saved, as reference.pt."""
     out = tmp_path_factory.mktemp("xla_run")
     env = {**os.environ, "PJRT_DEVICE": "CPU"}
     result = subprocess.run([sys.executable, "-c", DCP_WRITER.format(repo=REPO), str(out)], env=env,

@@ -9,6 +9,7 @@ import torch
 
 from conftest import TOY_CONFIG, read_metrics, tiny_eval_overrides
 from models.backbones.vit import SegmentViT
+from xla_trainer.checkpoint import newest_checkpoint, read_checkpoint
 from xla_trainer.cli import main
 from xla_trainer.config import load_config
 from xla_trainer.flops import objective_flops
@@ -41,10 +42,10 @@ def test_toy_backbone_pretrains_finetunes_probes_and_exports(embedded_root, digi
     out = tmp_path / "toy.safetensors"
     assert main(["export-timm", "--backbone", "toy", str(run), str(out)]) == 0
     exported = safetensors.torch.load_file(str(out))
-    saved = torch.load(run / "checkpoint-00000004.pt", weights_only=False)["model"]
+    saved = read_checkpoint(str(run / "checkpoints" / "4"), ("model",))["model"]
     assert sorted(exported) == sorted(k[len("encoder."):] for k in saved if k.startswith("encoder."))
     assert all(torch.equal(exported[k], saved[f"encoder.{k}"]) for k in exported)
-    probe = torch.load(next((tmp_path / "linprobe" / "best").glob("checkpoint-*.pt")), weights_only=False)["model"]
+    probe = read_checkpoint(newest_checkpoint(str(tmp_path / "linprobe" / "best")), ("model",))["model"]
     assert all(torch.equal(probe[f"encoder.{k}"], v) for k, v in exported.items())
 
 

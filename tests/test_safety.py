@@ -4,14 +4,17 @@ import json
 import subprocess
 
 import pytest
+import torch
+import torch.distributed.checkpoint as dcp
 
 from xla_trainer.data import remote_io
-from xla_trainer.checkpoint import FileCheckpoints
+from xla_trainer.checkpoint import Checkpoints
+from xla_trainer.pretrained import read_state_dict
 from xla_trainer.cli import main
 from xla_trainer.config import ConfigError
 from xla_trainer.data.generated import MARKER, generated_kind, prepare_digits, prepare_embedded
 from xla_trainer.metrics import MetricsLogger
-from xla_trainer.runtime import Visible, choose_backend
+from xla_trainer.runtime import Runtime, Visible, choose_backend
 from xla_trainer.data.shards import make_shards
 
 
@@ -131,12 +134,31 @@ def test_claimed_output_takes_only_its_own_job(where, tmp_path, request):
 
 
 def test_checkpoint_store_removes_its_own_interrupted_save(tmp_path):
-    left = tmp_path / (remote_io.TEMPORARY.format(name="checkpoint-00000004.pt") + "abc")
-    left.write_bytes(b"half")
-    theirs = tmp_path / ".weights.pt.tmp-1"
-    theirs.write_bytes(b"x")
-    FileCheckpoints(str(tmp_path), 2, is_main=True)
-    assert not left.exists() and theirs.exists()
+    """A save killed mid-way leaves DCP's files of its step without commit.json: removed at the
+    next start. A step folder holding anything else, and other folders, are left alone."""
+    folder = tmp_path / "checkpoints"
+    for name, files in {"4": ["__0_0.distcp", ".metadata"], "5": ["__0_0.distcp", "notes.txt"],
+                        "scratch": ["__0_0.distcp"]}.items():
+        (folder / name).mkdir(parents=True)
+        for f in files:
+            (folder / name / f).write_bytes(b"x")
+    Checkpoints(str(tmp_path), 2, Runtime("fp32"))
+    assert sorted(p.name for p in folder.iterdir()) == ["5", "scratch"]
+
+
+def test_a_checkpoint_manager_directory_imports_but_does_not_resume(tmp_path):
+    """torch_xla's CheckpointManager wrote nested state and .manager_metadata (before one format):
+    its weights still read; resuming names it and the way to keep them."""
+    model = torch.nn.Linear(2, 2)
+    folder = tmp_path / "checkpoints" / "5"
+    dcp.save({"model": model.state_dict(), "optimizer": {}, "extra": {"step": 5}}, checkpoint_id=str(folder),
+             no_dist=True)
+    (folder / ".manager_metadata").write_bytes(b"x")
+    assert torch.equal(read_state_dict(str(tmp_path))["weight"], model.weight)
+    store = Checkpoints(str(tmp_path), 2, Runtime("fp32"))
+    assert store.latest() == 5
+    with pytest.raises(ConfigError, match=r"CheckpointManager .* cannot be resumed; .* train.init="):
+        store.restore(5, model, torch.optim.AdamW(model.parameters()), {})
 
 
 def test_knn_appends_to_a_shared_metrics_file(tmp_path):

@@ -19,7 +19,7 @@ SCRIPTS = sorted(p for p in [*TPU.glob("*.sh"), *GPU.glob("*.sh"), GPU / "slurm.
 FAKED = ("gcloud", "torchrun", "srun", "sbatch", "nvidia-smi", "tar")  # must never run in a dry run
 SETTINGS = ("TPU_NAME", "ZONE", "PROJECT", "TPU_TYPE", "TPU_VERSION", "SPOT", "YES", "REPO_URL", "REPO_DIR",
             "XLA_TRAINER_COMPILE_CACHE", "JOB", "WORKER", "LINES", "DRY_RUN", "CONFIG", "GPUS", "NNODES",
-            "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "JOB_ID", "GRACE", "POLL_SECONDS")
+            "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "JOB_ID", "GRACE", "POLL_SECONDS", "OUT", "PYTHON")
 
 
 def write_exe(path: Path, body: str) -> Path:
@@ -386,3 +386,74 @@ def test_slurm_outside_a_job(scripts):
     assert "--nnodes=1" in srun and "--nproc_per_node=4" in srun
     p = scripts(GPU / "slurm.sbatch", "--gpus", "4", ok=False)
     assert p.returncode == 2 and "sbatch" in p.stderr
+
+
+# ---------------------------------------------------------------------------------------- GPU check
+
+
+@pytest.mark.parametrize("nvidia_smi", [False, True])
+def test_device_check_needs_a_gpu(scripts, tmp_path, nvidia_smi):
+    """Here (no GPU): exit 2 with the reason, before installing anything, with or without nvidia-smi."""
+    if nvidia_smi:  # present, but torch (this environment's) sees no GPU
+        write_exe(scripts.bin / "nvidia-smi", "exit 0\n")
+    else:
+        (scripts.bin / "nvidia-smi").unlink()
+    import torch
+    if torch.cuda.is_available() or (not nvidia_smi and shutil.which("nvidia-smi", path=scripts.env["PATH"])):
+        pytest.skip("this machine has a GPU")
+    p = scripts(GPU / "device_check.sh", ok=False, PYTHON=sys.executable, OUT=str(tmp_path / "out"))
+    assert p.returncode == 2, p.stderr
+    why = "torch.cuda.is_available() is False" if nvidia_smi else "nvidia-smi not found"
+    assert p.stderr.strip() == (f"device_check: no CUDA GPU visible ({why}); this check needs one: run it on the "
+                                f"GPU machine")
+    assert not (tmp_path / "out").exists() and not p.stdout
+
+
+def test_device_check_dry_run(scripts, tmp_path):
+    cmds = scripts.dry(GPU / "device_check.sh", "--out", str(tmp_path / "o"), PYTHON="python3")
+    wheels, project, cd, mkdir, tests, bench = cmds
+    site = wheels[wheels.index("--target") + 1]
+    assert wheels[:8] == ["python3", "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--target"]
+    assert project == ["python3", "-m", "pip", "install", "--quiet", "--no-index", "--no-deps",
+                       "--no-build-isolation", "--target", site, str(REPO)]
+    assert cd == ["cd", str(REPO)] and mkdir == ["mkdir", "-p", str(tmp_path / "o")]
+    assert tests[0] == "timeout" and tests[2:] == ["python3", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m",
+                                                   "cuda", "tests/test_cuda.py"]
+    assert bench[0] == "timeout" and bench[2:7] == ["python3", "-m", "gpu_scripts.bench_matrix", "--out",
+                                                    str(tmp_path / "o" / "device_check.json")]
+    budget = int(bench[bench.index("--budget") + 1])
+    assert int(tests[1]) < budget and int(bench[1]) == budget + 30 <= 8 * 60  # the budget: what the tests left
+    _, _, _, mkdir, _, bench = scripts.dry(GPU / "device_check.sh", OUT="rel")  # relative to where it is run
+    assert mkdir[-1] == f"{os.getcwd()}/rel"
+
+
+def test_bench_matrix_dry_run():
+    """The rows the matrix would run, each a command; the D-iGPT ones on cuda, compiled, offline."""
+    p = subprocess.run([sys.executable, "-m", "gpu_scripts.bench_matrix", "--dry-run"], cwd=REPO,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    cmds = [shlex.split(line[2:]) for line in p.stdout.splitlines()]
+    assert p.stdout and all(line.startswith("+ ") for line in p.stdout.splitlines())
+    rows = [c for c in cmds if "--row" in c]
+    assert [(r[-2], r[-1]) for r in rows] == [
+        ("targets.source=precomputed", "train.global_batch=256"), ("targets.source=online", "train.global_batch=256"),
+        ("targets.source=online", "train.global_batch=128"), ("targets.source=precomputed", "train.global_batch=512")]
+    [baseline] = [c for c in cmds if "--baseline" in c]
+    assert baseline[1:4] == ["-m", "xla_trainer", "bench"] and "official" in baseline
+    [data] = [c for c in cmds if "bench-data" in c]
+    assert "data.num_workers=16" in data and "data.source=shards" in data
+    for cmd in [*rows, baseline]:
+        assert {"runtime.backend=cuda", "runtime.torch_compile=true", "teacher.pretrained=null"} <= set(cmd)
+
+
+def test_gpu_wheels_are_pinned_to_this_environment():
+    """gpu_scripts/wheels*.txt (what `make wheels` fetches) pin the versions installed here."""
+    import importlib.metadata as md
+    for name in ("wheels.txt", "wheels-sdist.txt"):
+        for line in (GPU / name).read_text().splitlines():
+            if line and not line.startswith("#"):
+                pkg, version = line.split("==")
+                try:
+                    assert md.version(pkg) == version, f"{name}: {line}, installed {md.version(pkg)}"
+                except md.PackageNotFoundError:
+                    pass

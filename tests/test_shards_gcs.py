@@ -29,7 +29,8 @@ def test_make_shards_precompute_and_pretrain_on_gs(embedded_root, gcs_bucket, tm
     assert train.returncode == 0, train.stderr[-3000:]
     fs = fsspec.filesystem("gs")
     run_files = {p.rsplit("/", 1)[-1] for p in fs.ls(out.removeprefix("gs://"), detail=False)}
-    assert {"checkpoint-00000002.pt", "checkpoint-00000004.pt", "metrics.jsonl"} <= run_files
+    assert {"checkpoints", "metrics.jsonl"} <= run_files
+    assert {p.rsplit("/", 1)[-1] for p in fs.ls(f"{out.removeprefix('gs://')}/checkpoints", detail=False)} == {"2", "4"}
     rows = fs.cat(f"{out}/metrics.jsonl").decode().splitlines()
     assert len(rows) == 4 and '"step": 4' in rows[-1]
     assert {p.rsplit("/", 1)[-1] for p in fs.ls(targets.removeprefix("gs://"), detail=False)} >= {

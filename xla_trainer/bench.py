@@ -1,10 +1,14 @@
 """`bench`: time the compiled train step of any config on a fixed batch already on the device, so
 the figure is the step's speed, not the input pipeline's. With targets.source=precomputed the
-batch carries stored-dtype targets and the teacher leaves the step."""
+batch carries stored-dtype targets and the teacher leaves the step. With a baseline
+(bench_official.py), a step written as another codebase trains is timed after ours, on the same
+config and batch."""
+import gc
 import time
 
 import torch
 
+from .bench_official import check_baseline, official_style_bench
 from .config import Config
 from .data.pretrain import open_train_data
 from .flops import peak_flops, step_flops
@@ -28,9 +32,30 @@ def bench_batch(cfg: Config, local: int, info) -> dict:
     return batch
 
 
-def bench(cfg: Config, steps: int = 10, warmup: int = 3, runtime: Runtime | None = None) -> dict:
+def bench(cfg: Config, steps: int = 10, warmup: int = 3, runtime: Runtime | None = None,
+          baseline: str | None = None) -> dict:
     runtime = runtime or make_runtime(cfg)
     check_config(cfg, runtime, for_bench=True)
+    if baseline is not None:
+        check_baseline(baseline, runtime)  # before either model is built
+    result, batch = time_our_step(cfg, runtime, steps, warmup)
+    if baseline is None:
+        return result
+    free_device_memory(runtime)  # our model is gone with time_our_step: the baseline builds its own
+    theirs = official_style_bench(cfg, runtime, steps, warmup, batch)
+    return {**result, "baseline": baseline, "baseline_images_per_sec": theirs["images_per_sec"],
+            "baseline_ms_per_step": theirs["ms_per_step"],
+            "speedup_vs_baseline": result["images_per_sec"] / theirs["images_per_sec"]}
+
+
+def free_device_memory(runtime: Runtime):
+    gc.collect()
+    if runtime.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def time_our_step(cfg: Config, runtime: Runtime, steps: int, warmup: int) -> tuple[dict, dict]:
+    """(the report of our compiled step, the host batch it ran on)."""
     lr = peak_lr(cfg.optim.base_lr, cfg.train.global_batch, cfg.optim.lr)
     schedule = Schedule(1, warmup + steps, 0, lr, lr)  # the peak lr throughout
     task = build_task(cfg, runtime, schedule, count_flops=True)
@@ -59,7 +84,7 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 3, runtime: Runtime | None
             "gflops_per_image": flops["train_step"] / 1e9, "achieved_tflops": achieved / 1e12,
             "mfu": achieved / (peak * runtime.num_devices) if peak else None,
             "compiles": runtime.compiles(), "compiles_after_warmup": compiles_after_warmup,
-            "parameter_bytes_per_device": runtime.parameter_bytes_per_device(task.model)}
+            "parameter_bytes_per_device": runtime.parameter_bytes_per_device(task.model)}, batch
 
 
 def bench_data(cfg: Config, batches: int = 20, warmup: int = 2) -> dict:
@@ -74,7 +99,7 @@ def bench_data(cfg: Config, batches: int = 20, warmup: int = 2) -> dict:
     start = time.perf_counter()
     images = sum(len(next(loader)["images"]) for _ in range(batches))
     seconds = time.perf_counter() - start
-    cores = max(1, cfg.data.num_workers)
+    workers = runtime.loader_workers(cfg.data.num_workers)
     return {"source": cfg.data.shards or cfg.data.root or cfg.data.source, "targets": cfg.targets.source,
-            "workers": cfg.data.num_workers, "images": images, "images_per_sec": images / seconds,
-            "images_per_sec_per_core": images / seconds / cores}
+            "workers": workers, "images": images, "images_per_sec": images / seconds,
+            "images_per_sec_per_core": images / seconds / max(1, workers)}

@@ -1,20 +1,36 @@
-"""Checkpoints to a local directory or any fsspec URL (gs://...): written under a temporary name
-and moved into place once complete, so a crash never leaves a half checkpoint that resume picks."""
+"""Checkpoints in one format on every backend: torch.distributed.checkpoint (DCP) directories
+<output_dir>/checkpoints/<step>/, local or any fsspec URL (gs://).
+
+A save is asynchronous: the state is copied to host memory (the runtime's `stage_state`), then a
+background thread writes it while training goes on; every process writes its own shards (XLA
+SPMD) or DCP's deduplicated share of the replicas (DDP). Process 0 writes COMMITTED once DCP has
+finished on every process: a checkpoint without it (a crash mid-save) is never resumed and is
+removed at the next start. Restoring reads into the current model's placement, so a checkpoint
+saved on one backend, mesh or process count restores on any other.
+
+Runs from before this format: `checkpoint-<step>.pt` files (CPU/CUDA) still resume and import
+(`legacy_file`); torch_xla CheckpointManager directories (XLA, LEGACY_COMMITTED) import only."""
 import io
+import json
+import pickle
 import re
+import time
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import fsspec
 import torch
-from torch.utils._pytree import tree_map
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from .config import ConfigError
-from .data.remote_io import list_names, remove_temporaries, write_bytes_atomic
+from .data.remote_io import exists, filesystem, list_names, write_bytes_atomic
 
-PATTERN = re.compile(r"checkpoint-(\d{8})\.pt$")
-
-
-def to_cpu(tree):
-    return tree_map(lambda x: x.detach().cpu() if isinstance(x, torch.Tensor) else x, tree)
+COMMITTED = "commit.json"  # written last, by process 0: the checkpoint is whole
+LEGACY_COMMITTED = ".manager_metadata"  # torch_xla's CheckpointManager's, in runs before this format
+DCP_FILES = re.compile(r"(\.metadata|__\d+_\d+\.distcp)$")  # what a DCP save writes into its folder
+LEGACY_FILE = re.compile(r"checkpoint-(\d{8})\.pt$")
 
 
 def model_state(module: torch.nn.Module) -> dict:
@@ -28,85 +44,200 @@ def load_model_state(module: torch.nn.Module, state: dict):
     module.load_state_dict({names.get(k, k): v for k, v in state.items()})
 
 
-def _fs(output_dir: str):
-    return fsspec.core.url_to_fs(output_dir)
+def _join(folder: str, name: str) -> str:
+    return f"{folder.rstrip('/')}/{name}"
 
 
-def list_checkpoints(output_dir: str) -> list[str]:
-    fs, root = _fs(output_dir)
-    if not fs.exists(root):
-        return []
-    names = [p for p in fs.ls(root, detail=False) if PATTERN.search(p)]
-    return [fs.unstrip_protocol(p) if "://" in output_dir else p for p in sorted(names)]
+# --- finding checkpoints ------------------------------------------------------------------------
+def committed_steps(folder: str) -> list[int]:
+    """Steps under `folder` (a checkpoints/ directory) whose save completed."""
+    fs, local = filesystem(folder)
+    return sorted(int(n) for n in list_names(folder) if n.isdigit() and
+                  any(fs.exists(_join(_join(local, n), done)) for done in (COMMITTED, LEGACY_COMMITTED)))
 
 
-def distributed_steps(output_dir: str) -> list[int]:
-    """Steps under <output_dir>/checkpoints/ (DistributedCheckpoints' layout), whole or not."""
-    return sorted(int(n) for n in list_names(output_dir.rstrip("/") + "/checkpoints") if n.isdigit())
+def legacy_files(output_dir: str) -> dict[int, str]:
+    """step -> checkpoint-<step>.pt of a run from before one format (CPU/CUDA backends)."""
+    return {int(m.group(1)): _join(output_dir, n) for n in list_names(output_dir)
+            if (m := LEGACY_FILE.fullmatch(n))}
 
 
-def check_checkpoint_format(output_dir: str, backend: str):
-    """Refuse a run directory holding the other backend's checkpoints: resuming would start at
-    step 0 and drop the old run's metrics rows. (Until one format serves every backend.)"""
-    files, steps = list_checkpoints(output_dir), distributed_steps(output_dir)
-    if backend == "xla" and files:
-        name = files[-1].rsplit("/", 1)[-1]
-        raise ConfigError(f"train.output_dir '{output_dir}' holds checkpoints of the cpu/cuda backends "
-                          f"({name}), which the xla backend cannot resume (it writes checkpoints/<step>/); "
-                          f"resume it with runtime.backend=cpu or cuda, or pass another train.output_dir")
-    if backend != "xla" and steps:
-        raise ConfigError(f"train.output_dir '{output_dir}' holds checkpoints of the xla backend "
-                          f"(checkpoints/{steps[-1]}/), which the {backend} backend cannot resume (it writes "
-                          f"checkpoint-<step>.pt); resume it with runtime.backend=xla, or pass another "
-                          f"train.output_dir")
+def newest_checkpoint(output_dir: str) -> str | None:
+    """The newest whole checkpoint of a run (given its output_dir, or its checkpoints/ folder):
+    a DCP directory, or a legacy checkpoint-<step>.pt file."""
+    found = {s: _join(folder, str(s)) for folder in (output_dir, _join(output_dir, "checkpoints"))
+             for s in committed_steps(folder)}
+    found.update({s: f for s, f in legacy_files(output_dir).items() if s not in found})
+    return found[max(found)] if found else None
 
 
-def latest_checkpoint(output_dir: str) -> str | None:
-    found = list_checkpoints(output_dir)
-    return found[-1] if found else None
+# --- the saved layout ---------------------------------------------------------------------------
+# One flat dict: "model.<name>" and "optimizer.<param index>.<state name>" tensors, "extra.<n>" the
+# extra state's tensors, and "objects" the rest of the extra state pickled into bytes with each
+# tensor's key in its place. Flat by our hand: torch's and torch_xla's planners flatten nested
+# non-tensor values differently, and a checkpoint must load under both.
+TENSOR = "__checkpoint_tensor__"
 
 
-def save_checkpoint(output_dir: str, step: int, state: dict, keep: int) -> str:
-    buffer = io.BytesIO()
-    torch.save(to_cpu(state), buffer)
-    final = f"{output_dir.rstrip('/')}/checkpoint-{step:08d}.pt"
-    write_bytes_atomic(final, buffer.getvalue())
-    fs, _ = _fs(output_dir)
-    for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
-        fs.rm(_fs(old)[1])
-    return final
+def flatten_state(model: dict, optimizer_state: dict, extra) -> dict:
+    flat = {f"model.{k}": v for k, v in model.items()}
+    flat.update({f"optimizer.{i}.{k}": v for i, state in optimizer_state.items() for k, v in state.items()})
+    tensors = []
+
+    def place(value):
+        if isinstance(value, torch.Tensor):
+            tensors.append(value)
+            return {TENSOR: f"extra.{len(tensors) - 1}"}
+        if isinstance(value, dict):
+            return {k: place(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(place(v) for v in value)
+        return value
+
+    flat["objects"] = pickle.dumps(place(extra))
+    flat.update({f"extra.{i}": t for i, t in enumerate(tensors)})
+    return flat
 
 
-def load_checkpoint(path: str) -> dict:
+def unflatten_state(flat: dict) -> tuple[dict, dict, object]:
+    """(model state_dict, optimizer state, extra) of flatten_state's dict."""
+    model = {k[len("model."):]: v for k, v in flat.items() if k.startswith("model.")}
+    optimizer: dict = {}
+    for key, value in flat.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            optimizer.setdefault(int(index), {})[name] = value
+
+    def fill(value):
+        if isinstance(value, dict):
+            return flat[value[TENSOR]] if TENSOR in value else {k: fill(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(fill(v) for v in value)
+        return value
+
+    return model, optimizer, fill(pickle.loads(flat["objects"])) if flat.get("objects") else None
+
+
+# --- reading without a process group (eval, export, tests) ------------------------------------
+def read_checkpoint(path: str, entries: tuple[str, ...] = ("model", "optimizer", "extra")) -> dict:
+    """The `entries` of the checkpoint at `path`, whole, on the CPU, in this process: every
+    tensor assembled from its shards, whatever mesh or process count wrote it, into an empty
+    tensor built from the checkpoint's metadata."""
+    reader = FsspecReader(path)
+    metadata = reader.read_metadata().state_dict_metadata
+    wanted = tuple(f"{e}." for e in entries)
+    flat = {key: torch.empty(item.size, dtype=item.properties.dtype) for key, item in metadata.items()
+            if isinstance(item, TensorStorageMetadata) and key.startswith(wanted)}
+    if "extra" in entries and "objects" in metadata:
+        flat["objects"] = b""
+    if not flat:
+        raise ValueError(f"{path}: a distributed checkpoint without {' / '.join(entries)} entries (found "
+                         f"{sorted({k.split('.')[0] for k in metadata})})")
+    with warnings.catch_warnings():  # single-process loading is the intent here
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+        dcp.load(flat, storage_reader=reader, no_dist=True)
+    model, optimizer, extra = unflatten_state(flat)
+    return {k: v for k, v in (("model", model), ("optimizer", optimizer), ("extra", extra)) if k in entries}
+
+
+def legacy_file(path: str) -> dict:
+    """A checkpoint-<step>.pt file, whole, on the CPU."""
     with fsspec.open(path, "rb") as f:
         return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=False)
 
 
-class FileCheckpoints:
-    """`checkpoint-<step>.pt` files written whole by process 0 (DDP, CPU, single-host XLA)."""
+# --- the store the loop saves to and resumes from ---------------------------------------------
+class Checkpoints:
+    """Asynchronous DCP saves into <output_dir>/checkpoints/<step>/, the newest `keep` kept
+    (0: all); `runtime` places the state (stage_state, checkpoint_planners, checkpoint_group,
+    prime_optimizer). Every process makes one, at the same point of the program."""
 
-    def __init__(self, output_dir: str, keep: int, is_main: bool):
-        self.output_dir, self.keep, self.is_main = output_dir, keep, is_main
-        if is_main:  # a save killed mid-write left its temporary file
-            remove_temporaries(output_dir, lambda name: PATTERN.fullmatch(name) is not None)
+    def __init__(self, output_dir: str, keep: int, runtime):
+        self.output_dir, self.keep, self.runtime = output_dir.rstrip("/"), keep, runtime
+        self.dir = _join(self.output_dir, "checkpoints")
+        self.group = runtime.checkpoint_group()
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self.pending: Future | None = None
+        if runtime.is_main:
+            self._remove_unfinished()
+        runtime.barrier()
+
+    def _remove_unfinished(self):
+        """Step folders a killed save left without COMMITTED, holding only DCP's own files."""
+        fs, _ = filesystem(self.dir)
+        done = set(committed_steps(self.dir))
+        for name in list_names(self.dir):
+            folder = _join(self.dir, name)
+            if name.isdigit() and int(name) not in done and all(DCP_FILES.search(n) for n in list_names(folder)):
+                fs.rm(filesystem(folder)[1], recursive=True)
 
     def latest(self) -> int | None:
-        path = latest_checkpoint(self.output_dir)
-        return int(PATTERN.search(path).group(1)) if path else None
+        steps = committed_steps(self.dir) + list(legacy_files(self.output_dir))
+        return max(steps) if steps else None
 
     def location(self, step: int) -> str:
-        return f"{self.output_dir.rstrip('/')}/checkpoint-{step:08d}.pt"
+        legacy = legacy_files(self.output_dir).get(step)
+        return legacy if legacy and step not in committed_steps(self.dir) else _join(self.dir, str(step))
 
     def save(self, step: int, model, optimizer, extra: dict):
-        state = {"model": model_state(model), "optimizer": optimizer.state_dict(), **extra}
-        if self.is_main:
-            save_checkpoint(self.output_dir, step, state, self.keep)
+        """Starts the save of `step` and returns; the previous save is finished first (its error,
+        if any, raised here). Only the optimizer's tensors are saved: its param_groups come from
+        the config and the schedule."""
+        self.wait()
+        state = flatten_state(model_state(model), optimizer.state_dict()["state"], extra)
+        self.pending = self.worker.submit(self._write, step, self.runtime.stage_state(state))
+
+    def _write(self, step: int, state: dict):
+        folder = _join(self.dir, str(step))
+        planner, _ = self.runtime.checkpoint_planners()
+        dcp.save(state, storage_writer=FsspecWriter(folder), planner=planner, process_group=self.group,
+                 no_dist=self.group is None)
+        if self.runtime.is_main:  # DCP returns once every process's shards are written
+            record = {"step": step, "processes": self.runtime.process_count,
+                      "backend": self.runtime.backend, "time": time.time()}
+            write_bytes_atomic(_join(folder, COMMITTED), json.dumps(record).encode())
+            self._remove_old()
+
+    def _remove_old(self):
+        fs, _ = filesystem(self.dir)
+        steps = committed_steps(self.dir)
+        for step in steps[:-self.keep] if self.keep > 0 else []:
+            fs.rm(filesystem(_join(self.dir, str(step)))[1], recursive=True)
 
     def restore(self, step: int, model, optimizer, template: dict) -> dict:
-        state = load_checkpoint(self.location(step))
-        load_model_state(model, state.pop("model"))
-        optimizer.load_state_dict(state.pop("optimizer"))
-        return state
+        """Loads `step` into the model and optimizer where they are placed now; returns the saved
+        extra state, read into `template` (an extra of the same structure)."""
+        path = self.location(step)
+        if LEGACY_FILE.search(path):
+            state = legacy_file(path)
+            load_model_state(model, state.pop("model"))
+            optimizer.load_state_dict(state.pop("optimizer"))
+            return state
+        reader = FsspecReader(path)
+        if "objects" not in reader.read_metadata().state_dict_metadata:
+            raise ConfigError(f"{path} was written by torch_xla's CheckpointManager (before one checkpoint "
+                              f"format) and cannot be resumed; start a new train.output_dir with "
+                              f"train.init={path} to keep its weights")
+        self.runtime.prime_optimizer(optimizer)  # DCP loads in place: the state tensors must exist
+        current = optimizer.state_dict()
+        state = flatten_state(model_state(model), current["state"], template)
+        _, planner = self.runtime.checkpoint_planners()
+        dcp.load(state, storage_reader=reader, planner=planner, process_group=self.group,
+                 no_dist=self.group is None)
+        model_sd, optimizer_state, extra = unflatten_state(state)
+        load_model_state(model, model_sd)
+        optimizer.load_state_dict({"state": optimizer_state, "param_groups": current["param_groups"]})
+        return extra
+
+    def wait(self):
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()
 
     def close(self):
-        pass
+        self.wait()
+        self.worker.shutdown()
+
+
+def is_distributed_checkpoint(path: str) -> bool:
+    return exists(_join(path, ".metadata"))

@@ -71,13 +71,18 @@ def cmd_describe(args):
 
 def cmd_bench(args):
     from .bench import bench
-    result = bench(load_config(args.config, args.overrides), steps=args.steps, warmup=args.warmup)
+    result = bench(load_config(args.config, args.overrides), steps=args.steps, warmup=args.warmup,
+                   baseline=args.baseline)
     mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None else "n/a (unknown peak)"
     print(f"{result['device']} x{result['devices']}  batch {result['global_batch']}, targets {result['targets']}, "
           f"{result['gflops_per_image']:.1f} GFLOPs/image: "
           f"{result['images_per_sec']:.1f} images/s, {result['ms_per_step']:.1f} ms/step, "
           f"{result['achieved_tflops']:.2f} TFLOP/s, MFU {mfu}, "
           f"compiles {result['compiles']} ({result['compiles_after_warmup']} after warm-up)")
+    if args.baseline:
+        print(f"baseline {result['baseline']}: {result['baseline_images_per_sec']:.1f} images/s, "
+              f"{result['baseline_ms_per_step']:.1f} ms/step; ours {result['images_per_sec']:.1f} images/s: "
+              f"{result['speedup_vs_baseline']:.2f}x the baseline")
     print(json.dumps(result))
 
 
@@ -181,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first, compilation included (default 3)")
+    p.add_argument("--baseline", choices=("official",), default=None,
+                   help="then time, on the same config and batch, a step in the official D-iGPT code's style "
+                        "(eager fp16 + GradScaler, host-built float mask and CPU randperm orders, .item() "
+                        "per step; cuda or cpu) and print ours / its rate")
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("bench-data", help="images/s of the input pipeline alone (local or gs:// shards)")
     _config_args(p)

@@ -35,7 +35,7 @@ class DataConfig:
     root: Optional[str] = None  # holds train/<class>/<image>; embedded: where to build it
     shards: Optional[str] = None  # source=shards: local or gs:// prefix holding manifest.json + tars
     shuffle_buffer: int = 1000  # samples per loader worker (shards)
-    num_workers: int = 4
+    num_workers: int = 4  # loader worker processes; -1: one per core of this process, less one
     crop_scale: list = field(default_factory=lambda: [0.2, 1.0])
     crop_ratio: list = field(default_factory=lambda: [3 / 4, 4 / 3])  # RandomResizedCrop's aspect ratios
 
@@ -79,10 +79,17 @@ class TrainConfig:
 class RuntimeConfig:
     backend: str = "auto"  # auto | xla | cuda | cpu
     precision: str = "bf16"  # bf16 | fp32
-    torch_compile: bool = False  # cuda only
     compile_cache: Optional[str] = None  # xla: persistent compilation cache directory (TPU)
     mesh: list = field(default_factory=lambda: [-1, 1])  # xla: [data, fsdp]; [1, -1] = FSDP, -1 = the rest
     slices: int = 1  # xla: TPU slices; > 1 makes a HybridMesh, data axis over DCN
+    # cuda: the step's levers (runtime.CudaOptions says what each does; the exact ones on by default)
+    torch_compile: bool = False  # torch.compile of the objective's forward and backward
+    tf32: bool = False  # TF32 for float32 matmuls and convolutions (not exact)
+    fused_optimizer: bool = True  # fused AdamW: one kernel over every parameter
+    attention_masks: str = "additive"  # additive: boolean mask buffers made one bf16 additive mask at the start
+    sdpa_backends: list = field(default_factory=lambda: ["flash", "efficient"])  # SDPA kernels allowed
+    ddp_static_graph: bool = True  # several processes: DDP's static graph (fewer hooks per step)
+    CHOICES: typing.ClassVar[dict] = {"attention_masks": ("additive", "boolean")}
 
 
 class Sections:

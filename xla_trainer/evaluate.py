@@ -15,7 +15,6 @@ from tqdm import tqdm
 
 from models import BACKBONES
 from models.layers.probes import AttentiveProbe, Classification, FrozenEncoderProbe, LinearProbe, probe_features
-from .checkpoint import check_checkpoint_format
 from .config import ConfigError, EvalConfig
 from .data.eval import EvalData, open_eval_data
 from .flops import peak_flops, train_flops_per_image
@@ -167,8 +166,6 @@ def train_classifier(cfg: EvalConfig, mode: str) -> dict:
     check_eval_config(cfg, mode)
     runtime = make_runtime(cfg)
     out = cfg.train.output_dir.rstrip("/")
-    for run_dir in (out, f"{out}/best"):
-        check_checkpoint_format(run_dir, runtime.backend)
     data = open_eval_data(cfg, runtime)
     schedule = make_schedule(cfg, data.train_len)
     classifier = build_classifier(cfg, mode, data.num_classes)

@@ -270,4 +270,5 @@ def run(task: Task, runtime: Runtime, batches, store, logger: MetricsLogger, *, 
     finally:
         batches.close()  # a run stopped early must not wait on its loader workers
         bar.close()
+        store.wait()  # the newest save is whole before anything else (a divergence message names it)
     return done, last_ckpt

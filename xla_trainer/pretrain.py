@@ -9,7 +9,6 @@ from dataclasses import asdict
 import torch
 
 from models import BACKBONES, OBJECTIVES, TargetInfo, check_pairing
-from .checkpoint import check_checkpoint_format
 from .config import Config, ConfigError
 from .data.pretrain import open_train_data
 from .flops import peak_flops, train_flops_per_image
@@ -103,7 +102,7 @@ def build_task(cfg: Config, runtime: Runtime, schedule: Schedule, targets: Targe
     flops = None
     if count_flops or (count_flops is None and peak_flops(runtime.device_kind())):
         flops = train_flops_per_image(method, None if targets else teacher, example_batch(cfg, info))
-    model = runtime.wrap_model(method, fsdp_blocks(cfg, method))
+    model = runtime.wrap_model(method, fsdp_blocks(cfg, method), cfg.train.accum_steps)
     if teacher is not None:
         if cfg.runtime.precision == "bf16":
             teacher.cast_weights(torch.bfloat16)  # on the host: no cast graph on the device
@@ -119,7 +118,6 @@ def build_task(cfg: Config, runtime: Runtime, schedule: Schedule, targets: Targe
 def pretrain(cfg: Config, runtime: Runtime | None = None) -> dict:
     runtime = runtime or make_runtime(cfg)
     check_config(cfg, runtime)
-    check_checkpoint_format(cfg.train.output_dir, runtime.backend)
     data = open_train_data(cfg, runtime)
     schedule = make_schedule(cfg, data.num_samples)
     task = build_task(cfg, runtime, schedule, data.targets)

@@ -3,26 +3,24 @@ local paths or fsspec URLs (gs://) alike.
 
 read_state_dict understands: torch files (.pt/.pth/.bin) holding a state_dict bare or under
 "model" / "state_dict" / "module" (DDP's `module.` prefix stripped), which covers the official
-D-iGPT checkpoints and our checkpoint-<step>.pt files; safetensors files; our distributed (DCP)
-checkpoint directories <output_dir>/checkpoints/<step>/ (their "model" entries only, read on the
-CPU in this process, no process group needed); and an output_dir, whose newest checkpoint it reads.
+D-iGPT checkpoints and the checkpoint-<step>.pt files of our runs before one format; safetensors
+files; our checkpoint directories <output_dir>/checkpoints/<step>/ (their "model" entries only,
+read on the CPU in this process, no process group needed); and an output_dir, whose newest
+checkpoint it reads.
 """
 import argparse
 import io
-import warnings
 
 import safetensors.torch
 import torch
 
 from models.state_dicts import strip_wrapper_prefixes
 
-from .checkpoint import PATTERN, latest_checkpoint
-from .data.remote_io import exists, filesystem, list_names, read_bytes, write_bytes_atomic
+from .checkpoint import is_distributed_checkpoint, newest_checkpoint, read_checkpoint
+from .data.remote_io import exists, filesystem, read_bytes, write_bytes_atomic
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 WRAPPERS = ("model", "state_dict", "module")  # where training scripts keep the state_dict
-DCP_METADATA = ".metadata"  # written last by torch.distributed.checkpoint.save
-MANAGER_DONE = ".manager_metadata"  # written by torch_xla's CheckpointManager once a save is whole
 
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
@@ -31,13 +29,13 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     if not fs.exists(local):
         raise FileNotFoundError(f"{path}: no such file or directory")
     if fs.isdir(local):
-        if fs.exists(_join(local, DCP_METADATA)):
-            return _read_dcp_model(path)
+        if is_distributed_checkpoint(path):
+            return read_checkpoint(path, ("model",))["model"]
         newest = newest_checkpoint(path)
         if newest is None:
             raise FileNotFoundError(
                 f"{path}: a directory without a checkpoint; expected a distributed checkpoint "
-                f"(<step>/ with {DCP_METADATA}), an output_dir with checkpoints/<step>/ or "
+                f"(<step>/ with .metadata), an output_dir with checkpoints/<step>/ or "
                 f"checkpoint-XXXXXXXX.pt files")
         return read_state_dict(newest)
     if path.endswith(".safetensors"):
@@ -79,24 +77,6 @@ def export_backbone(src: str, out: str, backbone) -> dict[str, torch.Tensor]:
     return state
 
 
-def newest_checkpoint(output_dir: str) -> str | None:
-    """The newest whole checkpoint of a run: a distributed one under checkpoints/<step>/ (or
-    <step>/ when given the checkpoints/ folder itself) or a checkpoint-<step>.pt file."""
-    found = []
-    for folder in (output_dir, _join(output_dir, "checkpoints")):
-        fs, local = filesystem(folder)
-        found += [(int(step), _join(folder, step)) for step in list_names(folder)
-                  if step.isdigit() and fs.exists(_join(_join(local, step), MANAGER_DONE))]
-    file = latest_checkpoint(output_dir)
-    if file:
-        found.append((int(PATTERN.search(file).group(1)), file))
-    return max(found)[1] if found else None
-
-
-def _join(folder: str, name: str) -> str:
-    return f"{folder.rstrip('/')}/{name}"
-
-
 def _torch_load(path: str):
     data = read_bytes(path)
     # Tensors and plain containers only; the official checkpoints also hold their argparse args.
@@ -117,29 +97,3 @@ def _unwrap(obj, path: str) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path}: expected a state_dict (name -> tensor), bare or under one of "
                          f"{WRAPPERS}; found {found}")
     return strip_wrapper_prefixes(obj)
-
-
-def _read_dcp_model(path: str) -> dict[str, torch.Tensor]:
-    """The "model" entries of a distributed checkpoint ({"model", "optimizer", "extra"}, see
-    checkpoint.DistributedCheckpoints), whatever mesh wrote it: DCP assembles every tensor whole
-    from its shards into the empty CPU tensors of a template built from the checkpoint's metadata."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-    # the reader torch_xla's CheckpointManager uses, for local paths and gs:// alike
-    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
-
-    metadata = FsspecReader(path).read_metadata()
-    model = {}
-    for key, item in metadata.state_dict_metadata.items():
-        if not key.startswith("model."):
-            continue
-        if not isinstance(item, TensorStorageMetadata):
-            raise ValueError(f"{path}: {key} is not a tensor")
-        model[key[len("model."):]] = torch.empty(item.size, dtype=item.properties.dtype)
-    if not model:
-        raise ValueError(f"{path}: a distributed checkpoint without \"model\" entries "
-                         f"(found {sorted({k.split('.')[0] for k in metadata.state_dict_metadata})})")
-    with warnings.catch_warnings():  # single-process loading is the intent here
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
-        dcp.load({"model": model}, storage_reader=FsspecReader(path), no_dist=True)
-    return model

@@ -12,12 +12,12 @@ import importlib.util
 import itertools
 import os
 import platform
-import tempfile
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils._pytree import tree_map
 
 from .config import ConfigError
 from .checkpoint import load_model_state, model_state
@@ -76,9 +76,11 @@ class Runtime:
                            self.backend_reason)
 
     # --- model and step ---------------------------------------------------------------------
-    def wrap_model(self, model: torch.nn.Module, blocks: tuple[type, ...] = ()) -> torch.nn.Module:
+    def wrap_model(self, model: torch.nn.Module, blocks: tuple[type, ...] = (),
+                   accum_steps: int = 1) -> torch.nn.Module:
         """The model on the device, wrapped for the backend; `blocks`: the module classes FSDP
-        shards one at a time (the backbone's and the objective's blocks)."""
+        shards one at a time (the backbone's and the objective's blocks); `accum_steps`: the
+        micro-batches of a step."""
         return model.to(self.device)
 
     def compile_fn(self, fn, name: str):
@@ -111,7 +113,21 @@ class Runtime:
         local = global_batch // self.process_count
         return noise[self.process_index * local:(self.process_index + 1) * local]
 
+    def loader_workers(self, requested: int) -> int:
+        """data.num_workers; -1: one per core this process gets (the host's cores shared by its
+        processes), less one for the process itself."""
+        if requested >= 0:
+            return requested
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        return max(1, len(os.sched_getaffinity(0)) // local - 1)
+
+    @property
+    def pin_memory(self) -> bool:
+        """Loaders put batches in page-locked memory, so that copies to the device are asynchronous."""
+        return self.device.type == "cuda"
+
     def no_sync(self, model, last_micro_batch: bool):
+        model = getattr(model, "_orig_mod", model)  # under torch.compile
         if isinstance(model, DistributedDataParallel) and not last_micro_batch:
             return model.no_sync()
         return contextlib.nullcontext()
@@ -148,9 +164,38 @@ class Runtime:
         dist.all_gather(parts, t.contiguous())
         return torch.cat(parts)
 
+    # --- checkpoints (checkpoint.Checkpoints: one DCP format for every backend) -----------------
     def checkpoints(self, output_dir: str, keep: int):
-        from .checkpoint import FileCheckpoints
-        return FileCheckpoints(output_dir, keep, self.is_main)
+        from .checkpoint import Checkpoints
+        return Checkpoints(output_dir, keep, self)
+
+    def checkpoint_group(self):
+        """The process group of the checkpoint thread's collectives: a gloo group of its own, so
+        that they never interleave with the training's (NCCL or gloo); None for one process."""
+        if self.process_count == 1:
+            return None
+        if getattr(self, "_checkpoint_group", None) is None:
+            self._checkpoint_group = dist.new_group(backend="gloo")
+        return self._checkpoint_group
+
+    def stage_state(self, state: dict) -> dict:
+        """A host copy of `state` that training may not change while a save writes it."""
+        return tree_map(lambda x: x.detach().to("cpu", copy=True) if isinstance(x, torch.Tensor) else x, state)
+
+    def checkpoint_planners(self):
+        """(save planner, load planner); None: DCP's defaults."""
+        return None, None
+
+    def prime_optimizer(self, optimizer: torch.optim.Optimizer):
+        """Optimizer state created (a step on zero gradients) so that DCP can load into it; only
+        before a restore, which overwrites the parameters it moved."""
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        if all(optimizer.state.get(p) for p in params):
+            return
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
     def any_process(self, flag: bool) -> bool:
         """True on every process if it is True on any (a collective: call it on all of them)."""
@@ -183,12 +228,35 @@ class Runtime:
             dist.destroy_process_group()
 
 
-class DdpRuntime(Runtime):
-    """cpu (gloo) or cuda (nccl); DDP when launched by torchrun with WORLD_SIZE > 1."""
+SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
 
-    def __init__(self, backend: str, precision: str = "bf16"):
+
+@dataclass(frozen=True)
+class CudaOptions:
+    """The levers of the CUDA step (runtime.* keys of the same names); on by default where exact.
+    tf32 rounds float32 matmul inputs to 10 mantissa bits: off unless asked. torch_compile is
+    off by default only for its compile time (minutes for a ViT-B)."""
+    torch_compile: bool = False
+    tf32: bool = False
+    fused_optimizer: bool = True
+    attention_masks: str = "additive"
+    sdpa_backends: tuple = ("flash", "efficient")  # cuDNN's SDPA has had NaN and memory bugs at odd lengths
+    ddp_static_graph: bool = True
+
+    def check(self):
+        unknown = [b for b in self.sdpa_backends if b not in SDPA_BACKENDS]
+        if unknown or not self.sdpa_backends:
+            raise ConfigError(f"runtime.sdpa_backends {list(self.sdpa_backends)}: give one or more of "
+                              f"{list(SDPA_BACKENDS)}")
+
+
+class DdpRuntime(Runtime):
+    """cpu (gloo) or cuda (nccl); DDP when launched by torchrun with WORLD_SIZE > 1 (one process
+    uses no wrapper). On cuda the step's levers are CudaOptions."""
+
+    def __init__(self, backend: str, precision: str = "bf16", options: CudaOptions = CudaOptions()):
         super().__init__(precision)
-        self.backend = backend
+        self.backend, self.options = backend, options
         world = int(os.environ.get("WORLD_SIZE", "1"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if backend == "cuda":
@@ -200,20 +268,60 @@ class DdpRuntime(Runtime):
         if world > 1:
             self.process_index, self.process_count = dist.get_rank(), dist.get_world_size()
         self.num_devices = self.process_count
-        self.torch_compile = False
+        if backend == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = options.tf32
+
+    @property
+    def cuda(self) -> bool:
+        return self.backend == "cuda"
 
     def device_kind(self) -> str:
-        if self.backend == "cuda":
+        if self.cuda:
             return torch.cuda.get_device_name(self.device)
         return super().device_kind()
 
-    def wrap_model(self, model, blocks=()):
+    def wrap_model(self, model, blocks=(), accum_steps=1):
         model = model.to(self.device)
-        if self.torch_compile:
-            model = torch.compile(model)
+        if self.cuda and self.options.attention_masks == "additive":
+            additive_masks(model, torch.bfloat16 if self.precision == "bf16" else torch.float32)
         if self.process_count > 1:
-            model = DistributedDataParallel(model, device_ids=[self.device.index] if self.backend == "cuda" else None)
+            model = DistributedDataParallel(model, device_ids=[self.device.index] if self.cuda else None,
+                                            gradient_as_bucket_view=True,
+                                            # a static graph breaks DDP's no_sync (accumulation)
+                                            static_graph=self.options.ddp_static_graph and accum_steps == 1)
+        if self.cuda and self.options.torch_compile:  # around DDP, so that it splits graphs at buckets
+            model = torch.compile(model, dynamic=False)  # the mask and the noise have fixed shapes
         return model
+
+    def optimizer_options(self) -> dict:
+        return {"fused": True} if self.cuda and self.options.fused_optimizer else {}
+
+    @contextlib.contextmanager
+    def autocast(self):
+        if not self.cuda:
+            with super().autocast():
+                yield
+            return
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        kernels = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                   "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+        with super().autocast(), sdpa_kernel([kernels[k] for k in self.options.sdpa_backends]):
+            yield
+
+
+def additive_masks(model: torch.nn.Module, dtype: torch.dtype):
+    """Every boolean `attn_mask` buffer (True = may attend) replaced by the additive mask SDPA
+    would build from it at every call (0 / -inf), built once here, in the compute dtype, its
+    rows padded to a multiple of 16 elements: the alignment memory-efficient attention needs to
+    read a mask in place rather than copy it each step."""
+    for module in model.modules():
+        mask = module._buffers.get("attn_mask")
+        if mask is None or mask.dtype != torch.bool:
+            continue
+        length = mask.shape[-1]
+        padded = torch.zeros((*mask.shape[:-1], -(-length // 16) * 16), dtype=dtype, device=mask.device)
+        padded[..., :length].masked_fill_(~mask, float("-inf"))
+        module._buffers["attn_mask"] = padded[..., :length]
 
 
 class XlaRuntime(Runtime):
@@ -257,7 +365,7 @@ class XlaRuntime(Runtime):
     def fsdp_size(self) -> int:
         return self.mesh.mesh_shape[1]
 
-    def wrap_model(self, model, blocks=()):
+    def wrap_model(self, model, blocks=(), accum_steps=1):
         """Data-parallel: parameters replicated. With an fsdp axis > 1: FSDPv2, each module of
         the `blocks` classes wrapped on its own (its parameters, gradients and optimizer state
         sharded over 'fsdp', gathered for its forward), then the rest of the parameters."""
@@ -376,21 +484,31 @@ class XlaRuntime(Runtime):
         return torch.device("cpu")  # gloo
 
     def _ensure_process_group(self):
-        """A CPU (gloo) process group, which distributed checkpoints and host-side agreement
-        need: over the XLA runtime's rendezvous across hosts; on a file store for one process,
-        so that several runs on one machine do not fight over a port."""
-        if dist.is_initialized():
+        """Across hosts, a CPU (gloo) process group over the XLA runtime's rendezvous, which
+        distributed checkpoints and host-side agreement need (one process needs none)."""
+        if dist.is_initialized() or self.process_count == 1:
             return
         import torch_xla.distributed.xla_backend  # noqa: F401  (registers xla://)
-        if self.process_count > 1:
-            dist.init_process_group("gloo", init_method="xla://")
-        else:
-            store = tempfile.NamedTemporaryFile(prefix="xla-trainer-pg-", delete=False).name
-            dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+        dist.init_process_group("gloo", init_method="xla://")
 
-    def checkpoints(self, output_dir: str, keep: int):
+    def checkpoint_group(self):
         self._ensure_process_group()
-        return DistributedCheckpoints(output_dir, keep)
+        return super().checkpoint_group()
+
+    def stage_state(self, state):
+        # the sharded host copy torch_xla's CheckpointManager makes: each host keeps its shards
+        from torch_xla.experimental.distributed_checkpoint._helpers import _sharded_cpu_state_dict
+        self._torch_xla.sync()
+        self._xm.wait_device_ops()
+        return _sharded_cpu_state_dict(state)
+
+    def checkpoint_planners(self):
+        from torch_xla.experimental.distributed_checkpoint import SPMDLoadPlanner
+        return _spmd_save_planner(), SPMDLoadPlanner()
+
+    def prime_optimizer(self, optimizer):
+        from torch_xla.experimental.distributed_checkpoint import prime_optimizer
+        prime_optimizer(optimizer)
 
     def start_trace(self, logdir: str):
         import torch_xla.debug.profiler as xp
@@ -412,6 +530,22 @@ class XlaRuntime(Runtime):
 
     def gather_rows(self, t):
         return t  # a global (sharded) tensor already
+
+
+def _spmd_save_planner():
+    """torch_xla's SPMD save planner, keeping one of the identical shards a process holds of a
+    tensor sharded over 'fsdp' and replicated over 'data': its own deduplication (torch_xla 2.9)
+    drops every copy of such a shard, and with it the tensor (seen on a 2 x 2 CPU mesh)."""
+    import dataclasses
+    from torch_xla.experimental.distributed_checkpoint import SPMDSavePlanner
+
+    class DedupSPMDSavePlanner(SPMDSavePlanner):
+        def create_local_plan(self):
+            plan, seen = super().create_local_plan(), set()
+            unique = [item for item in plan.items if not (item.index in seen or seen.add(item.index))]
+            return dataclasses.replace(plan, items=unique)
+
+    return DedupSPMDSavePlanner()
 
 
 def mesh_shape(num_devices: int, mesh) -> tuple[int, int]:
@@ -476,9 +610,11 @@ def choose_backend(requested: str, seen: Visible) -> tuple[str, str]:
     return requested, f"runtime.backend={requested}"
 
 
-def create_runtime(backend: str = "auto", precision: str = "bf16", torch_compile: bool = False,
-                   compile_cache: str | None = None, mesh=(-1, 1), slices: int = 1,
-                   visible: Visible | None = None) -> Runtime:
+def create_runtime(backend: str = "auto", precision: str = "bf16", compile_cache: str | None = None,
+                   mesh=(-1, 1), slices: int = 1, visible: Visible | None = None, **cuda_options) -> Runtime:
+    """`cuda_options`: CudaOptions' fields (the runtime.* keys of the CUDA step)."""
+    options = CudaOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in cuda_options.items()})
+    options.check()
     backend, why = choose_backend(backend, visible or Visible.probe())
     if backend == "xla":
         runtime = XlaRuntime(precision, compile_cache, mesh, slices)
@@ -486,50 +622,6 @@ def create_runtime(backend: str = "auto", precision: str = "bf16", torch_compile
         if tuple(mesh) not in ((-1, 1), (1, 1)) or slices != 1:
             raise ConfigError("runtime.mesh and runtime.slices are for the xla backend; cuda and cpu are "
                               "data-parallel: leave them at [-1, 1] and 1")
-        runtime = DdpRuntime(backend, precision)
-        runtime.torch_compile = torch_compile and backend == "cuda"
+        runtime = DdpRuntime(backend, precision, options)
     runtime.backend_reason = why
     return runtime
-
-
-class DistributedCheckpoints:
-    """torch.distributed.checkpoint through torch_xla's CheckpointManager (XLA SPMD): every host
-    writes its own shards, asynchronously (the step goes on while the CPU copy is written), into
-    <output_dir>/checkpoints/<step>/, local or gs://. A checkpoint counts once its manager
-    metadata is written, after all shards: a crash during a save leaves the previous one whole.
-    Restoring loads into the current model's sharding, so a checkpoint saved on one mesh restores
-    onto another."""
-
-    def __init__(self, output_dir: str, keep: int):
-        # coordinates over the default process group, which the XLA runtime creates (gloo)
-        from torch_xla.experimental.distributed_checkpoint import CheckpointManager
-        self.dir = f"{output_dir.rstrip('/')}/checkpoints"
-        self.manager = CheckpointManager(self.dir, save_interval=1, max_to_keep=keep,
-                                         chkpt_on_preemption=False)
-
-    def latest(self) -> int | None:
-        steps = self.manager.all_steps()
-        return steps[-1] if steps else None
-
-    def location(self, step: int) -> str:
-        return f"{self.dir}/{step}"
-
-    def save(self, step: int, model, optimizer, extra: dict):
-        # only the optimizer's tensors: its param_groups come from the config (the lr from the
-        # schedule, a device tensor under XLA, which DCP would flatten under other names)
-        state = {"model": model_state(model), "optimizer": optimizer.state_dict()["state"], "extra": extra}
-        self.manager.save_async(step, state, force=True)
-
-    def restore(self, step: int, model, optimizer, template: dict) -> dict:
-        """`template`: an `extra` of the same structure as the saved one, loaded into."""
-        from torch_xla.experimental.distributed_checkpoint import prime_optimizer
-        prime_optimizer(optimizer)  # the state tensors must exist to be loaded into
-        current = optimizer.state_dict()
-        state = {"model": model_state(model), "optimizer": current["state"], "extra": template}
-        self.manager.restore(step, state)
-        load_model_state(model, state["model"])
-        optimizer.load_state_dict({"state": state["optimizer"], "param_groups": current["param_groups"]})
-        return state["extra"]
-
-    def close(self):
-        self.manager.join()

@@ -267,7 +267,7 @@ def folder_data(cfg: EvalConfig, runtime) -> EvalData:
     train_folder, val_folder = datasets.ImageFolder(root / "train"), datasets.ImageFolder(root / "val")
     if train_folder.classes != val_folder.classes:
         raise ConfigError(f"{root}/train and {root}/val hold different classes")
-    t, workers = cfg.train, cfg.data.num_workers
+    t, workers = cfg.train, runtime.loader_workers(cfg.data.num_workers)
     train_set = LabelledImages(train_folder, train_transform(cfg), t.seed)
     collate = MixCollate(cfg, len(train_folder.classes))
     in_order = lambda folder: build_loader(
@@ -297,7 +297,7 @@ def shard_data(cfg: EvalConfig, runtime) -> EvalData:
     if not train.classes or train.classes != val.classes:
         raise ConfigError(f"{train_prefix} and {val_prefix} must name the same classes in their manifests "
                           f"(make-shards writes them from the ImageFolder tree)")
-    t, workers, p = cfg.train, cfg.data.num_workers, runtime.process_count
+    t, workers, p = cfg.train, runtime.loader_workers(cfg.data.num_workers), runtime.process_count
     stream = lambda start, end: LabelledShardStream(
         train, train_prefix, train_transform(cfg), MixCollate(cfg, len(train.classes)), seed=t.seed,
         local_batch=t.global_batch // p, steps_per_epoch=train.num_samples // t.global_batch, start_step=start,

@@ -125,10 +125,11 @@ def build_dataset(root: str, image_size: int, crop_scale, seed: int, crop_ratio=
     return PretrainImageFolder(str(train_dir), image_size, crop_scale, seed, crop_ratio)
 
 
-def build_loader(dataset, sampler, num_workers: int, collate_fn=collate, persistent: bool = True) -> DataLoader:
+def build_loader(dataset, sampler, num_workers: int, collate_fn=collate, persistent: bool = True,
+                 pin_memory: bool = False) -> DataLoader:
     """`persistent`: keep the workers between epochs (a loader iterated once does not need to)."""
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_fn,
-                      persistent_workers=persistent and num_workers > 0,
+                      persistent_workers=persistent and num_workers > 0, pin_memory=pin_memory,
                       prefetch_factor=4 if num_workers else None, worker_init_fn=ignore_sigterm)
 
 
@@ -141,14 +142,15 @@ class TrainData:
 
 def open_train_data(cfg: Config, runtime) -> TrainData:
     """The training input named by the config, checked before any model is built."""
-    seed, workers = cfg.train.seed, cfg.data.num_workers
+    seed, workers, pin = cfg.train.seed, runtime.loader_workers(cfg.data.num_workers), runtime.pin_memory
     local_batch = cfg.train.global_batch // runtime.process_count
     if cfg.data.source != "shards":
         dataset = build_dataset(image_root(cfg), cfg.backbone.image_size, cfg.data.crop_scale, seed,
                                 cfg.data.crop_ratio)
         sampler = lambda start, end: GlobalBatchSampler(
             len(dataset), cfg.train.global_batch, runtime.process_index, runtime.process_count, seed, start, end)
-        return TrainData(len(dataset), lambda start, end: build_loader(dataset, sampler(start, end), workers))
+        return TrainData(len(dataset), lambda start, end: build_loader(dataset, sampler(start, end), workers,
+                                                                                pin_memory=pin))
 
     images = ImageManifest.load(cfg.data.shards)
     targets = None
@@ -162,4 +164,5 @@ def open_train_data(cfg: Config, runtime) -> TrainData:
         steps_per_epoch=steps_per_epoch,
         start_step=start, total_steps=end, process_index=runtime.process_index,
         process_count=runtime.process_count, shuffle_buffer=cfg.data.shuffle_buffer)
-    return TrainData(images.num_samples, lambda start, end: build_shard_loader(stream(start, end), workers), targets)
+    return TrainData(images.num_samples, lambda start, end: build_shard_loader(stream(start, end), workers, pin),
+                     targets)

@@ -202,6 +202,6 @@ def ignore_sigterm(_worker_id: int):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def build_shard_loader(stream: ShardStream, num_workers: int):
-    return real_batches(DataLoader(stream, batch_size=None, num_workers=num_workers,
+def build_shard_loader(stream: ShardStream, num_workers: int, pin_memory: bool = False):
+    return real_batches(DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                                    prefetch_factor=4 if num_workers else None, worker_init_fn=ignore_sigterm))
