@@ -446,14 +446,15 @@ def test_bench_matrix_dry_run():
         assert {"runtime.backend=cuda", "runtime.torch_compile=true", "teacher.pretrained=null"} <= set(cmd)
 
 
-def test_gpu_wheels_are_pinned_to_this_environment():
-    """gpu_scripts/wheels*.txt (what `make wheels` fetches) pin the versions installed here."""
-    import importlib.metadata as md
+def test_gpu_wheels_list_what_this_environment_runs():
+    """gpu_scripts/wheels*.txt (what `make wheels` fetches) pin one version of each package the GPU
+    machine lacks, the four the project needs among them. (Not checked against the versions here:
+    a new release on the registry must not fail the suite.)"""
+    pins = {}
     for name in ("wheels.txt", "wheels-sdist.txt"):
         for line in (GPU / name).read_text().splitlines():
             if line and not line.startswith("#"):
                 pkg, version = line.split("==")
-                try:
-                    assert md.version(pkg) == version, f"{name}: {line}, installed {md.version(pkg)}"
-                except md.PackageNotFoundError:
-                    pass
+                assert pkg not in pins and version, line
+                pins[pkg] = version
+    assert {"fvcore", "open-clip-torch", "tensorboardx", "gcsfs"} <= set(pins)
