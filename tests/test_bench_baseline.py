@@ -10,11 +10,11 @@ from conftest import tiny_overrides
 
 from xla_trainer import bench as bench_module
 from xla_trainer import bench_official
-from xla_trainer.bench_official import float_attn_mask, official_style_bench, randperm_noise
+from xla_trainer.bench_official import official_style_bench, randperm_noise
 from xla_trainer.cli import main
 from xla_trainer.config import ConfigError, load_config
 from xla_trainer.pretrain import build_models
-from xla_trainer.runtime import Runtime, create_runtime
+from xla_trainer.runtime import Runtime, additive_mask, create_runtime
 
 
 def tiny_config(tmp_path, **extra):
@@ -47,7 +47,7 @@ def test_baseline_step_trains_on_a_fixed_batch(tmp_path):
 def test_float_mask_means_what_the_boolean_mask_means(tmp_path):
     method, _, info = build_models(tiny_config(tmp_path))
     allowed = method.attn_mask
-    mask = float_attn_mask(allowed)
+    mask = additive_mask(allowed)  # the baseline's per-step float mask
     assert mask.dtype == torch.float32 and mask.shape == allowed.shape
     assert torch.equal(mask, torch.where(allowed, 0.0, float("-inf")))
     # the same model under either form: the same loss

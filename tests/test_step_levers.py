@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
-from xla_trainer.config import ConfigError, load_config
+from xla_trainer.config import ConfigError, RuntimeConfig, load_config
 from xla_trainer.pretrain import build_models
-from xla_trainer.runtime import CudaOptions, Runtime, additive_masks, create_runtime
+from xla_trainer.runtime import Runtime, additive_masks, create_runtime
 
 
 def test_additive_masks_give_the_boolean_masks_loss(tmp_path):
@@ -34,7 +34,7 @@ def test_unknown_sdpa_backend_is_refused_before_anything_is_built():
         create_runtime("cpu", sdpa_backends=["flash", "fast"])
     with pytest.raises(ConfigError, match="runtime.attention_masks"):
         load_config(None, ["runtime.attention_masks=float"])
-    assert CudaOptions().fused_optimizer and not CudaOptions().tf32  # the exact levers on by default
+    assert RuntimeConfig().fused_optimizer and not RuntimeConfig().tf32  # the exact levers on by default
 
 
 def test_loader_workers_follow_the_host(monkeypatch):

@@ -12,7 +12,7 @@ from .config import Config, ConfigError
 from .loop import micro_batch, with_targets
 from .optim import build_optimizer, peak_lr
 from .pretrain import build_models
-from .runtime import Runtime
+from .runtime import Runtime, additive_mask
 
 BASELINES = ("official",)
 
@@ -26,12 +26,6 @@ def check_baseline(baseline: str, runtime: Runtime):
                           "pass runtime.backend=cuda or cpu")
     if runtime.process_count > 1:
         raise ConfigError("bench --baseline official times one process; run it without torchrun")
-
-
-def float_attn_mask(allowed: torch.Tensor) -> torch.Tensor:
-    """The additive float32 form of a boolean mask (True = may attend): 0 where True, -inf where
-    False; the meaning timm's attention and F.scaled_dot_product_attention give a float mask."""
-    return torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf"))
 
 
 def randperm_noise(batch: int, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
@@ -71,7 +65,7 @@ class OfficialStyleStep:
             noise = randperm_noise(len(host_batch["images"]), self.noise_shape, self.generator).to(self.device)
         if self.bool_mask is not None:
             # the model is the baseline's alone: the float mask replaces its boolean buffer outright
-            self.model.attn_mask = float_attn_mask(self.bool_mask).to(self.device)
+            self.model.attn_mask = additive_mask(self.bool_mask).to(self.device)
         loss_value = 0.0
         for i in range(self.accum):  # one official loop iteration per micro-batch
             micro = {k: micro_batch(v, i, self.accum) for k, v in batch.items()}

@@ -49,11 +49,14 @@ def _join(folder: str, name: str) -> str:
 
 
 # --- finding checkpoints ------------------------------------------------------------------------
+def is_committed(step_folder: str) -> bool:
+    fs, local = filesystem(step_folder)
+    return any(fs.exists(_join(local, done)) for done in (COMMITTED, LEGACY_COMMITTED))
+
+
 def committed_steps(folder: str) -> list[int]:
     """Steps under `folder` (a checkpoints/ directory) whose save completed."""
-    fs, local = filesystem(folder)
-    return sorted(int(n) for n in list_names(folder) if n.isdigit() and
-                  any(fs.exists(_join(_join(local, n), done)) for done in (COMMITTED, LEGACY_COMMITTED)))
+    return sorted(int(n) for n in list_names(folder) if n.isdigit() and is_committed(_join(folder, n)))
 
 
 def legacy_files(output_dir: str) -> dict[int, str]:
@@ -155,6 +158,7 @@ class Checkpoints:
     def __init__(self, output_dir: str, keep: int, runtime):
         self.output_dir, self.keep, self.runtime = output_dir.rstrip("/"), keep, runtime
         self.dir = _join(self.output_dir, "checkpoints")
+        self.legacy = legacy_files(self.output_dir)  # read once: nothing writes them any more
         self.group = runtime.checkpoint_group()
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
         self.pending: Future | None = None
@@ -172,12 +176,12 @@ class Checkpoints:
                 fs.rm(filesystem(folder)[1], recursive=True)
 
     def latest(self) -> int | None:
-        steps = committed_steps(self.dir) + list(legacy_files(self.output_dir))
+        steps = committed_steps(self.dir) + list(self.legacy)
         return max(steps) if steps else None
 
     def location(self, step: int) -> str:
-        legacy = legacy_files(self.output_dir).get(step)
-        return legacy if legacy and step not in committed_steps(self.dir) else _join(self.dir, str(step))
+        folder = _join(self.dir, str(step))
+        return self.legacy[step] if step in self.legacy and not is_committed(folder) else folder
 
     def save(self, step: int, model, optimizer, extra: dict):
         """Starts the save of `step` and returns; the previous save is finished first (its error,

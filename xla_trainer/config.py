@@ -82,12 +82,13 @@ class RuntimeConfig:
     compile_cache: Optional[str] = None  # xla: persistent compilation cache directory (TPU)
     mesh: list = field(default_factory=lambda: [-1, 1])  # xla: [data, fsdp]; [1, -1] = FSDP, -1 = the rest
     slices: int = 1  # xla: TPU slices; > 1 makes a HybridMesh, data axis over DCN
-    # cuda: the step's levers (runtime.CudaOptions says what each does; the exact ones on by default)
-    torch_compile: bool = False  # torch.compile of the objective's forward and backward
-    tf32: bool = False  # TF32 for float32 matmuls and convolutions (not exact)
+    # cuda: the step's levers (runtime.DdpRuntime), on by default where exact
+    torch_compile: bool = False  # torch.compile of the objective's forward and backward (off: compile time)
+    tf32: bool = False  # TF32 for float32 matmuls and convolutions (not exact: 10 mantissa bits)
     fused_optimizer: bool = True  # fused AdamW: one kernel over every parameter
-    attention_masks: str = "additive"  # additive: boolean mask buffers made one bf16 additive mask at the start
-    sdpa_backends: list = field(default_factory=lambda: ["flash", "efficient"])  # SDPA kernels allowed
+    attention_masks: str = "additive"  # additive: boolean `attn_mask` buffers made one additive mask at the start
+    # SDPA kernels allowed; cuDNN's has had NaN and memory bugs at odd lengths
+    sdpa_backends: list = field(default_factory=lambda: ["flash", "efficient"])
     ddp_static_graph: bool = True  # several processes: DDP's static graph (fewer hooks per step)
     CHOICES: typing.ClassVar[dict] = {"attention_masks": ("additive", "boolean")}
 

@@ -19,8 +19,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils._pytree import tree_map
 
-from .config import ConfigError
-from .checkpoint import load_model_state, model_state
+from .config import ConfigError, RuntimeConfig
 from .seeds import derive_seed
 
 
@@ -231,32 +230,20 @@ class Runtime:
 SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
 
 
-@dataclass(frozen=True)
-class CudaOptions:
-    """The levers of the CUDA step (runtime.* keys of the same names); on by default where exact.
-    tf32 rounds float32 matmul inputs to 10 mantissa bits: off unless asked. torch_compile is
-    off by default only for its compile time (minutes for a ViT-B)."""
-    torch_compile: bool = False
-    tf32: bool = False
-    fused_optimizer: bool = True
-    attention_masks: str = "additive"
-    sdpa_backends: tuple = ("flash", "efficient")  # cuDNN's SDPA has had NaN and memory bugs at odd lengths
-    ddp_static_graph: bool = True
-
-    def check(self):
-        unknown = [b for b in self.sdpa_backends if b not in SDPA_BACKENDS]
-        if unknown or not self.sdpa_backends:
-            raise ConfigError(f"runtime.sdpa_backends {list(self.sdpa_backends)}: give one or more of "
-                              f"{list(SDPA_BACKENDS)}")
+def check_sdpa_backends(backends):
+    unknown = [b for b in backends if b not in SDPA_BACKENDS]
+    if unknown or not backends:
+        raise ConfigError(f"runtime.sdpa_backends {list(backends)}: give one or more of {list(SDPA_BACKENDS)}")
 
 
 class DdpRuntime(Runtime):
     """cpu (gloo) or cuda (nccl); DDP when launched by torchrun with WORLD_SIZE > 1 (one process
-    uses no wrapper). On cuda the step's levers are CudaOptions."""
+    uses no wrapper). On cuda the step's levers are `options`, RuntimeConfig's keys of the CUDA
+    step (torch_compile, tf32, fused_optimizer, attention_masks, sdpa_backends, ddp_static_graph)."""
 
-    def __init__(self, backend: str, precision: str = "bf16", options: CudaOptions = CudaOptions()):
+    def __init__(self, backend: str, precision: str = "bf16", options: RuntimeConfig | None = None):
         super().__init__(precision)
-        self.backend, self.options = backend, options
+        self.backend, self.options = backend, options or RuntimeConfig()
         world = int(os.environ.get("WORLD_SIZE", "1"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if backend == "cuda":
@@ -309,19 +296,23 @@ class DdpRuntime(Runtime):
             yield
 
 
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype = torch.float32, row_align: int = 1) -> torch.Tensor:
+    """The additive form of a boolean mask (True = may attend): 0 where True, -inf where False,
+    the meaning SDPA gives a float mask; its rows stored `row_align` elements apart (a view)."""
+    length = allowed.shape[-1]
+    stored = torch.zeros((*allowed.shape[:-1], -(-length // row_align) * row_align), dtype=dtype,
+                         device=allowed.device)
+    return stored[..., :length].masked_fill_(~allowed, float("-inf"))
+
+
 def additive_masks(model: torch.nn.Module, dtype: torch.dtype):
-    """Every boolean `attn_mask` buffer (True = may attend) replaced by the additive mask SDPA
-    would build from it at every call (0 / -inf), built once here, in the compute dtype, its
-    rows padded to a multiple of 16 elements: the alignment memory-efficient attention needs to
-    read a mask in place rather than copy it each step."""
+    """Every boolean `attn_mask` buffer replaced by the additive mask SDPA would build from it at
+    every call, built once here, in the compute dtype, its rows 16 elements aligned: what
+    memory-efficient attention needs to read a mask in place rather than copy it each step."""
     for module in model.modules():
         mask = module._buffers.get("attn_mask")
-        if mask is None or mask.dtype != torch.bool:
-            continue
-        length = mask.shape[-1]
-        padded = torch.zeros((*mask.shape[:-1], -(-length // 16) * 16), dtype=dtype, device=mask.device)
-        padded[..., :length].masked_fill_(~mask, float("-inf"))
-        module._buffers["attn_mask"] = padded[..., :length]
+        if mask is not None and mask.dtype == torch.bool:
+            module._buffers["attn_mask"] = additive_mask(mask, dtype, row_align=16)
 
 
 class XlaRuntime(Runtime):
@@ -612,9 +603,9 @@ def choose_backend(requested: str, seen: Visible) -> tuple[str, str]:
 
 def create_runtime(backend: str = "auto", precision: str = "bf16", compile_cache: str | None = None,
                    mesh=(-1, 1), slices: int = 1, visible: Visible | None = None, **cuda_options) -> Runtime:
-    """`cuda_options`: CudaOptions' fields (the runtime.* keys of the CUDA step)."""
-    options = CudaOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in cuda_options.items()})
-    options.check()
+    """`cuda_options`: RuntimeConfig's keys of the CUDA step (see DdpRuntime)."""
+    options = RuntimeConfig(**cuda_options)
+    check_sdpa_backends(options.sdpa_backends)
     backend, why = choose_backend(backend, visible or Visible.probe())
     if backend == "xla":
         runtime = XlaRuntime(precision, compile_cache, mesh, slices)
