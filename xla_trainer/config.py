@@ -73,6 +73,15 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest N kept; 0 keeps all
     stop_at_step: Optional[int] = None  # end early (debugging); the schedule is unchanged
     profile_steps: Optional[list] = None  # [first, last): trace these steps into <output_dir>/profile
+    # a step whose loss, gradient norm or update is not finite is never applied (weights and
+    # optimizer state stay as they were); stop: exit 3 at the next log step, nothing newer saved |
+    # skip: go on, counted in metrics as skipped_steps
+    nonfinite: str = "stop"
+    max_skipped_steps: int = 20  # nonfinite=skip: stop (exit 3) after this many non-finite steps in a row
+    # keys a resume may change although they alter the schedule or the data order (e.g.
+    # [train.global_batch]); a change of the model or the loss never resumes
+    allow_resume_change: list = field(default_factory=list)
+    take_over: bool = False  # take the output_dir's run lock over from a holder that is stale (see docs)
 
 
 @dataclass
@@ -134,6 +143,7 @@ class Config(Sections):
         "targets.dtype": ("float16", "int8"),
         "runtime.backend": ("auto", "xla", "cuda", "cpu"),
         "runtime.precision": ("bf16", "fp32"),
+        "train.nonfinite": ("stop", "skip"),
     }
 
     def check_given(self, given: set[str]):
@@ -210,6 +220,15 @@ class EvalTrainConfig:
     # weights: our pre-training checkpoint (file, checkpoint directory or output_dir), an official
     # D-iGPT pre-training / fine-tuning checkpoint, or a timm state_dict; null = random init
     init: Optional[str] = None
+    # a step whose loss, gradient norm or update is not finite is never applied (weights and
+    # optimizer state stay as they were); stop: exit 3 at the next log step, nothing newer saved |
+    # skip: go on, counted in metrics as skipped_steps
+    nonfinite: str = "stop"
+    max_skipped_steps: int = 20  # nonfinite=skip: stop (exit 3) after this many non-finite steps in a row
+    # keys a resume may change although they alter the schedule or the data order (e.g.
+    # [train.global_batch]); a change of the model or the loss never resumes
+    allow_resume_change: list = field(default_factory=list)
+    take_over: bool = False  # take the output_dir's run lock over from a holder that is stale (see docs)
 
 
 @dataclass
@@ -228,6 +247,7 @@ class EvalConfig(Sections):
         "optim.name": ("adamw", "sgd", "lars"),
         "runtime.backend": Config.CHOICES["runtime.backend"],
         "runtime.precision": Config.CHOICES["runtime.precision"],
+        "train.nonfinite": Config.CHOICES["train.nonfinite"],
     }
 
 
