@@ -169,6 +169,8 @@ def test_knn_appends_to_a_shared_metrics_file(tmp_path):
     assert (tmp_path / "metrics.jsonl").read_text() == rows
     MetricsLogger(str(tmp_path), True, start_step=1).close()  # a training run resumed at step 1
     assert (tmp_path / "metrics.jsonl").read_text() == rows.splitlines(keepends=True)[0]
+    moved, = tmp_path.glob("metrics.jsonl.replaced-*")  # the row after step 1 moved aside, not deleted
+    assert moved.read_text() == rows.splitlines(keepends=True)[1]
 
 
 # --- bad input: one line, exit 2 ------------------------------------------------------------------
@@ -182,7 +184,8 @@ def test_malformed_yaml_names_file_line_and_column(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv", [["pretrain", "runtime.backend=cuda"], ["info", "--backend", "cuda"]])
-def test_unavailable_backend_says_what_was_found(argv, capsys):
+def test_unavailable_backend_says_what_was_found(argv, capsys, monkeypatch):
+    monkeypatch.delenv("PJRT_DEVICE", raising=False)  # an in-process XLA runtime of another test sets it
     err = fails_cleanly(capsys, argv)
     assert "runtime.backend=cuda, but no CUDA GPU is visible (found: no TPU, 0 CUDA GPUs, torch_xla installed)" in err
     assert "pass runtime.backend=xla or auto" in err

@@ -7,6 +7,7 @@ each encoded patch's mean colour. No teacher; any mask-taking backbone.
 toy backbone: patch embedding, learned positions, blocks that mix tokens by a masked mean (any
 boolean mask) then apply an MLP; a timm-style classifier over the mean token."""
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -118,11 +119,17 @@ class ToyBackbone(Backbone):
 class ToyConfig:
     name: str = "toy"
     keep: float = 0.5  # fraction of the patches encoded
+    # fault injection: the loss of this forward call (1-based, over the whole run, resumes
+    # included: the count is a buffer, saved in the checkpoints) is NaN
+    nan_at_forward: Optional[int] = None
 
 
 class Toy(nn.Module):
-    def __init__(self, encoder: nn.Module, keep: float):
+    def __init__(self, encoder: nn.Module, keep: float, nan_at_forward: int | None = None):
         super().__init__()
+        self.nan_at_forward = nan_at_forward
+        if nan_at_forward is not None:
+            self.register_buffer("forwards", torch.zeros((), dtype=torch.long))
         self.encoder = encoder
         tokens = encoder.grid[0] * encoder.grid[1]
         self.keep = max(1, round(tokens * keep))
@@ -135,7 +142,11 @@ class Toy(nn.Module):
         x = self.encoder.forward_taps(images, visible, None, (self.encoder.depth,))[-1][:, :self.keep]
         colours = F.adaptive_avg_pool2d(images, self.encoder.grid).flatten(2).transpose(1, 2)
         target = torch.gather(colours, 1, visible[..., None].expand(-1, -1, 3))
-        return {"loss": F.mse_loss(self.head(x).float(), target.float())}
+        loss = F.mse_loss(self.head(x).float(), target.float())
+        if self.nan_at_forward is not None:
+            self.forwards += 1
+            loss = torch.where(self.forwards == self.nan_at_forward, float("nan"), loss)
+        return {"loss": loss}
 
 
 @OBJECTIVES.register("toy")
@@ -151,4 +162,4 @@ class ToyObjective(Objective):
 
     @staticmethod
     def build(cfg, student, targets):
-        return Toy(student, cfg.keep)
+        return Toy(student, cfg.keep, cfg.nan_at_forward)

@@ -3,15 +3,19 @@
 
 A save is asynchronous: the state is copied to host memory (the runtime's `stage_state`), then a
 background thread writes it while training goes on; every process writes its own shards (XLA
-SPMD) or DCP's deduplicated share of the replicas (DDP). Process 0 writes COMMITTED once DCP has
-finished on every process: a checkpoint without it (a crash mid-save) is never resumed and is
-removed at the next start. Restoring reads into the current model's placement, so a checkpoint
-saved on one backend, mesh or process count restores on any other.
+SPMD) or DCP's deduplicated share of the replicas (DDP). Process 0 writes COMMITTED, with every
+file's size, once DCP has finished on every process: a checkpoint without it (a crash mid-save)
+is never resumed and is removed at the next start. Only finite state is written. Every reader
+checks a checkpoint first (`damage`: the commit marker, the metadata, each file's size); a run
+resumes from its newest intact one and sets damaged ones aside (renamed, never deleted).
+Restoring reads into the current model's placement, so a checkpoint saved on one backend, mesh
+or process count restores on any other.
 
 Runs from before this format: `checkpoint-<step>.pt` files (CPU/CUDA) still resume and import
 (`legacy_file`); torch_xla CheckpointManager directories (XLA, LEGACY_COMMITTED) import only."""
 import io
 import json
+import logging
 import pickle
 import re
 import time
@@ -25,12 +29,18 @@ from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, Fsspec
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from .config import ConfigError
-from .data.remote_io import exists, filesystem, list_names, write_bytes_atomic
+from .data.remote_io import exists, filesystem, list_names, read_bytes, write_bytes_atomic
 
 COMMITTED = "commit.json"  # written last, by process 0: the checkpoint is whole
 LEGACY_COMMITTED = ".manager_metadata"  # torch_xla's CheckpointManager's, in runs before this format
 DCP_FILES = re.compile(r"(\.metadata|__\d+_\d+\.distcp)$")  # what a DCP save writes into its folder
 LEGACY_FILE = re.compile(r"checkpoint-(\d{8})\.pt$")
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteState(RuntimeError):
+    """A save found non-finite values in the state: nothing was written."""
 
 
 def model_state(module: torch.nn.Module) -> dict:
@@ -57,6 +67,30 @@ def is_committed(step_folder: str) -> bool:
 def committed_steps(folder: str) -> list[int]:
     """Steps under `folder` (a checkpoints/ directory) whose save completed."""
     return sorted(int(n) for n in list_names(folder) if n.isdigit() and is_committed(_join(folder, n)))
+
+
+def damage(step_folder: str) -> str | None:
+    """Why the checkpoint at `step_folder` cannot be read whole (no commit marker, an unreadable
+    marker or metadata, a file missing or of another size than at its commit), or None."""
+    fs, local = filesystem(step_folder)
+    try:
+        record = json.loads(read_bytes(_join(step_folder, COMMITTED)))
+    except FileNotFoundError:
+        if not fs.exists(_join(local, LEGACY_COMMITTED)):
+            return f"no {COMMITTED}: a save that did not finish, or is still being written"
+        record = {}
+    except (ValueError, OSError) as e:
+        return f"{COMMITTED} is not readable ({e})"
+    sizes = {p["name"].rstrip("/").rsplit("/", 1)[-1]: p["size"] for p in fs.ls(local, detail=True, refresh=True)}
+    for name, size in record.get("files", {}).items():
+        if sizes.get(name) != size:
+            found = "missing" if name not in sizes else f"{sizes[name]} bytes"
+            return f"{name} is {found}; it had {size} bytes when committed"
+    try:
+        FsspecReader(step_folder).read_metadata()
+    except Exception as e:  # noqa: BLE001  an unpickling error of any kind
+        return f".metadata is not readable ({type(e).__name__}: {e})"
+    return None
 
 
 def legacy_files(output_dir: str) -> dict[int, str]:
@@ -125,7 +159,12 @@ def unflatten_state(flat: dict) -> tuple[dict, dict, object]:
 def read_checkpoint(path: str, entries: tuple[str, ...] = ("model", "optimizer", "extra")) -> dict:
     """The `entries` of the checkpoint at `path`, whole, on the CPU, in this process: every
     tensor assembled from its shards, whatever mesh or process count wrote it, into an empty
-    tensor built from the checkpoint's metadata."""
+    tensor built from the checkpoint's metadata. A damaged or unfinished checkpoint is a
+    ValueError naming it."""
+    why = damage(path)
+    if why:
+        raise ValueError(f"{path} is not a whole checkpoint: {why}; pass another checkpoint (an older "
+                         f"step under {path.rstrip('/').rsplit('/', 1)[0]})")
     reader = FsspecReader(path)
     metadata = reader.read_metadata().state_dict_metadata
     wanted = tuple(f"{e}." for e in entries)
@@ -153,7 +192,10 @@ def legacy_file(path: str) -> dict:
 class Checkpoints:
     """Asynchronous DCP saves into <output_dir>/checkpoints/<step>/, the newest `keep` kept
     (0: all); `runtime` places the state (stage_state, checkpoint_planners, checkpoint_group,
-    prime_optimizer). Every process makes one, at the same point of the program."""
+    prime_optimizer). Every process makes one, at the same point of the program. At the start,
+    every committed checkpoint is checked (`damage`): damaged ones are logged and, by process 0,
+    set aside as <step>.damaged-<time> (kept, never deleted: a later save of that step must not
+    write into them); none intact while some are damaged is a ConfigError naming them all."""
 
     def __init__(self, output_dir: str, keep: int, runtime):
         self.output_dir, self.keep, self.runtime = output_dir.rstrip("/"), keep, runtime
@@ -165,6 +207,20 @@ class Checkpoints:
         if runtime.is_main:
             self._remove_unfinished()
         runtime.barrier()
+        damaged = {}
+        for step in committed_steps(self.dir):  # every process reads the same files: the same verdict
+            why = damage(self.location(step))
+            if why:
+                damaged[step] = why
+                log.error("checkpoint %s is damaged: %s", self.location(step), why)
+        self.steps = sorted(set(committed_steps(self.dir)) - set(damaged) | set(self.legacy))
+        if damaged and not self.steps:
+            raise ConfigError(f"no intact checkpoint under {self.dir}: " + "; ".join(
+                f"{self.location(s)}: {why}" for s, why in sorted(damaged.items(), reverse=True)) +
+                ". They are left as they are; start over in a new train.output_dir")
+        runtime.barrier()  # every process has read the folders before they move
+        for step, why in damaged.items():
+            self.set_aside(step, why)
 
     def _remove_unfinished(self):
         """Step folders a killed save left without COMMITTED, holding only DCP's own files."""
@@ -175,13 +231,41 @@ class Checkpoints:
             if name.isdigit() and int(name) not in done and all(DCP_FILES.search(n) for n in list_names(folder)):
                 fs.rm(filesystem(folder)[1], recursive=True)
 
+    def intact_steps(self) -> list[int]:
+        """The steps of the intact checkpoints, newest first."""
+        return sorted(self.steps, reverse=True)
+
     def latest(self) -> int | None:
-        steps = committed_steps(self.dir) + list(self.legacy)
-        return max(steps) if steps else None
+        return max(self.steps) if self.steps else None
 
     def location(self, step: int) -> str:
         folder = _join(self.dir, str(step))
         return self.legacy[step] if step in self.legacy and not is_committed(folder) else folder
+
+    def set_aside(self, step: int, why: str):
+        """A damaged checkpoint renamed <step>.damaged-<time> by process 0 (every process calls it)."""
+        self.steps = [s for s in self.steps if s != step]
+        if self.runtime.is_main:
+            path = self.location(step)
+            fs, local = filesystem(path)
+            aside = f"{local}.damaged-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
+            fs.mv(local, aside, recursive=True)
+            log.warning("checkpoint %s set aside as %s (%s); it is kept, not deleted", path, aside, why)
+        self.runtime.barrier()
+
+    def saved_objects(self, step: int) -> dict:
+        """The plain values of the extra state saved at `step` (config, step, ...), its tensors
+        left out: cheap to read before a restore."""
+        path = self.location(step)
+        if LEGACY_FILE.search(path):
+            return {k: v for k, v in legacy_file(path).items() if k not in ("model", "optimizer")}
+        flat = {"objects": b""}
+        if "objects" not in FsspecReader(path).read_metadata().state_dict_metadata:
+            return {}  # torch_xla's CheckpointManager: restore() says why it cannot resume
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+            dcp.load(flat, storage_reader=FsspecReader(path), no_dist=True)
+        return pickle.loads(flat["objects"])
 
     def save(self, step: int, model, optimizer, extra: dict):
         """Starts the save of `step` and returns; the previous save is finished first (its error,
@@ -193,20 +277,40 @@ class Checkpoints:
 
     def _write(self, step: int, state: dict):
         folder = _join(self.dir, str(step))
+        self._check_finite(step, state)
         planner, _ = self.runtime.checkpoint_planners()
         dcp.save(state, storage_writer=FsspecWriter(folder), planner=planner, process_group=self.group,
                  no_dist=self.group is None)
+        self.steps = sorted(set(self.steps) | {step})
         if self.runtime.is_main:  # DCP returns once every process's shards are written
+            fs, local = filesystem(folder)
+            files = {p["name"].rstrip("/").rsplit("/", 1)[-1]: p["size"]
+                     for p in fs.ls(local, detail=True, refresh=True)}
             record = {"step": step, "processes": self.runtime.process_count,
-                      "backend": self.runtime.backend, "time": time.time()}
+                      "backend": self.runtime.backend, "time": time.time(), "files": files}
             write_bytes_atomic(_join(folder, COMMITTED), json.dumps(record).encode())
             self._remove_old()
+
+    def _check_finite(self, step: int, state: dict):
+        """Raise NonFiniteState, on every process alike, if any process's staged state holds a
+        non-finite value (the step never applies such an update: this is the last line)."""
+        bad = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+               and not all(bool(torch.isfinite(part).all()) for part in _local_parts(v))]
+        if self.group is not None:
+            flag = torch.tensor([len(bad)])
+            torch.distributed.all_reduce(flag, group=self.group)
+            if flag.item() and not bad:
+                bad = ["(on another process)"]
+        if bad:
+            raise NonFiniteState(f"step {step} was not saved: {len(bad)} tensors hold non-finite values "
+                                 f"({', '.join(bad[:3])}); the newest checkpoint is kept as it was")
 
     def _remove_old(self):
         fs, _ = filesystem(self.dir)
         steps = committed_steps(self.dir)
         for step in steps[:-self.keep] if self.keep > 0 else []:
             fs.rm(filesystem(_join(self.dir, str(step)))[1], recursive=True)
+            self.steps = [s for s in self.steps if s != step]
 
     def restore(self, step: int, model, optimizer, template: dict) -> dict:
         """Loads `step` into the model and optimizer where they are placed now; returns the saved
@@ -241,6 +345,12 @@ class Checkpoints:
     def close(self):
         self.wait()
         self.worker.shutdown()
+
+
+def _local_parts(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """This process's data of a staged tensor: its shards' (XLA SPMD) or itself."""
+    shards = getattr(tensor, "local_shards", None)
+    return [s.data for s in shards] if shards is not None else [tensor]
 
 
 def is_distributed_checkpoint(path: str) -> bool:

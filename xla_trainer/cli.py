@@ -19,6 +19,20 @@ def _config_args(p: argparse.ArgumentParser, default=DEFAULT_CONFIG):
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
 
 
+def bounded_int(low: int, high: int | None = None):
+    """An argparse type: an int in [low, high]; anything else is argparse's usage error (exit 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be >= {low}" + (f" and <= {high}" if high is not None else "")
+                                             + f", got {value}")
+        return value
+    return parse
+
+
 def eval_default(command: str):
     return CONFIG_DIR / command / "demo.yaml"
 
@@ -180,12 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table", action="store_true", help="a readable table instead of JSON")
     p.add_argument("--mode", default="finetune", choices=CLASSIFIER_MODES,
                    help="for a classifier config: what it trains (default finetune)")
-    p.add_argument("--num-classes", type=int, default=1000, help="for a classifier config (default 1000)")
+    p.add_argument("--num-classes", type=bounded_int(0), default=1000, help="for a classifier config (default 1000)")
     p.set_defaults(func=cmd_describe)
     p = sub.add_parser("bench", help="time N train steps after warm-up on a fixed device batch")
     _config_args(p)
-    p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first, compilation included (default 3)")
+    p.add_argument("--steps", type=bounded_int(1), default=10, help="timed steps (default 10)")
+    p.add_argument("--warmup", type=bounded_int(0), default=3,
+                   help="untimed steps first, compilation included (default 3)")
     p.add_argument("--baseline", choices=("official",), default=None,
                    help="then time, on the same config and batch, a step in the official D-iGPT code's style "
                         "(eager fp16 + GradScaler, host-built float mask and CPU randperm orders, .item() "
@@ -193,16 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("bench-data", help="images/s of the input pipeline alone (local or gs:// shards)")
     _config_args(p)
-    p.add_argument("--batches", type=int, default=20, help="timed batches (default 20)")
+    p.add_argument("--batches", type=bounded_int(1), default=20, help="timed batches (default 20)")
     p.set_defaults(func=cmd_bench_data)
     p = sub.add_parser("make-shards", help="ImageFolder tree -> webdataset tar shards + manifest")
     p.add_argument("images", help="ImageFolder root: <root>/<class>/<image> (e.g. imagenet/train)")
     p.add_argument("out", help="output prefix, local or gs://")
-    p.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
-    p.add_argument("--max-side", type=int, default=None, help="re-encode so the longest side is at most this")
-    p.add_argument("--quality", type=int, default=90, help="JPEG quality when re-encoding (default 90)")
+    p.add_argument("--shard-size", type=bounded_int(1), default=1000, help="images per shard (default 1000)")
+    p.add_argument("--max-side", type=bounded_int(1), default=None,
+                   help="re-encode so the longest side is at most this")
+    p.add_argument("--quality", type=bounded_int(1, 100), default=90, help="JPEG quality when re-encoding (default 90)")
     p.add_argument("--seed", type=int, default=0, help="seed of the order images are dealt into shards")
-    p.add_argument("--workers", type=int, default=2, help="encoding processes (default 2)")
+    p.add_argument("--workers", type=bounded_int(1), default=2, help="encoding processes (default 2)")
     p.set_defaults(func=cmd_make_shards)
     p = sub.add_parser("index-shards", help="write manifest.json for existing webdataset shards (e.g. img2dataset's)")
     p.add_argument("prefix", help="local or gs:// prefix holding the .tar shards")
@@ -216,8 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", default="embedded", help="a folder of images (--count of them, spread over the sorted files) or "
                                                          "'embedded' (the demo photos; default)")
     p.add_argument("--out", required=True, help="the PNG to write (never overwritten)")
-    p.add_argument("--count", type=int, default=4, help="images, one row each (default 4)")
-    p.add_argument("--cell", type=int, default=128, help="panel side in pixels (default 128)")
+    p.add_argument("--count", type=bounded_int(1), default=4, help="images, one row each (default 4)")
+    p.add_argument("--cell", type=bounded_int(1), default=128, help="panel side in pixels (default 128)")
     p.set_defaults(func=cmd_visualize)
     p = sub.add_parser("info", help="backend, devices, mesh, process count/index, versions")
     p.add_argument("--backend", default="auto", choices=("auto", "xla", "cuda", "cpu"))
@@ -237,13 +253,19 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"xla-trainer: error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, FileExistsError) as e:
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError) as e:  # a bad path
         print(f"xla-trainer: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before the training loop took it over: nothing to save yet
+        print("xla-trainer: interrupted", file=sys.stderr)
+        return 130
     except Exception as e:
-        from .loop import TrainingDiverged
-        if not isinstance(e, TrainingDiverged):
+        from .checkpoint import NonFiniteState
+        from .loop import Interrupted, RunLockLost, TrainingDiverged
+        codes = {Interrupted: 130, TrainingDiverged: 3, NonFiniteState: 3, RunLockLost: 2}
+        code = next((c for kind, c in codes.items() if isinstance(e, kind)), None)
+        if code is None:
             raise
-        print(f"xla-trainer: error: {e}", file=sys.stderr)
-        return 3
+        print(f"xla-trainer: {'error: ' if code != 130 else ''}{e}", file=sys.stderr)
+        return code
     return 0

@@ -1,7 +1,11 @@
 """The experiment config: typed sections with defaults, a YAML file on top, `key.sub=value`
-overrides on top of that. Unknown keys and wrong types fail here, before anything is built."""
+overrides on top of that. Unknown keys, wrong types, numbers out of bounds (a section's BOUNDS;
+no float key takes nan or inf) and output paths that cannot be directories fail here, before
+anything is built."""
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -38,6 +42,8 @@ class DataConfig:
     num_workers: int = 4  # loader worker processes; -1: one per core of this process, less one
     crop_scale: list = field(default_factory=lambda: [0.2, 1.0])
     crop_ratio: list = field(default_factory=lambda: [3 / 4, 4 / 3])  # RandomResizedCrop's aspect ratios
+    BOUNDS: typing.ClassVar[dict] = {"shuffle_buffer": ">= 1", "num_workers": ">= -1; -1: one per core",
+                                     "crop_scale": "(0, 1] range", "crop_ratio": "> 0 range"}
 
 
 @dataclass
@@ -47,6 +53,7 @@ class TargetsConfig:
     num_views: int = 1  # precompute-targets: augmented views stored per image
     dtype: str = "float16"  # float16 | int8 (with a scale per token)
     batch_size: int = 64  # precompute-targets: images per teacher forward
+    BOUNDS: typing.ClassVar[dict] = {"num_views": ">= 1", "batch_size": ">= 1"}
 
 
 @dataclass
@@ -59,6 +66,9 @@ class OptimConfig:
     warmup_from: float = 0.0  # the warmup starts at this fraction of the peak lr (XTRA: 0.1)
     min_lr: float = 0.0
     clip_grad: Optional[float] = None
+    BOUNDS: typing.ClassVar[dict] = {
+        "base_lr": ">= 0", "lr": ">= 0", "betas": "[0, 1) pair", "weight_decay": ">= 0", "warmup_epochs": ">= 0",
+        "warmup_from": "[0, 1]; a fraction of the peak lr", "min_lr": ">= 0", "clip_grad": "> 0; null for none"}
 
 
 @dataclass
@@ -82,6 +92,10 @@ class TrainConfig:
     # [train.global_batch]); a change of the model or the loss never resumes
     allow_resume_change: list = field(default_factory=list)
     take_over: bool = False  # take the output_dir's run lock over from a holder that is stale (see docs)
+    BOUNDS: typing.ClassVar[dict] = {
+        "epochs": ">= 1", "global_batch": ">= 1", "accum_steps": ">= 1", "log_every": ">= 1", "ckpt_every": ">= 1",
+        "keep_checkpoints": ">= 0; 0 keeps all", "stop_at_step": ">= 1; null for none",
+        "profile_steps": ">= 0 span", "max_skipped_steps": ">= 1"}
 
 
 @dataclass
@@ -100,12 +114,14 @@ class RuntimeConfig:
     sdpa_backends: list = field(default_factory=lambda: ["flash", "efficient"])
     ddp_static_graph: bool = True  # several processes: DDP's static graph (fewer hooks per step)
     CHOICES: typing.ClassVar[dict] = {"attention_masks": ("additive", "boolean")}
+    BOUNDS: typing.ClassVar[dict] = {"slices": ">= 1"}
 
 
 class Sections:
     """A whole experiment: one dataclass field per config section; CHOICES: the allowed values of
     the keys that have a fixed set (a section's own CHOICES name its keys without the section);
-    MOVED: old key -> new key, for a one-line migration message."""
+    MOVED: old key -> new key, for a one-line migration message. A section's BOUNDS (plug-in
+    sections' too) give the numbers each of its keys may take (see `check_bound`)."""
     CHOICES: typing.ClassVar[dict] = {}
     MOVED: typing.ClassVar[dict] = {}
 
@@ -164,6 +180,9 @@ class EvalDataConfig:
     crop_scale: list = field(default_factory=lambda: [0.08, 1.0])
     eval_resize: int = 256  # val: resize the short side to this, then center-crop model.image_size
     repeated_aug: int = 1  # each image this many times in a row per epoch, each copy augmented anew (DeiT: 3)
+    # (repeated_aug: open_eval_data checks it)
+    BOUNDS: typing.ClassVar[dict] = {"shuffle_buffer": ">= 1", "num_workers": ">= -1; -1: one per core",
+                                     "crop_scale": "(0, 1] range", "eval_resize": ">= 1"}
 
 
 @dataclass
@@ -177,6 +196,8 @@ class AugmentConfig:
     mixup: float = 0.8  # alpha; 0 = off
     cutmix: float = 1.0  # alpha; 0 = off
     label_smoothing: float = 0.1
+    BOUNDS: typing.ClassVar[dict] = {"color_jitter": ">= 0", "random_erasing": "[0, 1]; a probability",
+                                     "mixup": ">= 0; 0 = off", "cutmix": ">= 0; 0 = off", "label_smoothing": "[0, 1)"}
 
 
 @dataclass
@@ -192,6 +213,7 @@ class EvalOptimConfig:
     warmup_from: float = 0.0  # the warmup starts at this fraction of the peak lr (XTRA's probes: 0.1)
     min_lr: float = 1e-6
     clip_grad: Optional[float] = None
+    BOUNDS: typing.ClassVar[dict] = {**OptimConfig.BOUNDS, "layer_decay": "(0, 1]; 1 = off", "momentum": "[0, 1)"}
 
 
 @dataclass
@@ -202,6 +224,8 @@ class ProbeConfig:
     # features: null = the classifier's final ones; N = the mean of its last N block outputs
     # before the final norm (AIM / XTRA: 6 for the attentive probe, 1 for the linear one)
     blocks: Optional[int] = None
+    BOUNDS: typing.ClassVar[dict] = {"heads": ">= 1", "k": ">= 1", "temperature": "> 0",
+                                     "blocks": ">= 1; null for none"}
 
 
 @dataclass
@@ -229,6 +253,10 @@ class EvalTrainConfig:
     # [train.global_batch]); a change of the model or the loss never resumes
     allow_resume_change: list = field(default_factory=list)
     take_over: bool = False  # take the output_dir's run lock over from a holder that is stale (see docs)
+    # (ema: evaluate.check_eval_config checks it)
+    BOUNDS: typing.ClassVar[dict] = {
+        "epochs": ">= 1", "global_batch": ">= 1", "eval_batch": ">= 1", "log_every": ">= 1", "eval_every": ">= 1",
+        "keep_checkpoints": ">= 0; 0 keeps all", "max_skipped_steps": ">= 1"}
 
 
 @dataclass
@@ -263,14 +291,14 @@ def _all_keys(section, prefix="") -> list[str]:
     return keys
 
 
-def _unknown_key(key: str, cfg) -> ConfigError:
+def _unknown_key(key: str, cfg, where: str = "") -> ConfigError:
     if key in cfg.MOVED:
-        return ConfigError(f"config key '{key}' is now '{cfg.MOVED[key]}' (objectives, backbones and teachers "
-                           f"have sections of their own); rename it, as in {DEFAULT_CONFIG}")
+        return ConfigError(f"{where}config key '{key}' is now '{cfg.MOVED[key]}' (objectives, backbones and "
+                           f"teachers have sections of their own); rename it, as in {DEFAULT_CONFIG}")
     keys = _all_keys(cfg)
     close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(keys)}"
-    return ConfigError(f"unknown config key '{key}'{hint}")
+    return ConfigError(f"{where}unknown config key '{key}'{hint}")
 
 
 def _coerce(key: str, value, annotation):
@@ -281,13 +309,18 @@ def _coerce(key: str, value, annotation):
     if value is None and type(None) in allowed:
         return None
     for t in allowed:
+        number = None
         if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            number = float(value)
         if t is float and isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
+            return number
         if t is list and isinstance(value, (list, tuple)):
             return list(value)
         if t is not type(None) and isinstance(value, t) and not (t is int and isinstance(value, bool)):
@@ -308,7 +341,8 @@ def _choose_entry(section, name: str, values, key: str, kind: str):
 
 def _apply(section, values: dict, prefix: str, cfg, given: set):
     if not isinstance(values, dict):
-        raise ConfigError(f"config section '{prefix.rstrip('.') or 'root'}' must be a mapping")
+        raise ConfigError(f"config section '{prefix.rstrip('.')}' must be a mapping of keys, got {values!r} "
+                          f"({type(values).__name__})")
     fields = {f.name: f for f in dataclasses.fields(section)}
     for name, value in values.items():
         key = prefix + str(name)
@@ -334,6 +368,72 @@ def _apply(section, values: dict, prefix: str, cfg, given: set):
         given.add(key)
 
 
+# --- bounds --------------------------------------------------------------------------------------
+# A BOUNDS entry: an interval (">= 1", "> 0", "[0, 1)", "(0, 1]", ...) every number of the key must
+# lie in (each number of a list key), then for a list key of two numbers "pair" (any two), "range"
+# (min <= max) or "span" (first < last), then optionally "; note" for the message.
+_BOUND = re.compile(r"(?:(?P<op>>=?) (?P<min>\S+)|(?P<left>[\[(])(?P<lo>[^,]+), (?P<hi>[^\])]+)(?P<right>[\])]))"
+                    r"(?: (?P<shape>pair|range|span))?(?:; (?P<note>.+))?")
+
+
+def check_bound(key: str, value, spec: str):
+    """ConfigError naming `key`, its bounds and `value` when a number of `value` lies outside them."""
+    b = _BOUND.fullmatch(spec)
+    lo, hi = float(b["min"] or b["lo"]), float(b["hi"] or "inf")
+    open_low, open_high = b["op"] == ">" or b["left"] == "(", b["right"] == ")"
+    within = lambda v: (lo < v if open_low else lo <= v) and (v < hi if open_high else v <= hi)
+    interval = f"{b['op']} {b['min']}" if b["op"] else f"in {b['left']}{b['lo']}, {b['hi']}{b['right']}"
+    numbers = value if isinstance(value, list) else [value]
+    shape = {"pair": "two numbers, each", "range": "[min, max] with min <= max, each",
+             "span": "[first, last) with first < last, each", None: "a list of numbers, each"}[b["shape"]]
+    wrong = (any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in numbers)
+             or not all(within(v) for v in numbers)
+             or (b["shape"] and len(numbers) != 2)
+             or (b["shape"] == "range" and numbers[0] > numbers[1])
+             or (b["shape"] == "span" and numbers[0] >= numbers[1]))
+    if wrong:
+        what = f"{shape} {interval}" if isinstance(value, list) else interval
+        note = f" ({b['note']})" if b["note"] else ""
+        raise ConfigError(f"config key '{key}' must be {what}{note}, got {value!r}")
+
+
+def _check_bounds(section, prefix: str = ""):
+    bounds = getattr(section, "BOUNDS", {})
+    for f in dataclasses.fields(section):
+        value, key = getattr(section, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            _check_bounds(value, key + ".")
+        elif f.name in bounds and value is not None:
+            check_bound(key, value, bounds[f.name])
+
+
+def blocking_file(path: str) -> Path | None:
+    """The file that keeps a local `path` from being (or becoming) a directory: the path itself or
+    the nearest of its parents that exists; None when there is none (or for a URL)."""
+    if "://" in path:
+        return None
+    for p in (Path(path), *Path(path).parents):
+        if p.exists() or p.is_symlink():
+            return None if p.is_dir() else p
+    return None
+
+
+def check_values(cfg):
+    """Every key's bounds; train.allow_resume_change naming config keys; a local
+    train.output_dir that is or can become a directory."""
+    _check_bounds(cfg)
+    train = getattr(cfg, "train", None)
+    for key in getattr(train, "allow_resume_change", ()):
+        if str(key) not in _all_keys(cfg) and key != "hosts":  # hosts: the process count (drift.py)
+            raise _unknown_key(str(key), cfg, "train.allow_resume_change: ")
+    out = getattr(train, "output_dir", None)
+    blocker = blocking_file(out) if out else None
+    if blocker is not None:
+        where = "is a file" if str(blocker) == str(Path(out)) else f"lies under '{blocker}', which is a file"
+        raise ConfigError(f"train.output_dir '{out}' {where}, not a directory; pass another train.output_dir "
+                          f"(a new directory, or the output_dir of the run to resume)")
+
+
 def _parse_yaml(text: str, where: str):
     """YAML, or a ConfigError naming `where` with the line and column of the fault."""
     try:
@@ -356,21 +456,32 @@ def parse_override(text: str) -> dict:
     return nested
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = (), schema=Config,
-                default: Path = DEFAULT_CONFIG):
-    """A `schema` (Config, or EvalConfig for the evaluations) from `path` (else `default`), then
-    the overrides."""
-    cfg = schema()
-    path = Path(path) if path else default
+def read_sections(path: str | Path) -> dict:
+    """The mapping of sections a config file holds, or a ConfigError naming the file and the fix."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file '{path}' is a directory; pass a YAML file, e.g. one under {CONFIG_DIR}")
     if not path.is_file():
         raise ConfigError(f"config file '{path}' not found; see {CONFIG_DIR} for the shipped configs")
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file '{path}' cannot be read: {e}") from None
-    given = set()
-    _apply(cfg, _parse_yaml(text, str(path)) or {}, "", cfg, given)
+    sections = _parse_yaml(text, str(path))
+    if sections is not None and not isinstance(sections, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of sections (train:, optim:, ...), "
+                          f"found a {type(sections).__name__}: {str(sections)[:60]}")
+    return sections or {}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), schema=Config,
+                default: Path = DEFAULT_CONFIG):
+    """A `schema` (Config, or EvalConfig for the evaluations) from `path` (else `default`), then
+    the overrides."""
+    cfg, given = schema(), set()
+    _apply(cfg, read_sections(path or default), "", cfg, given)
     for text in overrides:
         _apply(cfg, parse_override(text), "", cfg, given)
+    check_values(cfg)
     cfg.check_given(given)
     return cfg

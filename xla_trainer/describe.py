@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from .config import DEFAULT_CONFIG, Config, EvalConfig, _parse_yaml, load_config
+from .config import DEFAULT_CONFIG, Config, EvalConfig, load_config, read_sections
 from .flops import objective_flops, step_flops, train_flops_per_image
 
 PRETRAIN_SECTIONS = {"objective", "teacher", "targets"}
@@ -14,8 +14,7 @@ PRETRAIN_SECTIONS = {"objective", "teacher", "targets"}
 def load_any_config(path: str | None, overrides: list[str]):
     """A pre-training Config when the file has an objective, teacher or targets section (or is
     the default), else an EvalConfig (a classifier: train, finetune, probes, k-NN)."""
-    text = Path(path).read_text() if path and Path(path).is_file() else ""
-    sections = set(_parse_yaml(text, str(path)) or {}) if text else set()
+    sections = set(read_sections(path)) if path else set()
     pretraining = not path or Path(path) == DEFAULT_CONFIG or sections & PRETRAIN_SECTIONS
     return load_config(path, overrides, schema=Config if pretraining else EvalConfig)
 

@@ -5,6 +5,7 @@ Reading order: `train_classifier` (builds the classifier and runs the shared loo
 evaluating every train.eval_every epochs) -> `eval_step` (top-1/top-5 counts of one padded val
 batch, summed on the device); `knn` (frozen features, cosine k-NN). Device specifics stay in
 runtime.py."""
+import contextlib
 import logging
 from dataclasses import asdict
 
@@ -18,9 +19,10 @@ from models.layers.probes import AttentiveProbe, Classification, FrozenEncoderPr
 from .config import ConfigError, EvalConfig
 from .data.eval import EvalData, open_eval_data
 from .flops import peak_flops, train_flops_per_image
-from .loop import Cadence, StepSettings, Task, make_schedule, resume, run
+from .loop import (Cadence, NonFiniteSteps, StepSettings, Task, check_drift, hold_output_dir, make_schedule,
+                   open_metrics, resume, run)
 from .metrics import MetricsLogger
-from .optim import build_eval_optimizer
+from .optim import build_eval_optimizer, keep_unless
 from .pretrained import load_backbone_state
 from .pretrain import make_runtime
 from .runtime import Runtime
@@ -55,15 +57,26 @@ def build_encoder(cfg: EvalConfig, num_classes: int = 0, keep_head: bool = False
             state = {k: v for k, v in state.items() if not k.startswith("head.")}  # a new task's head
         try:
             state = backbone.adapt_state(state, encoder)
-        except ValueError as e:  # e.g. a patch size the backbone does not resample
-            raise ConfigError(f"train.init '{init}': {e}") from None
-        missing, unexpected = encoder.load_state_dict(state, strict=False)
-        missing = [k for k in missing if keep_head or not k.startswith("head.")]  # a new head starts fresh
-        if missing or unexpected:
-            raise ConfigError(f"train.init '{init}' does not fit backbone.* ({cfg.backbone}): missing "
-                              f"{missing[:5]}, unexpected {unexpected[:5]}")
+        except (ValueError, RuntimeError) as e:  # e.g. a patch size the backbone does not resample
+            raise ConfigError(f"train.init '{init}' does not fit backbone.* ({cfg.backbone}): {e}") from None
+        mismatch = state_mismatch(state, encoder.state_dict(), keep_head)
+        if mismatch:
+            raise ConfigError(f"train.init '{init}' does not fit backbone.* ({cfg.backbone}): {mismatch}")
+        encoder.load_state_dict(state, strict=False)
         log.info("encoder weights from %s", init)
     return encoder
+
+
+def state_mismatch(state: dict, own: dict, keep_head: bool) -> str | None:
+    """How `state` does not fit a model whose state_dict is `own` (the first keys of each kind:
+    shapes, missing, unexpected; a head is missing by design unless keep_head), or None."""
+    wrong = [f"{k} {tuple(v.shape)} there, {tuple(own[k].shape)} here" for k, v in state.items()
+             if k in own and v.shape != own[k].shape]
+    missing = [k for k in own if k not in state and (keep_head or not k.startswith("head."))]
+    unexpected = [k for k in state if k not in own]
+    found = [f"{what} {keys[:3]}" for what, keys in (("shapes differ:", wrong), ("missing", missing),
+                                                     ("unexpected", unexpected)) if keys]
+    return "; ".join(found) or None
 
 
 def build_classifier(cfg: EvalConfig, mode: str, num_classes: int) -> torch.nn.Module:
@@ -166,7 +179,25 @@ def train_classifier(cfg: EvalConfig, mode: str) -> dict:
     check_eval_config(cfg, mode)
     runtime = make_runtime(cfg)
     out = cfg.train.output_dir.rstrip("/")
-    data = open_eval_data(cfg, runtime)
+    data = open_eval_data(cfg, runtime)  # checked before the run directory is touched
+    with hold_output_dir(runtime, out, cfg.train.take_over) as lock, contextlib.ExitStack() as closing:
+        last, best = runtime.checkpoints(out, cfg.train.keep_checkpoints), runtime.checkpoints(f"{out}/best", 1)
+        for store in (last, best):
+            closing.callback(store.close)
+        if last.latest():  # a resume under another config fails before anything is built
+            check_drift(last, last.latest(), cfg.to_dict(), cfg.train.allow_resume_change, mode, runtime)
+        result, state, logger = _train_classifier(cfg, mode, runtime, data, last, best, lock, closing)
+    best_step = best.latest()
+    return {"mode": mode, **{f"val_{k}": v for k, v in result.items()},
+            "best_top1": state["best_top1"], "best_epoch": state["best_epoch"],
+            "best_checkpoint": best.location(best_step) if best_step else None,
+            "metrics": str(logger.path), "compiles": runtime.compiles()}
+
+
+def _train_classifier(cfg: EvalConfig, mode: str, runtime: Runtime, data: EvalData, last, best, lock, closing):
+    """train_classifier's body, inside its run lock: (the last evaluation, the best-so-far state,
+    the metrics log)."""
+    out = cfg.train.output_dir.rstrip("/")
     schedule = make_schedule(cfg, data.train_len)
     classifier = build_classifier(cfg, mode, data.num_classes)
     objective = Classification(classifier)
@@ -185,17 +216,17 @@ def train_classifier(cfg: EvalConfig, mode: str) -> dict:
         runtime.shard_like(ema.module.state_dict().values(), classifier.state_dict().values())
     task = Task(mode, classifier, wrapped, optimizer, schedule,
                 StepSettings(1, o.clip_grad, t.global_batch, t.seed), flops=flops,
-                ema=None if ema is None else lambda: ema.update(classifier))
+                ema=None if ema is None else lambda applied: update_ema(ema, classifier, applied))
 
-    last, best = runtime.checkpoints(out, t.keep_checkpoints), runtime.checkpoints(f"{out}/best", 1)
     state = {"step": 0, "best_top1": -1.0, "best_epoch": 0, "config": cfg.to_dict()}
     with_ema = lambda extra: extra if ema is None else {**extra, "ema": ema.module.state_dict()}
-    start, extra = resume(last, task, with_ema(dict(state)))
+    start, extra = resume(last, task, with_ema(dict(state)), cfg.to_dict(), t.allow_resume_change, runtime)
     if extra and ema is not None:
         ema.module.load_state_dict(extra.pop("ema"))
     state = extra or state
     total = schedule.total_steps
-    logger = MetricsLogger(out, runtime.is_main, start)
+    logger = open_metrics(runtime, out, start, cfg.to_dict())
+    closing.callback(logger.close)
     eval_fn = runtime.compile_fn(eval_step, "eval_step")
     result = {}
 
@@ -214,17 +245,20 @@ def train_classifier(cfg: EvalConfig, mode: str) -> dict:
         logger.log({"step": done, "epoch": epoch, **{f"val_{k}": v for k, v in result.items()},
                     "best_top1": state["best_top1"]}, group="val")
 
+    nonfinite = NonFiniteSteps(t.nonfinite, t.max_skipped_steps, state.get("skipped_steps", 0))
     run(task, runtime, runtime.device_batches(data.train(start, total)), last, logger, start=start, end=total,
         cadence=Cadence(t.log_every, schedule.steps_per_epoch, log_at_epoch_end=True),
-        extra_state=lambda done: with_ema(dict(state, step=done)), after_step=evaluate_at_epoch_end, output_dir=out)
-    for store in (last, best):
-        store.close()
-    logger.close()
-    best_step = best.latest()
-    return {"mode": mode, **{f"val_{k}": v for k, v in result.items()},
-            "best_top1": state["best_top1"], "best_epoch": state["best_epoch"],
-            "best_checkpoint": best.location(best_step) if best_step else None,
-            "metrics": str(logger.path), "compiles": runtime.compiles()}
+        extra_state=lambda done: with_ema(dict(state, step=done)), nonfinite=nonfinite,
+        after_step=evaluate_at_epoch_end, output_dir=out, lock=lock)
+    return result, state, logger
+
+
+def update_ema(ema: ModelEmaV3, model: torch.nn.Module, applied: torch.Tensor):
+    """The moving average moved towards `model`'s weights, unless the step was not applied."""
+    tensors = list(ema.module.state_dict().values())
+    old = [t.detach().clone() for t in tensors]
+    ema.update(model)
+    keep_unless(applied, tensors, old)
 
 
 def evaluate_checkpoint(cfg: EvalConfig) -> dict:

@@ -1,11 +1,12 @@
 """The loop every task shares (pre-training, supervised training, fine-tuning, probes): one train
 step for every backend and every objective, and around it the schedule, logging, checkpoints,
-resume, SIGTERM and NaN handling, and profiling.
+resume (with its config check), the run lock, SIGTERM / SIGINT, non-finite steps and profiling.
 
 Reading order: `run` (the loop) -> `train_step` (one optimizer step) -> the objective's forward
 in models/ (the loss). Device specifics live in runtime.py only."""
+import contextlib
 import logging
-import math
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -15,16 +16,14 @@ import torch
 from tqdm import tqdm
 
 from .config import ConfigError
+from .drift import check_resume, identity
 from .flops import peak_flops
 from .metrics import MetricsLogger
 from .optim import clip_and_step, lr_at, peak_lr, set_lr
+from .runlock import RunLock
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
-
-
-class TrainingDiverged(RuntimeError):
-    pass
 
 
 @dataclass
@@ -83,9 +82,10 @@ def with_targets(batch: dict, teacher) -> dict:
 def train_step(model, teacher, optimizer, batch, lr, step, *, runtime: Runtime, settings: StepSettings,
                ema: Callable[[], None] | None = None):
     """One optimizer step over the local batch, in settings.accum_steps micro-batches. The model
-    (an objective: forward(batch, noise) -> losses) names the noise it wants; `ema` updates a
-    moving average of the weights after the update, in the same graph. Returns device scalars
-    only: nothing here reads a value back to the host."""
+    (an objective: forward(batch, noise) -> losses) names the noise it wants; `ema(applied)`
+    updates a moving average of the weights after the update, in the same graph. A step whose
+    loss, gradients or update are not finite changes nothing ("applied" is false; see
+    optim.clip_and_step). Returns device scalars only: nothing here reads a value back to the host."""
     set_lr(optimizer, lr, batch["images"].device)
     shape = getattr(model, "module", model).noise_shape
     noise = None if shape is None else runtime.step_noise(shape, settings.global_batch, settings.seed, step)
@@ -99,31 +99,83 @@ def train_step(model, teacher, optimizer, batch, lr, step, *, runtime: Runtime, 
             (losses["loss"] / accum).backward()
         for k, v in losses.items():
             totals[k] = totals.get(k, 0) + v.detach().float() / accum
-    metrics = {**totals, "grad_norm": clip_and_step(model, optimizer, settings.clip_grad)}
+    # every process applies or skips the update alike (DDP: the loss is per process)
+    loss_finite = runtime.all_processes_in_step(torch.isfinite(totals["loss"]))
+    grad_norm, applied = clip_and_step(model, optimizer, settings.clip_grad, loss_finite)
+    metrics = {**totals, "grad_norm": grad_norm, "applied": applied}
     if ema is not None:
-        ema()
+        ema(applied)
     if "skipped" in batch:
         metrics["skipped_images"] = batch["skipped"].sum()
     return metrics
 
 
 # --- around the step ----------------------------------------------------------------------------
-class Preemption:
-    """SIGTERM (spot TPU reclaim, Slurm time limit) asks the run to finish its step, save and
-    exit 0. All processes must stop after the same step: one process agrees with itself at every
-    step; several agree through a collective at log steps, where they synchronise anyway."""
+class TrainingDiverged(RuntimeError):
+    """Non-finite steps the run may not go on past (train.nonfinite): exit 3."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C (SIGINT): the run saved its step and stops; exit 130."""
+
+
+class RunLockLost(RuntimeError):
+    """Another launch took the output_dir's run lock over: this run stops without saving."""
+
+
+class StopSignals:
+    """SIGTERM (spot TPU reclaim, Slurm time limit) and SIGINT (Ctrl-C) ask the run to finish its
+    step, save and exit; a second SIGINT aborts at once, without saving. All processes must stop
+    after the same step: one process agrees with itself at every step; several agree through a
+    collective at log steps, where they synchronise anyway."""
 
     def __init__(self, runtime: Runtime, every: int):
-        self.runtime, self.every, self.requested = runtime, every, False
-        signal.signal(signal.SIGTERM, self._handle)
+        self.runtime, self.every, self.received = runtime, every, None
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame):
-        self.requested = True
+        if signum == signal.SIGINT and self.received == "SIGINT":
+            os.write(2, b"xla-trainer: second Ctrl-C: aborting without saving\n")
+            os._exit(130)
+        self.received = self.received or signal.Signals(signum).name
 
     def agreed(self, done: int) -> bool:
         if self.runtime.process_count == 1:
-            return self.requested
-        return done % self.every == 0 and self.runtime.any_process(self.requested)
+            return self.received is not None
+        return done % self.every == 0 and self.runtime.any_process(self.received is not None)
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+class NonFiniteSteps:
+    """What the run does after steps whose update was not applied (train.nonfinite): `stop` at
+    the first one, `skip` them until max_in_a_row follow each other. Checked where the step
+    values are read anyway (log and checkpoint steps): the weights never took such an update, so
+    reading late loses nothing, and no checkpoint is saved before the check."""
+
+    def __init__(self, mode: str, max_in_a_row: int, skipped_before: int = 0):
+        self.mode, self.max_in_a_row = mode, max_in_a_row
+        self.total, self.in_a_row = skipped_before, 0
+
+    def check(self, rows: list[tuple[int, dict]], newest_checkpoint: str | None):
+        for step, metrics in rows:
+            if metrics["applied"]:
+                self.in_a_row = 0
+                continue
+            self.total += 1
+            self.in_a_row += 1
+            what = f"step {step} was not applied: loss {metrics['loss']}, grad_norm {metrics['grad_norm']}"
+            saved = (f"the newest checkpoint (every tensor finite) is {newest_checkpoint}" if newest_checkpoint
+                     else "no checkpoint was saved yet")
+            if self.mode == "stop":
+                raise TrainingDiverged(f"{what} (or its update is not finite); stopping (train.nonfinite=stop): "
+                                       f"nothing newer is saved, {saved}. train.nonfinite=skip goes on past such steps")
+            if self.in_a_row >= self.max_in_a_row:
+                raise TrainingDiverged(f"{what}, the {self.in_a_row}th non-finite step in a row "
+                                       f"(train.max_skipped_steps); stopping: nothing newer is saved, {saved}")
+            log.warning("%s; skipped (train.nonfinite=skip, %d in a row)", what, self.in_a_row)
 
 
 class StepProfile:
@@ -159,23 +211,20 @@ class Interval:
         return self.rows
 
     def summary(self, runtime: Runtime, global_batch: int) -> dict:
-        """Losses averaged over the interval and the processes, the newest grad_norm, the
-        interval's skipped images (if counted) summed, and its throughput."""
+        """Losses averaged over the interval's applied steps and the processes (None if none was
+        applied), the newest applied grad_norm, the interval's skipped images (if counted) summed,
+        and its throughput."""
         rows = self.read()
-        keys = list(rows[-1][1])
-        sums = runtime.sum_over_processes([sum(r[k] for _, r in rows) for k in keys])
-        record = {k: v / (len(rows) * runtime.reporting_processes) for k, v in zip(keys, sums)}
-        record["grad_norm"] = rows[-1][1]["grad_norm"]
+        applied = [r for _, r in rows if r["applied"]]
+        keys = [k for k in rows[-1][1] if k != "applied"]
+        sums = runtime.sum_over_processes([sum(r[k] for r in applied) for k in keys])
+        count = len(applied) * runtime.reporting_processes
+        record = {k: v / count if count else None for k, v in zip(keys, sums)}
+        record["grad_norm"] = applied[-1]["grad_norm"] if applied else None
         if "skipped_images" in record:
             record["skipped_images"] = sums[keys.index("skipped_images")]
         record["images_per_sec"] = len(rows) * global_batch / (time.perf_counter() - self.start)
         return record
-
-    def check_finite(self, checkpoint_hint: str):
-        for step, metrics in self.read():
-            if not math.isfinite(metrics["loss"]):
-                raise TrainingDiverged(f"loss is {metrics['loss']} at step {step}; stopping. "
-                                       f"The last good checkpoint is kept: {checkpoint_hint}")
 
 
 # --- the loop -----------------------------------------------------------------------------------
@@ -193,17 +242,78 @@ class Task:
     teacher: torch.nn.Module | None = None
     flops: dict | None = None
     target_info: object = None  # the teacher's TargetInfo (dim, grid), for an objective with one
-    ema: Callable[[], None] | None = None  # updates a moving average of the weights (train.ema)
+    ema: Callable[[torch.Tensor], None] | None = None  # updates a moving average of the weights (train.ema)
 
 
-def resume(store, task: Task, template: dict) -> tuple[int, dict | None]:
-    """(the step to start from, the saved extra state or None) from the newest checkpoint."""
-    start = store.latest() or 0
-    if not start:
-        return 0, None
-    extra = store.restore(start, task.module, task.optimizer, template)
-    log.info("resumed from %s at step %d", store.location(start), start)
-    return start, extra
+def on_main(runtime: Runtime, check: Callable[[], None]):
+    """`check` run on process 0 alone (e.g. taking the run lock); a ConfigError it raises is raised
+    on every process, so that none waits for the others at a collective."""
+    error = None
+    if runtime.is_main:
+        try:
+            check()
+        except ConfigError as e:
+            error = e
+    if runtime.any_process(error is not None):
+        raise error or ConfigError("process 0 refused the run (its message says why)")
+
+
+@contextlib.contextmanager
+def hold_output_dir(runtime: Runtime, output_dir: str, take_over: bool):
+    """One writer per run directory: process 0 holds the run lock (runlock.py) while the body runs;
+    a second launch on the same output_dir is a ConfigError on every process."""
+    lock = RunLock(output_dir, take_over) if runtime.is_main else None
+    on_main(runtime, lock.acquire if lock else lambda: None)
+    try:
+        yield lock
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def open_metrics(runtime: Runtime, output_dir: str, start: int, config: dict) -> MetricsLogger:
+    """The run's metrics log (process 0 writes it); a refusal (another run's rows) on every process."""
+    logger = None
+
+    def open_log():
+        nonlocal logger
+        logger = MetricsLogger(output_dir, runtime.is_main, start, run_config=config)
+
+    on_main(runtime, open_log)
+    return logger or MetricsLogger(output_dir, False)
+
+
+def check_drift(store, step: int, config: dict, allowed: list[str], task_name: str, runtime: Runtime):
+    """A ConfigError if the checkpoint at `step` may not resume under `config` (drift.py); cheap:
+    called before the model is built, and again for each checkpoint `resume` falls back to."""
+    saved = store.saved_objects(step)
+    if "config" in saved:
+        processes = runtime.process_count
+        check_resume(identity(saved["config"], saved.get("task", task_name), saved.get("processes", processes)),
+                     identity(config, task_name, processes), allowed, store.location(step))
+
+
+def resume(store, task: Task, template: dict, config: dict, allowed: list[str],
+           runtime: Runtime) -> tuple[int, dict | None]:
+    """(the step to start from, the saved extra state or None) from the newest intact checkpoint,
+    if the run's `config` may resume it (check_drift; `allowed`: train.allow_resume_change). A
+    checkpoint that cannot be read is set aside and the one before it tried."""
+    for step in store.intact_steps():
+        path = store.location(step)
+        try:
+            check_drift(store, step, config, allowed, task.name, runtime)
+            extra, error = store.restore(step, task.module, task.optimizer, template), None
+        except ConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001  DCP raises many kinds for a damaged file
+            extra, error = None, e
+        if not runtime.any_process(error is not None):
+            log.info("resumed from %s at step %d", path, step)
+            return step, extra
+        why = f"reading it failed: {error!r}" if error else "reading it failed on another process"
+        log.error("checkpoint %s cannot be read (%s); trying the one before it", path, why)
+        store.set_aside(step, why)
+    return 0, None
 
 
 @dataclass
@@ -214,20 +324,23 @@ class Cadence:
 
 
 def run(task: Task, runtime: Runtime, batches, store, logger: MetricsLogger, *, start: int, end: int,
-        cadence: Cadence, extra_state: Callable[[int], dict], after_step: Callable[[int], None] | None = None,
-        profile_steps=None, output_dir: str = "") -> tuple[int, str | None]:
+        cadence: Cadence, extra_state: Callable[[int], dict], nonfinite: NonFiniteSteps,
+        after_step: Callable[[int], None] | None = None, profile_steps=None, output_dir: str = "",
+        lock=None) -> tuple[int, str | None]:
     """Steps [start, end) of `task` on `batches` (device batches of those steps). Returns the
-    step it stopped after (end, or earlier on SIGTERM) and the newest checkpoint's location."""
+    step it stopped after (end, or earlier on SIGTERM) and the newest checkpoint's location;
+    raises Interrupted after saving on SIGINT, TrainingDiverged on non-finite steps it may not
+    go on past, RunLockLost when another launch took the run over."""
     schedule, interval = task.schedule, Interval()
     step_fn = runtime.compile_fn(train_step, f"{task.name}_step")
     peak = peak_flops(runtime.device_kind())
     last_ckpt = store.location(start) if start else None
     total_skipped = 0.0
     bar = tqdm(total=end, initial=start, desc=task.name, disable=not runtime.is_main, dynamic_ncols=True)
-    preemption = Preemption(runtime, cadence.log_every)
+    signals = StopSignals(runtime, cadence.log_every)
     profile = StepProfile(runtime, profile_steps, output_dir)
     task.model.train()
-    done = start
+    done, stop = start, False
     try:
         for step, batch in zip(range(start, end), batches):
             profile.before(step)
@@ -237,11 +350,14 @@ def run(task: Task, runtime: Runtime, batches, store, logger: MetricsLogger, *, 
             done = step + 1  # steps completed; the step number every log and message uses
             interval.add(done, metrics)
             bar.update(1)
-            stop = preemption.agreed(done)
+            stop = signals.agreed(done)
             is_last = done == end or stop
             epoch_end = done % schedule.steps_per_epoch == 0
             if done % cadence.log_every == 0 or is_last or (cadence.log_at_epoch_end and epoch_end):
-                interval.check_finite(last_ckpt or "none saved yet")
+                if runtime.any_process(lock is not None and lock.lost):
+                    raise RunLockLost(f"another launch took the run lock of {output_dir} over; this one stops "
+                                      f"without saving")
+                nonfinite.check(interval.read(), last_ckpt)
                 record = interval.summary(runtime, task.settings.global_batch)
                 skipped = record.pop("skipped_images", None)
                 images_per_sec = record.pop("images_per_sec")
@@ -253,22 +369,31 @@ def run(task: Task, runtime: Runtime, batches, store, logger: MetricsLogger, *, 
                 if skipped is not None:
                     total_skipped += skipped
                     row["skipped_images"] = int(total_skipped)
+                if nonfinite.mode == "skip":
+                    row["skipped_steps"] = nonfinite.total
                 logger.log(row)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{images_per_sec:.1f}")
+                bar.set_postfix(loss=f"{row['loss']:.4f}" if row["loss"] is not None else "skipped",
+                                img_s=f"{images_per_sec:.1f}")
                 interval = Interval()
             if after_step:
                 after_step(done)
             if done % cadence.ckpt_every == 0 or is_last:
-                interval.check_finite(last_ckpt or "none saved yet")
-                store.save(done, task.module, task.optimizer, extra_state(done))
+                nonfinite.check(interval.read(), last_ckpt)
+                store.save(done, task.module, task.optimizer,
+                           {**extra_state(done), "skipped_steps": nonfinite.total, "task": task.name,
+                            "processes": runtime.process_count})
                 last_ckpt = store.location(done)
                 logger.upload()
                 runtime.barrier()
             if stop:
-                log.warning("SIGTERM: saved step %d to %s; exiting (a relaunch resumes from it)", done, last_ckpt)
+                log.warning("%s: saved step %d to %s; exiting (a relaunch resumes from it)", signals.received,
+                            done, last_ckpt)
                 break
     finally:
+        signals.restore()
         batches.close()  # a run stopped early must not wait on its loader workers
         bar.close()
         store.wait()  # the newest save is whole before anything else (a divergence message names it)
+    if stop and signals.received == "SIGINT":
+        raise Interrupted(f"Ctrl-C: saved step {done} to {last_ckpt}; a relaunch resumes from it")
     return done, last_ckpt

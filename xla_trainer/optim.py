@@ -52,16 +52,43 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float, device: torch.device):
         group["lr"] = lr * scale if scale != 1.0 else lr
 
 
-def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, clip_grad: float | None):
-    """Clip (when asked), step, clear the gradients; the gradient norm before clipping."""
+def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, clip_grad: float | None,
+                  loss_finite: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip (when asked), step, clear the gradients; (the gradient norm before clipping, whether the
+    update was applied). The update is applied only if the loss (`loss_finite`), the gradient norm
+    and every updated parameter and optimizer state are finite; otherwise all of them keep their
+    values from before the step. The choice is a select on the device, not a host read: under XLA
+    it fuses into the update (no sync, one graph); on eager backends it costs one copy of the
+    parameters and the optimizer state per step."""
     params = [p for p in model.parameters() if p.grad is not None]
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     if clip_grad:
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad)
-    else:
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        torch.nn.utils.clip_grads_with_norm_(params, clip_grad, grad_norm)
+    before = {id(t): t.detach().clone() for t in _updated_tensors(optimizer, params)}
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return grad_norm
+    after = _updated_tensors(optimizer, params)
+    values = _updated_tensors(optimizer, params, counts=False)
+    finite = loss_finite & torch.isfinite(grad_norm) & \
+        torch.isfinite(torch.nn.utils.get_total_norm(values, norm_type=float("inf")))
+    # state the step created (eager backends' first step) falls back to a fresh one: zeros
+    keep_unless(finite, after, [before[id(t)] if id(t) in before else torch.zeros_like(t) for t in after])
+    return grad_norm, finite
+
+
+def keep_unless(applied: torch.Tensor, tensors, old):
+    """Each tensor set back to its `old` value unless `applied` (a device bool): in place."""
+    with torch.no_grad():
+        for t, o in zip(tensors, old, strict=True):
+            t.copy_(torch.where(applied.to(t.device), t, o))
+
+
+def _updated_tensors(optimizer: torch.optim.Optimizer, params, counts: bool = True) -> list[torch.Tensor]:
+    """The parameters and every tensor of their optimizer state (`counts`: with the step
+    counters), in a fixed order."""
+    state = [v for p in params for k, v in optimizer.state.get(p, {}).items()
+             if isinstance(v, torch.Tensor) and (counts or k != "step")]
+    return [*params, *state]
 
 
 def peak_lr(base_lr: float, global_batch: int, lr: float | None = None) -> float:

@@ -3,6 +3,7 @@ every task shares (loop.py).
 
 Reading order: `pretrain` -> `build_task` (objective on a backbone's student, teacher, optimizer)
 -> loop.run and loop.train_step -> the objective's forward in models/objectives/ (the loss)."""
+import contextlib
 import random
 from dataclasses import asdict
 
@@ -12,8 +13,8 @@ from models import BACKBONES, OBJECTIVES, TargetInfo, check_pairing
 from .config import Config, ConfigError
 from .data.pretrain import open_train_data
 from .flops import peak_flops, train_flops_per_image
-from .loop import Cadence, Schedule, StepSettings, Task, make_schedule, resume, run
-from .metrics import MetricsLogger
+from .loop import (Cadence, NonFiniteSteps, Schedule, StepSettings, Task, check_drift, hold_output_dir,
+                   make_schedule, open_metrics, resume, run)
 from .optim import build_optimizer
 from .runtime import Runtime, create_runtime
 from .targets import TargetManifest, build_teacher
@@ -118,30 +119,35 @@ def build_task(cfg: Config, runtime: Runtime, schedule: Schedule, targets: Targe
 def pretrain(cfg: Config, runtime: Runtime | None = None) -> dict:
     runtime = runtime or make_runtime(cfg)
     check_config(cfg, runtime)
-    data = open_train_data(cfg, runtime)
-    schedule = make_schedule(cfg, data.num_samples)
-    task = build_task(cfg, runtime, schedule, data.targets)
     out = cfg.train.output_dir
-    store = runtime.checkpoints(out, cfg.train.keep_checkpoints)
+    data = open_train_data(cfg, runtime)  # checked before the run directory is touched
+    with hold_output_dir(runtime, out, cfg.train.take_over) as lock, contextlib.ExitStack() as closing:
+        store = runtime.checkpoints(out, cfg.train.keep_checkpoints)
+        closing.callback(store.close)
+        if store.latest():  # a resume under another config fails before anything is built
+            check_drift(store, store.latest(), cfg.to_dict(), cfg.train.allow_resume_change, "pretrain", runtime)
+        schedule = make_schedule(cfg, data.num_samples)
+        task = build_task(cfg, runtime, schedule, data.targets)
 
-    def extra_state(step: int) -> dict:
-        return {"step": step, "data_position": {"epoch": step // schedule.steps_per_epoch,
-                                                "batch_in_epoch": step % schedule.steps_per_epoch},
-                "rng": {"python": random.getstate(), "torch": torch.get_rng_state()},
-                "config": cfg.to_dict()}
+        def extra_state(step: int) -> dict:
+            return {"step": step, "data_position": {"epoch": step // schedule.steps_per_epoch,
+                                                    "batch_in_epoch": step % schedule.steps_per_epoch},
+                    "rng": {"python": random.getstate(), "torch": torch.get_rng_state()},
+                    "config": cfg.to_dict()}
 
-    start, extra = resume(store, task, extra_state(0))
-    if extra:
-        random.setstate(extra["rng"]["python"])
-        torch.set_rng_state(extra["rng"]["torch"])
-    end = min(schedule.total_steps, cfg.train.stop_at_step or schedule.total_steps)
-    logger = MetricsLogger(out, runtime.is_main, start)
-    batches = runtime.device_batches(data.loader(start, end))
-    done, last_ckpt = run(task, runtime, batches, store, logger, start=start, end=end,
-                          cadence=Cadence(cfg.train.log_every, cfg.train.ckpt_every), extra_state=extra_state,
-                          profile_steps=cfg.train.profile_steps, output_dir=out)
-    store.close()
-    logger.close()
+        start, extra = resume(store, task, extra_state(0), cfg.to_dict(), cfg.train.allow_resume_change, runtime)
+        if extra:
+            random.setstate(extra["rng"]["python"])
+            torch.set_rng_state(extra["rng"]["torch"])
+        end = min(schedule.total_steps, cfg.train.stop_at_step or schedule.total_steps)
+        logger = open_metrics(runtime, out, start, cfg.to_dict())
+        closing.callback(logger.close)
+        batches = runtime.device_batches(data.loader(start, end))
+        nonfinite = NonFiniteSteps(cfg.train.nonfinite, cfg.train.max_skipped_steps,
+                                   extra.get("skipped_steps", 0) if extra else 0)
+        done, last_ckpt = run(task, runtime, batches, store, logger, start=start, end=end,
+                              cadence=Cadence(cfg.train.log_every, cfg.train.ckpt_every), extra_state=extra_state,
+                              nonfinite=nonfinite, profile_steps=cfg.train.profile_steps, output_dir=out, lock=lock)
     return {"output_dir": out, "metrics": str(logger.path), "tensorboard": str(logger.local_dir / "tb"),
             "checkpoint": last_ckpt, "steps": done, "compiles": runtime.compiles(),
             "parameter_bytes_per_device": runtime.parameter_bytes_per_device(task.model)}

@@ -50,6 +50,10 @@ def load_backbone_state(path: str, backbone) -> dict[str, torch.Tensor]:
     """The backbone stored at `path` in its classifier's layout (the registry entry's
     import_state: for the ViT, timm's VisionTransformer(global_pool='avg', fc_norm=True))."""
     state = read_state_dict(path)
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{path}: {len(bad)} of its {len(state)} tensors hold NaN or inf values ({', '.join(bad[:3])}); "
+                         f"take an earlier checkpoint of the run")
     try:
         return backbone.import_state(state)
     except ValueError as e:

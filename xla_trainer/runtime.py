@@ -125,6 +125,16 @@ class Runtime:
         """Loaders put batches in page-locked memory, so that copies to the device are asynchronous."""
         return self.device.type == "cuda"
 
+    def all_processes_in_step(self, flag: torch.Tensor) -> torch.Tensor:
+        """A device bool that is True where `flag` is True on every process: a collective inside
+        the step for processes that each see their own rows (DDP); one process, or SPMD, whose
+        values are global already, has nothing to agree on."""
+        if self.process_count == 1 or not dist.is_initialized() or self.reporting_processes == 1:
+            return flag
+        agreed = flag.to(torch.int32)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        return agreed.bool()
+
     def no_sync(self, model, last_micro_batch: bool):
         model = getattr(model, "_orig_mod", model)  # under torch.compile
         if isinstance(model, DistributedDataParallel) and not last_micro_batch:

@@ -221,6 +221,7 @@ def precompute_targets(cfg: Config, runtime) -> TargetManifest | None:
     if t.batch_size % runtime.data_parallel_size:
         raise ConfigError(f"targets.batch_size {t.batch_size} is not divisible by {runtime.data_parallel_size} devices")
     images = ImageManifest.load(cfg.data.shards)
+    images.check_sizes(cfg.data.shards)  # targets of a truncated shard would never match its manifest
     mine = images.shards[runtime.process_index::runtime.process_count]
     claim_targets(cfg, images, runtime.is_main, {s.name for s in mine})
     teacher = build_teacher(cfg)

@@ -4,6 +4,7 @@ grid beside the inputs (the figures of the SAIM and D-iGPT papers). Attention fo
 whose classifier has last_attention (ViT, CRATE-alpha); features for every backbone with
 forward_intermediates. On the CPU: a handful of images needs no accelerator."""
 import io
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .config import ConfigError, EvalConfig
+from .config import ConfigError, EvalConfig, blocking_file
 from .data.eval import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from .data.pretrain import EMBEDDED_ROOT
 from .data.remote_io import exists, write_bytes_atomic
@@ -19,10 +20,11 @@ from .evaluate import build_encoder
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
+log = logging.getLogger(__name__)
 
-def image_files(images: str, count: int) -> list[Path]:
-    """`count` image files spread evenly over the sorted files under `images` (or the embedded
-    photos), so that an ImageFolder tree gives images of several classes."""
+
+def image_files(images: str) -> list[Path]:
+    """The sorted image files under `images` (or the embedded photos)."""
     if images == "embedded":
         from .data.generated import prepare_embedded
         root = prepare_embedded(Path(EMBEDDED_ROOT).expanduser())
@@ -33,8 +35,30 @@ def image_files(images: str, count: int) -> list[Path]:
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ConfigError(f"--images {images}: no {'/'.join(IMAGE_SUFFIXES)} files found")
-    count = min(count, len(files))
-    return [files[i * len(files) // count] for i in range(count)]
+    return files
+
+
+def read_image(path: Path) -> Image.Image | None:
+    try:
+        return Image.open(path).convert("RGB")
+    except Exception as e:  # PIL raises many types for bad files
+        log.warning("visualize: skipping unreadable image %s: %s", path, e)
+        return None
+
+
+def read_images(files: list[Path], count: int, images: str) -> list[tuple[Path, Image.Image]]:
+    """`count` readable images spread evenly over `files`, so that an ImageFolder tree gives
+    images of several classes; an unreadable file is named in a warning and the next one taken."""
+    n, chosen, start = min(count, len(files)), [], 0
+    for k in range(n):
+        for i in range(max(start, k * len(files) // n), len(files)):
+            start, image = i + 1, read_image(files[i])
+            if image is not None:
+                chosen.append((files[i], image))
+                break
+    if not chosen:
+        raise ConfigError(f"--images {images}: none of its {len(files)} image files can be read; pass another folder")
+    return chosen
 
 
 def patch_features(encoder: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -74,10 +98,13 @@ def visualize(cfg: EvalConfig, images: str, out: str, count: int = 4, cell: int 
         raise ConfigError(f"--out {out}: expected a .png file name")
     if exists(out):
         raise FileExistsError(f"{out} exists already and is left as it is; pass another output name")
-    files = image_files(images, count)
+    folder = blocking_file(str(Path(out).parent))
+    if folder is not None:
+        raise ConfigError(f"--out {out}: '{folder}' is a file, not a folder; pass another output name")
+    files, pictures = zip(*read_images(image_files(images), count, images))
     encoder = build_encoder(cfg).eval()
     transform = eval_transform(cfg)
-    x = torch.stack([transform(Image.open(f).convert("RGB")) for f in files])
+    x = torch.stack([transform(picture) for picture in pictures])
     with torch.no_grad():
         attention = encoder.last_attention(x) if hasattr(encoder, "last_attention") else None
         features = patch_features(encoder, x)

@@ -192,6 +192,9 @@ class AdventurerConfig:
     flip: str = "official"
     kernels: str = "pure"  # pure (plain PyTorch, any device) | mamba_ssm (its Triton scan, CUDA only)
     CHOICES: ClassVar[dict] = {"size": tuple(ADVENTURER_SIZES), "flip": tuple(FLIPS), "kernels": KERNELS}
+    BOUNDS: ClassVar[dict] = {"image_size": ">= 1", "patch_size": ">= 1", "width": ">= 1", "depth": ">= 1",
+                              "d_state": ">= 1", "headdim": ">= 1", "expand": ">= 1", "chunk_size": ">= 1",
+                              "drop_path": "[0, 1)"}
 
 
 def adventurer_dims(cfg: AdventurerConfig) -> tuple[int, int]:

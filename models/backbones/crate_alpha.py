@@ -184,6 +184,8 @@ class CrateAlphaConfig:
     drop_path: float = 0.0  # the official recipes use none
     norm_eps: float = 1e-6  # the final LayerNorm: JAX's 1e-6; the PyTorch port's mlp_head.0 has 1e-5
     CHOICES: ClassVar[dict] = {"size": tuple(CRATE_SIZES)}
+    BOUNDS: ClassVar[dict] = {"image_size": ">= 1", "patch_size": ">= 1", "width": ">= 1", "depth": ">= 1",
+                              "heads": ">= 1", "drop_path": "[0, 1)", "norm_eps": "> 0"}
 
 
 def crate_dims(cfg: CrateAlphaConfig) -> tuple[int, int, int]:

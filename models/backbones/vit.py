@@ -183,6 +183,8 @@ class ViTConfig:
     pool: str = "avg"  # the classifier's features: avg (of the patch tokens) | token (cls: SAIM's)
     CHOICES: ClassVar[dict] = {"size": tuple(VIT_SIZES), "pos_embed": ("sincos", "learned"),
                                "init": tuple(INITS), "pool": ("avg", "token")}
+    BOUNDS: ClassVar[dict] = {"image_size": ">= 1", "patch_size": ">= 1", "width": ">= 1", "depth": ">= 1",
+                              "heads": ">= 1", "drop_path": "[0, 1)", "causal_blocks": ">= 1 pair"}
 
 
 @BACKBONES.register("vit")
@@ -196,6 +198,9 @@ class ViT(Backbone):
     @staticmethod
     def check(cfg: ViTConfig):
         Backbone.check(cfg)
+        width, _, heads = vit_dims(cfg.size, cfg.width, cfg.depth, cfg.heads)
+        if width % heads:
+            raise ValueError(f"backbone.heads {heads} does not divide backbone.width {width}")
         if cfg.pool == "token" and not cfg.cls_token:
             raise ValueError("backbone.pool=token pools the cls token: set backbone.cls_token=true or pool=avg")
         if cfg.causal_blocks is not None:
@@ -220,6 +225,11 @@ class ViT(Backbone):
 
     @staticmethod
     def adapt_state(state: dict, classifier: VisionTransformer) -> dict:
+        has_cls, wants_cls = "cls_token" in state, classifier.cls_token is not None
+        if has_cls != wants_cls:
+            raise ValueError(f"its ViT has {'a' if has_cls else 'no'} cls token, while backbone.cls_token is "
+                             f"{str(wants_cls).lower()}; set backbone.cls_token={str(has_cls).lower()} "
+                             f"(XTRA's encoders have none){'' if has_cls else ' and backbone.pool=avg'}")
         if state["pos_embed"].shape != classifier.pos_embed.shape:  # another resolution: resample
             state = {**state, "pos_embed": resample_abs_pos_embed(
                 state["pos_embed"], list(classifier.patch_embed.grid_size),

@@ -2,7 +2,7 @@
 under a block-causal mask; an "ar" decoder predicts the teacher's features of the next segment, a
 "kd" decoder those of the visible segment, and both predict the teacher's cls token."""
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -104,6 +104,8 @@ class DiGPTConfig:
     decoder_heads: int = 32
     shared_tap_norm: bool = True  # official: one LayerNorm shared by the taps
     cls_visible_to_last_segment: bool = True  # official mask-padding quirk
+    BOUNDS: ClassVar[dict] = {"segments": ">= 1 pair", "taps": ">= 1", "decoder_width": ">= 1",
+                              "decoder_depth": ">= 1", "decoder_heads": ">= 1"}
 
 
 @OBJECTIVES.register("digpt")
@@ -117,6 +119,9 @@ class DiGPTObjective(Objective):
 
     @staticmethod
     def check(cfg: DiGPTConfig, grid: tuple[int, int]):
+        if cfg.decoder_width % cfg.decoder_heads:
+            raise ValueError(f"objective.decoder_heads {cfg.decoder_heads} does not divide objective.decoder_width "
+                             f"{cfg.decoder_width}")
         if len(cfg.segments) != 2:
             raise ValueError(f"objective.segments must be [rows, cols], got {cfg.segments}")
         try:

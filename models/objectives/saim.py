@@ -13,7 +13,7 @@ Two forms of the same model (objective.order):
 The order comes from the trainer's per-sample noise on the device (one uniform value per
 patch): shapes stay static under XLA."""
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -176,6 +176,9 @@ class SAIMConfig:
     norm_pix_loss: bool = True  # targets normalised per patch (the README's --norm_pix_loss)
     target_eps: float = 1e-6
     drop_path: float = 0.0  # the query blocks' stochastic depth (official pre-training: 0)
+    BOUNDS: ClassVar[dict] = {"query_depth": ">= 1; null: the encoder's", "query_heads": ">= 1; null: the encoder's",
+                              "blur_kernel": ">= 0; 0 = no blur", "blur_sigma": "> 0", "target_eps": "> 0",
+                              "drop_path": "[0, 1)"}
 
 
 @OBJECTIVES.register("saim")

@@ -7,7 +7,7 @@ BLOCK order; the head reads block b's T outputs concatenated dim-major (index d 
 token's raster place inside the block); targets are the block's pixels in (C, y, x) order."""
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -147,6 +147,9 @@ class XTRAConfig:
     predictor_fp32: bool = True  # official (its fp16 runs): the predictor outside autocast
     decay_pos_embed: bool = True  # official: weight decay on both position embeddings
     target_eps: float = 1e-6  # per-block target normalisation
+    BOUNDS: ClassVar[dict] = {"block": ">= 1 pair", "proj_hidden": ">= 1", "predictor_width": ">= 1",
+                              "predictor_depth": ">= 1", "predictor_heads": ">= 1", "head_hidden": ">= 1",
+                              "target_eps": "> 0"}
 
 
 @OBJECTIVES.register("xtra")

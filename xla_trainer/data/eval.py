@@ -23,8 +23,8 @@ from torchvision import datasets, transforms
 
 from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN, IMAGENET_DEFAULT_STD as IMAGENET_STD
 from ..config import ConfigError, EvalConfig
-from .pretrain import GlobalBatchSampler, build_loader
-from .stream import ignore_sigterm
+from .pretrain import GlobalBatchSampler, build_loader, check_readable, read_image
+from .stream import ignore_stop_signals
 from .generated import generated_root_fix, prepare_digits
 from .stream import ShardStream, build_shard_loader
 from .shards import ImageManifest, iter_samples, jpeg_of, join, label_of
@@ -105,18 +105,27 @@ class LabelledImages(Dataset):
     """An ImageFolder indexed by (index, draw) for training (the augmentation seeded by
     (seed, draw, index); the draw is the epoch, or epoch x repeats + copy under repeated
     augmentation) or by (index, valid) for evaluation (padding rows repeat an image and are
-    marked invalid)."""
+    marked invalid). An unreadable image is logged by path: in training replaced by the next
+    readable one, in evaluation a row of `blank` marked invalid (as in PaddedShardSplit)."""
 
-    def __init__(self, folder: datasets.ImageFolder, transform, seed: int = 0):
-        self.folder, self.transform, self.seed = folder, transform, seed
+    def __init__(self, folder: datasets.ImageFolder, transform, seed: int = 0, blank: torch.Tensor | None = None):
+        self.folder, self.transform, self.seed, self.blank = folder, transform, seed, blank
 
     def __len__(self):
         return len(self.folder)
 
     def __getitem__(self, key):
         index, tag = key
-        path, label = self.folder.samples[index]
-        return seeded(self.transform, self.folder.loader(path), derive_seed(self.seed, int(tag), index)), label, tag
+        evaluation = isinstance(tag, bool)
+        for attempt in range(1 if evaluation else len(self.folder)):
+            i = (index + attempt) % len(self.folder)
+            path, label = self.folder.samples[i]
+            image = read_image(self.folder.loader, path)
+            if image is not None:
+                return seeded(self.transform, image, derive_seed(self.seed, int(tag), i)), label, tag
+        if evaluation:
+            return self.blank, label, False
+        raise RuntimeError(f"no readable image left in {self.folder.root} (it had one at startup)")
 
 
 def decode_labelled(key: str, jpeg: bytes, label: int, shard: str) -> Image.Image | None:
@@ -267,11 +276,14 @@ def folder_data(cfg: EvalConfig, runtime) -> EvalData:
     train_folder, val_folder = datasets.ImageFolder(root / "train"), datasets.ImageFolder(root / "val")
     if train_folder.classes != val_folder.classes:
         raise ConfigError(f"{root}/train and {root}/val hold different classes")
+    for folder in (train_folder, val_folder):
+        check_readable(folder)
     t, workers = cfg.train, runtime.loader_workers(cfg.data.num_workers)
     train_set = LabelledImages(train_folder, train_transform(cfg), t.seed)
     collate = MixCollate(cfg, len(train_folder.classes))
+    blank = torch.zeros(3, cfg.backbone.image_size, cfg.backbone.image_size)
     in_order = lambda folder: build_loader(
-        LabelledImages(folder, eval_transform(cfg)),
+        LabelledImages(folder, eval_transform(cfg), blank=blank),
         PaddedBatchSampler(len(folder), t.eval_batch, runtime.process_index, runtime.process_count),
         workers, eval_collate, persistent=False)
     return EvalData(
@@ -306,7 +318,7 @@ def shard_data(cfg: EvalConfig, runtime) -> EvalData:
     in_order = lambda manifest, prefix: DataLoader(
         PaddedShardSplit(manifest, prefix, eval_transform(cfg), cfg.backbone.image_size, t.eval_batch // p,
                          runtime.process_index, p),
-        batch_size=None, num_workers=workers, worker_init_fn=ignore_sigterm)
+        batch_size=None, num_workers=workers, worker_init_fn=ignore_stop_signals)
     return EvalData(train.classes, train.num_samples, val.num_samples,
                     train=lambda start, end: build_shard_loader(stream(start, end), workers),
                     train_in_order=lambda: in_order(train, train_prefix),

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..config import ConfigError
+from ..config import ConfigError, blocking_file
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "retina", "hubble_deep_field",
           "immunohistochemistry", "stereo_motorcycle")
@@ -130,6 +130,10 @@ def _write_once(root: str | os.PathLike, kind: str, write, fix: str) -> Path:
 
 
 def _refuse_foreign(root: Path, kind: str, fix: str):
+    blocker = blocking_file(str(root))
+    if blocker is not None and blocker != root:
+        raise ConfigError(f"'{root}' lies under '{blocker}', which is a file, not a directory; nothing was "
+                          f"written. {fix}")
     if not root.exists() or (root.is_dir() and not any(root.iterdir())):
         return
     found = generated_kind(root)

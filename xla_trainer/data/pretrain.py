@@ -2,6 +2,7 @@
 whose order depends only on (seed, step), so a resumed run reads exactly what the interrupted
 run would have read, whatever the number of processes."""
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -14,13 +15,14 @@ from torchvision.transforms import InterpolationMode
 from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN, IMAGENET_DEFAULT_STD as IMAGENET_STD
 from ..config import Config, ConfigError
 from .generated import generated_root_fix, prepare_embedded
-from .stream import ShardStream, build_shard_loader, ignore_sigterm
+from .stream import ShardStream, build_shard_loader, ignore_stop_signals
 from .shards import ImageManifest
 from .views import CROP_RATIO
 from ..targets import TargetManifest
 from ..seeds import derive_seed
 
 EMBEDDED_ROOT = "~/.cache/xla-trainer/embedded"
+PROBED_IMAGES = 16  # at most this many images read at startup to find a folder none of whose images can be read
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,34 @@ def pretrain_transform(image_size: int, crop_scale, crop_ratio=CROP_RATIO) -> tr
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
+
+
+def read_image(loader, path: str):
+    """The image at `path`, or None (a warning naming it) when it cannot be read."""
+    try:
+        return loader(path)
+    except Exception as e:  # PIL raises many types for bad files
+        log.warning("skipping unreadable image %s: %s", path, e)
+        return None
+
+
+def check_readable(folder: datasets.ImageFolder, key: str = "data.root"):
+    """A ConfigError naming the folder when none of PROBED_IMAGES images spread over it can be
+    read: a folder of damaged or non-image files fails at startup, not in a loader worker. The
+    probe stops at the first readable image (one decode for a sound folder)."""
+    n = len(folder)
+    picks = sorted({i * n // PROBED_IMAGES for i in range(PROBED_IMAGES)}) if n > PROBED_IMAGES else range(n)
+    errors = []
+    for i in picks:
+        path = folder.samples[i][0]
+        try:
+            folder.loader(path)
+            return
+        except Exception as e:  # PIL raises many types for bad files
+            errors.append(f"{path}: {re.sub(r' <_io.*>$', '', str(e))}")  # PIL's message names the file again
+    checked = f"the {n} images" if len(picks) == n else f"{len(picks)} images spread over the {n}"
+    raise ConfigError(f"{key}: none of {checked} under {folder.root} can be read (e.g. {errors[0]}); replace or "
+                      f"remove the damaged files, or point {key} at another folder")
 
 
 class PretrainImageFolder(Dataset):
@@ -52,16 +82,13 @@ class PretrainImageFolder(Dataset):
         index, epoch = key
         for attempt in range(len(self.folder)):
             i = (index + attempt) % len(self.folder)
-            path = self.folder.samples[i][0]
-            try:
-                image = self.folder.loader(path)
-            except Exception as e:  # PIL raises many types for bad files
-                log.warning("skipping unreadable image %s: %s", path, e)
+            image = read_image(self.folder.loader, self.folder.samples[i][0])
+            if image is None:
                 continue
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(derive_seed(self.seed, epoch, i))
                 return self.transform(image), attempt > 0
-        raise RuntimeError(f"no readable image in {self.folder.root}")
+        raise RuntimeError(f"no readable image left in {self.folder.root} (it had one at startup)")
 
 
 def collate(samples) -> dict:
@@ -112,7 +139,8 @@ def image_root(cfg: Config) -> str:
         raise ConfigError("data.root is not set; point it at a directory holding train/<class>/<image>, "
                           "or use data.source=embedded")
     if not Path(cfg.data.root).is_dir():
-        raise ConfigError(f"data.root '{cfg.data.root}' does not exist; point it at a directory holding "
+        what = "is not a directory" if Path(cfg.data.root).exists() else "does not exist"
+        raise ConfigError(f"data.root '{cfg.data.root}' {what}; point it at a directory holding "
                           "train/<class>/<image>, or use data.source=embedded")
     return cfg.data.root
 
@@ -122,7 +150,9 @@ def build_dataset(root: str, image_size: int, crop_scale, seed: int, crop_ratio=
     if not train_dir.is_dir():
         raise FileNotFoundError(f"data.root '{root}' has no train/ directory; expected "
                                 f"{train_dir}/<class>/<image> (the ImageNet layout)")
-    return PretrainImageFolder(str(train_dir), image_size, crop_scale, seed, crop_ratio)
+    dataset = PretrainImageFolder(str(train_dir), image_size, crop_scale, seed, crop_ratio)
+    check_readable(dataset.folder)
+    return dataset
 
 
 def build_loader(dataset, sampler, num_workers: int, collate_fn=collate, persistent: bool = True,
@@ -130,7 +160,7 @@ def build_loader(dataset, sampler, num_workers: int, collate_fn=collate, persist
     """`persistent`: keep the workers between epochs (a loader iterated once does not need to)."""
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_fn,
                       persistent_workers=persistent and num_workers > 0, pin_memory=pin_memory,
-                      prefetch_factor=4 if num_workers else None, worker_init_fn=ignore_sigterm)
+                      prefetch_factor=4 if num_workers else None, worker_init_fn=ignore_stop_signals)
 
 
 @dataclass
@@ -155,6 +185,7 @@ def open_train_data(cfg: Config, runtime) -> TrainData:
     images = ImageManifest.load(cfg.data.shards)
     targets = None
     if cfg.targets.source == "precomputed":
+        images.check_sizes(cfg.data.shards)  # a truncated image shard would stop training when reached
         targets = TargetManifest.load(cfg.targets.prefix)
         targets.check_against(cfg, images)
     steps_per_epoch = images.num_samples // cfg.train.global_batch

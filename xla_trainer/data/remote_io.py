@@ -24,12 +24,13 @@ import os
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import fsspec
 from fsspec.asyn import AsyncFileSystem
 from fsspec.utils import get_protocol
 
-from ..config import ConfigError
+from ..config import ConfigError, blocking_file
 
 log = logging.getLogger(__name__)
 
@@ -253,6 +254,10 @@ def claim_output(prefix: str, job: dict, fix: str):
     raise ConfigError naming the path and `fix`. A prefix is taken when it is missing or empty
     (temporaries aside), or when it holds the file of this same job (a re-run resumes it):
     a program never writes over what it did not create."""
+    blocker = blocking_file(prefix)
+    if blocker is not None:
+        where = "is a file" if str(blocker) == str(Path(prefix)) else f"lies under '{blocker}', which is a file"
+        raise ConfigError(f"'{prefix}' {where}, not a directory; nothing was written. {fix}")
     found = [n for n in list_names(prefix) if temporary_of(n) is None]
     job_url = f"{prefix.rstrip('/')}/{JOB_FILE}"
     if JOB_FILE in found:

@@ -124,6 +124,20 @@ class ImageManifest:
         return cls([ShardInfo(**s) for s in meta["shards"]], meta.get("classes", []),
                    meta.get("max_side"), meta.get("quality"))
 
+    def check_sizes(self, prefix: str):
+        """A ConfigError naming the first shard under `prefix` that is missing or not the size the
+        manifest records (a truncated copy, a shard rewritten since): one listing, nothing read."""
+        fs, root = remote_io.filesystem(prefix)
+        sizes = {e["name"].rstrip("/").rsplit("/", 1)[-1]: e["size"] for e in fs.ls(root, detail=True)}
+        for shard in self.shards:
+            found, url = sizes.get(shard.name), join(prefix, shard.name)
+            if found == shard.bytes:
+                continue
+            state = "is missing" if found is None else f"holds {found} bytes where its manifest records {shard.bytes}"
+            raise ConfigError(f"image shard {url} {state}: it is truncated or damaged. Rebuild it: run `xla-trainer "
+                              f"make-shards` again with the images and arguments that wrote {prefix} (the same "
+                              f"shards come out, and targets made from them still fit), or copy it again")
+
 
 # --- make-shards ------------------------------------------------------------------------------
 def encode_image(path: str, max_side: int | None, quality: int) -> bytes:

@@ -82,9 +82,11 @@ class ShardStream(IterableDataset):
         images = ((key, s) for key, s in iter_samples(join(self.image_prefix, name)) if jpeg_of(s) is not None)
         targets = iter_samples(join(self.target_prefix, name)) if self.targets is not None else None
         pending = next(targets, None) if targets is not None else None
+        read = 0
         for position, (key, sample) in enumerate(images):
             if position >= stop:
                 return
+            read = position + 1
             target = None
             if targets is not None:
                 if pending is None or pending[0] != key:
@@ -94,9 +96,16 @@ class ShardStream(IterableDataset):
                 target, pending = pending[1], next(targets, None)
             if position >= first:
                 yield key, jpeg_of(sample), target, name, label_of(sample)
-        if pending is not None:
-            raise RuntimeError(f"target shard {join(self.target_prefix, name)} has key {pending[0]}, which "
-                               f"image shard {join(self.image_prefix, name)} does not; precompute it again")
+        if pending is None:
+            return
+        expected = next((s.samples for s in self.images.shards if s.name == name), 0)
+        if read < expected:  # the image shard ended early (iter_samples warned): it is damaged, not the targets
+            raise RuntimeError(f"image shard {join(self.image_prefix, name)} ends after {read} of its {expected} "
+                               f"images (truncated or corrupt; its targets go on at key {pending[0]}); rebuild it "
+                               f"with `xla-trainer make-shards` and the arguments that wrote it (the targets "
+                               f"still fit the same shards), or copy it again")
+        raise RuntimeError(f"target shard {join(self.target_prefix, name)} has key {pending[0]}, which "
+                           f"image shard {join(self.image_prefix, name)} does not; precompute it again")
 
     def _raw(self, epoch: int, worker: int, workers: int):
         """The worker's range once, shuffled through the buffer, which is flushed at the end; again
@@ -196,12 +205,14 @@ def real_batches(loader):
     return (batch for batch in loader if batch is not None)
 
 
-def ignore_sigterm(_worker_id: int):
-    """Loader workers leave SIGTERM to the trainer, which finishes its step and saves first; they
-    end with it."""
+def ignore_stop_signals(_worker_id: int):
+    """Loader workers leave SIGTERM and SIGINT to the trainer, which finishes its step and saves
+    first; they end with it. (Ctrl-C in a terminal reaches the whole process group: a worker that
+    took it would die, and the trainer's next batch fail.)"""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def build_shard_loader(stream: ShardStream, num_workers: int, pin_memory: bool = False):
     return real_batches(DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                                   prefetch_factor=4 if num_workers else None, worker_init_fn=ignore_sigterm))
+                                   prefetch_factor=4 if num_workers else None, worker_init_fn=ignore_stop_signals))
