@@ -89,6 +89,16 @@ def check_four_devices_match_one(pretrain_args, tmp_path):
     assert all(0 < r[0]["compiles"] == r[-1]["compiles"] for r in rows.values())
 
 
+def fails_cleanly(capsys, argv) -> str:
+    """`xla-trainer argv` in this process: exit 2 and one error line, no traceback; that line."""
+    from xla_trainer.cli import main
+    capsys.readouterr()  # what came before
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("xla-trainer: error: ") and "Traceback" not in err
+    return err
+
+
 def read_metrics(output_dir) -> list[dict]:
     with open(Path(output_dir) / "metrics.jsonl") as f:
         return [json.loads(line) for line in f]

@@ -9,20 +9,12 @@ import typing
 
 import pytest
 
-from conftest import TOY_CONFIG, tiny_eval_overrides, tiny_overrides
+from conftest import TOY_CONFIG, fails_cleanly, tiny_eval_overrides, tiny_overrides
 from xla_trainer.cli import eval_default, main
 from xla_trainer.config import _BOUND, Config, ConfigError, EvalConfig, load_config, registry
 
 GARBAGE = b"\xff\xd8 not an image at all"
 DEFAULTS = {Config: TOY_CONFIG, EvalConfig: eval_default("linprobe")}  # a config file of each schema
-
-
-def fails_cleanly(capsys, argv) -> str:
-    capsys.readouterr()  # what came before
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("xla-trainer: error: ") and "Traceback" not in err
-    return err
 
 
 def written(out) -> set[str]:

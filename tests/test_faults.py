@@ -23,14 +23,15 @@ from models.backbones.vit import vit_classifier
 
 pytestmark = pytest.mark.slow  # make test-fast leaves it out
 
-XLA4 = {"PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "4", "runtime.backend": "xla"}
+XLA4 = {"PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "4"}
 
 
 def pretrain(backend: str, data_root, out, **extra) -> subprocess.CompletedProcess:
-    """The toy pre-training on `backend`: cpu, ddp (2 gloo processes) or xla (4 CPU devices)."""
-    env = {k: v for k, v in XLA4.items() if k.isupper()} if backend == "xla" else {}
-    if backend == "xla":
-        extra["runtime.backend"] = "xla"
+    """The toy pre-training on `backend`: cpu, ddp (2 gloo processes) or xla (4 CPU devices, a
+    2 x 2 data x fsdp mesh)."""
+    env = XLA4 if backend == "xla" else {}
+    if backend == "xla":  # FSDP x data-parallel: parameters and optimizer state sharded too
+        extra = {"runtime.backend": "xla", "runtime.mesh": "[2,2]", **extra}
     args = toy_overrides(data_root, out, **extra)
     if backend == "ddp":
         return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

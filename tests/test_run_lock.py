@@ -160,3 +160,21 @@ def test_two_launches_at_once_one_runs_one_exits_2(where, embedded_root, tmp_pat
     else:
         rows = [json.loads(line) for line in fsspec.filesystem("gs").cat(f"{out}/metrics.jsonl").decode().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # one writer: no row twice
+
+
+def test_a_run_whose_lock_was_taken_over_stops_without_saving(embedded_root, tmp_path, monkeypatch, capsys):
+    """The loop reads `lost` at its log steps: a run taken over (a gs:// lease that looked stale)
+    stops with exit 2 at the first one and saves nothing more. Here the lock says it was taken
+    over once the run holds it, as a refresh that found another generation would."""
+    from xla_trainer import loop
+    from xla_trainer.cli import main
+
+    class TakenOver(RunLock):
+        lost = True
+
+    monkeypatch.setattr(loop, "RunLock", TakenOver)
+    out = tmp_path / "run"
+    assert main(["pretrain", *toy_overrides(embedded_root, out, **{"train.ckpt_every": 1})]) == 2
+    err = capsys.readouterr().err
+    assert f"another launch took the run lock of {out} over; this one stops without saving" in err
+    assert not (out / "checkpoints").exists() or not list((out / "checkpoints").iterdir())

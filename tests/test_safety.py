@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
+from conftest import fails_cleanly
 from xla_trainer.data import remote_io
 from xla_trainer.checkpoint import Checkpoints
 from xla_trainer.pretrained import read_state_dict
@@ -30,14 +31,6 @@ def user_dir(tmp_path):
 
 def snapshot(root):
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def fails_cleanly(capsys, argv) -> str:
-    capsys.readouterr()  # what came before
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("xla-trainer: error: ") and "Traceback" not in err
-    return err
 
 
 # --- generated trees never replace a user's directory -------------------------------------------

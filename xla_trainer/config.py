@@ -72,7 +72,22 @@ class OptimConfig:
 
 
 @dataclass
-class TrainConfig:
+class LongRunConfig:
+    """The train keys of every training task that guard a long run (docs/long-runs.md)."""
+    # a step whose loss, gradient norm or update is not finite is never applied (weights and
+    # optimizer state stay as they were); stop: exit 3 at the next log step, nothing newer saved |
+    # skip: go on, counted in metrics as skipped_steps
+    nonfinite: str = "stop"
+    max_skipped_steps: int = 20  # nonfinite=skip: stop (exit 3) after this many non-finite steps in a row
+    # keys a resume may change although they alter the schedule or the data order (e.g.
+    # [train.global_batch]); a change of the model or the loss never resumes
+    allow_resume_change: list = field(default_factory=list)
+    take_over: bool = False  # take the output_dir's run lock over from a holder that is stale (see docs)
+    BOUNDS: typing.ClassVar[dict] = {"max_skipped_steps": ">= 1"}
+
+
+@dataclass
+class TrainConfig(LongRunConfig):
     epochs: int = 300
     global_batch: int = 4096
     accum_steps: int = 1  # micro-batches per optimizer step
@@ -83,19 +98,10 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest N kept; 0 keeps all
     stop_at_step: Optional[int] = None  # end early (debugging); the schedule is unchanged
     profile_steps: Optional[list] = None  # [first, last): trace these steps into <output_dir>/profile
-    # a step whose loss, gradient norm or update is not finite is never applied (weights and
-    # optimizer state stay as they were); stop: exit 3 at the next log step, nothing newer saved |
-    # skip: go on, counted in metrics as skipped_steps
-    nonfinite: str = "stop"
-    max_skipped_steps: int = 20  # nonfinite=skip: stop (exit 3) after this many non-finite steps in a row
-    # keys a resume may change although they alter the schedule or the data order (e.g.
-    # [train.global_batch]); a change of the model or the loss never resumes
-    allow_resume_change: list = field(default_factory=list)
-    take_over: bool = False  # take the output_dir's run lock over from a holder that is stale (see docs)
     BOUNDS: typing.ClassVar[dict] = {
         "epochs": ">= 1", "global_batch": ">= 1", "accum_steps": ">= 1", "log_every": ">= 1", "ckpt_every": ">= 1",
         "keep_checkpoints": ">= 0; 0 keeps all", "stop_at_step": ">= 1; null for none",
-        "profile_steps": ">= 0 span", "max_skipped_steps": ">= 1"}
+        "profile_steps": ">= 0 span", **LongRunConfig.BOUNDS}
 
 
 @dataclass
@@ -229,7 +235,7 @@ class ProbeConfig:
 
 
 @dataclass
-class EvalTrainConfig:
+class EvalTrainConfig(LongRunConfig):
     epochs: int = 100
     global_batch: int = 1024
     eval_batch: int = 1024  # global; the last val batch is padded to it (no recompilation)
@@ -244,19 +250,10 @@ class EvalTrainConfig:
     # weights: our pre-training checkpoint (file, checkpoint directory or output_dir), an official
     # D-iGPT pre-training / fine-tuning checkpoint, or a timm state_dict; null = random init
     init: Optional[str] = None
-    # a step whose loss, gradient norm or update is not finite is never applied (weights and
-    # optimizer state stay as they were); stop: exit 3 at the next log step, nothing newer saved |
-    # skip: go on, counted in metrics as skipped_steps
-    nonfinite: str = "stop"
-    max_skipped_steps: int = 20  # nonfinite=skip: stop (exit 3) after this many non-finite steps in a row
-    # keys a resume may change although they alter the schedule or the data order (e.g.
-    # [train.global_batch]); a change of the model or the loss never resumes
-    allow_resume_change: list = field(default_factory=list)
-    take_over: bool = False  # take the output_dir's run lock over from a holder that is stale (see docs)
     # (ema: evaluate.check_eval_config checks it)
     BOUNDS: typing.ClassVar[dict] = {
         "epochs": ">= 1", "global_batch": ">= 1", "eval_batch": ">= 1", "log_every": ">= 1", "eval_every": ">= 1",
-        "keep_checkpoints": ">= 0; 0 keeps all", "max_skipped_steps": ">= 1"}
+        "keep_checkpoints": ">= 0; 0 keeps all", **LongRunConfig.BOUNDS}
 
 
 @dataclass

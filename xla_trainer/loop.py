@@ -157,10 +157,13 @@ class NonFiniteSteps:
 
     def __init__(self, mode: str, max_in_a_row: int, skipped_before: int = 0):
         self.mode, self.max_in_a_row = mode, max_in_a_row
-        self.total, self.in_a_row = skipped_before, 0
+        self.total, self.in_a_row, self.checked = skipped_before, 0, 0
 
     def check(self, rows: list[tuple[int, dict]], newest_checkpoint: str | None):
         for step, metrics in rows:
+            if step <= self.checked:  # a checkpoint step's rows come again at the next log step
+                continue
+            self.checked = step
             if metrics["applied"]:
                 self.in_a_row = 0
                 continue
@@ -173,8 +176,8 @@ class NonFiniteSteps:
                 raise TrainingDiverged(f"{what} (or its update is not finite); stopping (train.nonfinite=stop): "
                                        f"nothing newer is saved, {saved}. train.nonfinite=skip goes on past such steps")
             if self.in_a_row >= self.max_in_a_row:
-                raise TrainingDiverged(f"{what}, the {self.in_a_row}th non-finite step in a row "
-                                       f"(train.max_skipped_steps); stopping: nothing newer is saved, {saved}")
+                raise TrainingDiverged(f"{what}; {self.in_a_row} non-finite steps in a row (train.max_skipped_steps "
+                                       f"{self.max_in_a_row}); stopping: nothing newer is saved, {saved}")
             log.warning("%s; skipped (train.nonfinite=skip, %d in a row)", what, self.in_a_row)
 
 
