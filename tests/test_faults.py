@@ -183,6 +183,31 @@ def test_a_truncated_checkpoint_falls_back_to_the_previous_one(embedded_root, sa
     assert len(replaced) == 1 and [json.loads(r)["step"] for r in replaced[0].read_text().splitlines()] == [5, 6]
 
 
+def test_a_checkpoint_that_fails_to_load_is_set_aside(embedded_root, saved_run, tmp_path, capsys):
+    """Bytes overwritten in place (every size as committed): the load fails, the checkpoint is set
+    aside and the one before it resumes; when none loads, exit 2 instead of training from a model
+    that holds part of one."""
+    out = copy_run(saved_run, tmp_path)
+    for step in (6, 4):
+        shard = out / "checkpoints" / str(step) / "__0_0.distcp"
+        data = bytearray(shard.read_bytes())
+        data[: len(data) // 2] = bytes(len(data) // 2)
+        shard.write_bytes(bytes(data))
+        if step == 6:
+            resumed = pretrain("cpu", embedded_root, out, **{"train.stop_at_step": 6, "train.ckpt_every": 2})
+            assert resumed.returncode == 0, resumed.stderr[-3000:]
+            assert f"checkpoint {out}/checkpoints/6 cannot be read" in resumed.stderr
+            assert f"resumed from {out}/checkpoints/4 at step 4" in resumed.stderr
+            assert_same_losses(read_metrics(saved_run), read_metrics(out))
+    for name in ("4", "6"):  # run the failing load again on both: the new 6 damaged as well
+        shard = out / "checkpoints" / name / "__0_0.distcp"
+        shard.write_bytes(bytes(len(shard.read_bytes())))
+    assert main(["pretrain", *toy_overrides(embedded_root, out, **{"train.stop_at_step": 6})]) == 2
+    err = capsys.readouterr().err
+    assert f"no checkpoint of {out}/checkpoints could be read ({out}/checkpoints/6, {out}/checkpoints/4" in err
+    assert len([p for p in (out / "checkpoints").iterdir() if ".damaged-" in p.name]) >= 3  # all kept
+
+
 def test_every_reader_refuses_a_damaged_or_unfinished_checkpoint(saved_run, digits_root, tmp_path, capsys):
     """export-timm, train.init of the probes and k-NN, visualize: exit 2 naming the checkpoint."""
     out = copy_run(saved_run, tmp_path)

@@ -26,6 +26,7 @@ import fsspec
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from .config import ConfigError
@@ -37,6 +38,9 @@ DCP_FILES = re.compile(r"(\.metadata|__\d+_\d+\.distcp)$")  # what a DCP save wr
 LEGACY_FILE = re.compile(r"checkpoint-(\d{8})\.pt$")
 
 log = logging.getLogger(__name__)
+# What reading a damaged checkpoint raises: many kinds (unpickling, sizes, EOF), or DCP's
+# CheckpointException around them, which is a BaseException
+READ_ERRORS = (Exception, CheckpointException)
 
 
 class NonFiniteState(RuntimeError):
@@ -88,7 +92,7 @@ def damage(step_folder: str) -> str | None:
             return f"{name} is {found}; it had {size} bytes when committed"
     try:
         FsspecReader(step_folder).read_metadata()
-    except Exception as e:  # noqa: BLE001  an unpickling error of any kind
+    except READ_ERRORS as e:  # an unpickling error of any kind
         return f".metadata is not readable ({type(e).__name__}: {e})"
     return None
 
@@ -255,17 +259,22 @@ class Checkpoints:
 
     def saved_objects(self, step: int) -> dict:
         """The plain values of the extra state saved at `step` (config, step, ...), its tensors
-        left out: cheap to read before a restore."""
+        left out: cheap to read before a restore. {} if they cannot be read: the restore then
+        fails and says why."""
         path = self.location(step)
-        if LEGACY_FILE.search(path):
-            return {k: v for k, v in legacy_file(path).items() if k not in ("model", "optimizer")}
-        flat = {"objects": b""}
-        if "objects" not in FsspecReader(path).read_metadata().state_dict_metadata:
-            return {}  # torch_xla's CheckpointManager: restore() says why it cannot resume
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
-            dcp.load(flat, storage_reader=FsspecReader(path), no_dist=True)
-        return pickle.loads(flat["objects"])
+        try:
+            if LEGACY_FILE.search(path):
+                return {k: v for k, v in legacy_file(path).items() if k not in ("model", "optimizer")}
+            flat = {"objects": b""}
+            if "objects" not in FsspecReader(path).read_metadata().state_dict_metadata:
+                return {}  # torch_xla's CheckpointManager: restore() says why it cannot resume
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+                dcp.load(flat, storage_reader=FsspecReader(path), no_dist=True)
+            return pickle.loads(flat["objects"])
+        except READ_ERRORS as e:
+            log.warning("the saved config of %s cannot be read (%r)", path, e)
+            return {}
 
     def save(self, step: int, model, optimizer, extra: dict):
         """Starts the save of `step` and returns; the previous save is finished first (its error,

@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from .checkpoint import READ_ERRORS
 from .config import ConfigError
 from .drift import check_resume, identity
 from .flops import peak_flops
@@ -301,6 +302,7 @@ def resume(store, task: Task, template: dict, config: dict, allowed: list[str],
     """(the step to start from, the saved extra state or None) from the newest intact checkpoint,
     if the run's `config` may resume it (check_drift; `allowed`: train.allow_resume_change). A
     checkpoint that cannot be read is set aside and the one before it tried."""
+    failed = []
     for step in store.intact_steps():
         path = store.location(step)
         try:
@@ -308,7 +310,7 @@ def resume(store, task: Task, template: dict, config: dict, allowed: list[str],
             extra, error = store.restore(step, task.module, task.optimizer, template), None
         except ConfigError:
             raise
-        except Exception as e:  # noqa: BLE001  DCP raises many kinds for a damaged file
+        except READ_ERRORS as e:
             extra, error = None, e
         if not runtime.any_process(error is not None):
             log.info("resumed from %s at step %d", path, step)
@@ -316,6 +318,10 @@ def resume(store, task: Task, template: dict, config: dict, allowed: list[str],
         why = f"reading it failed: {error!r}" if error else "reading it failed on another process"
         log.error("checkpoint %s cannot be read (%s); trying the one before it", path, why)
         store.set_aside(step, why)
+        failed.append(path)
+    if failed:  # the model may hold part of one: never train on from there
+        raise ConfigError(f"no checkpoint of {store.dir} could be read ({', '.join(failed)}: set aside, see the log); "
+                          f"start over in a new train.output_dir")
     return 0, None
 
 
