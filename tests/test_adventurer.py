@@ -223,6 +223,40 @@ def test_stage_transition_resamples_the_grid_and_keeps_cls_last():
         ADVENTURER.adapt_state(source, ADVENTURER.classifier(tiny(image_size=32, patch_size=4)))
 
 
+def _official_stage_transition(pos_embed: torch.Tensor, new_side: int) -> torch.Tensor:
+    """The official main.py's --finetune position resampling, written from what it does: the
+    extra-token count is the new model's rows minus its patches (1), the first row is set aside as
+    that extra token (in Adventurer: patch (0, 0), cls being last), the remaining rows (patches
+    1..N-1 and the cls row) are read as the old square grid in raster order, bicubically resized
+    with torch's interpolate (align_corners=False, no antialias) and put back after that row."""
+    rows, width = pos_embed.shape[1], pos_embed.shape[2]
+    side = int((rows - 1) ** 0.5)
+    extra, tokens = pos_embed[:, :1], pos_embed[:, 1:]
+    tokens = tokens.reshape(1, side, side, width).permute(0, 3, 1, 2)
+    tokens = F.interpolate(tokens, size=(new_side, new_side), mode="bicubic", align_corners=False)
+    return torch.cat([extra, tokens.permute(0, 2, 3, 1).flatten(1, 2)], dim=1)
+
+
+@pytest.mark.parametrize("sizes", [(64, 112), (112, 64)])  # 8x8 -> 14x14 (128 -> 224 px at /16), and back
+def test_official_stage_resample_reproduces_the_official_transition(sizes):
+    source = perturbed(ADVENTURER.classifier(tiny(image_size=sizes[0]))).state_dict()
+    target = ADVENTURER.classifier(tiny(image_size=sizes[1], official_stage_resample=True))
+    state = ADVENTURER.adapt_state(source, target)
+    target.load_state_dict(state)
+    side = sizes[1] // 8
+    expected = _official_stage_transition(source["pos_embed"], side)
+    assert state["pos_embed"].shape == (1, side * side + 1, 32)
+    assert torch.allclose(state["pos_embed"], expected, atol=1e-6)
+    assert torch.equal(state["pos_embed"][0, 0], source["pos_embed"][0, 0])  # patch (0, 0) kept as is
+    # our default differs from it (the cls row is kept, the grid is not shifted)
+    ours = ADVENTURER.adapt_state(source, ADVENTURER.classifier(tiny(image_size=sizes[1])))["pos_embed"]
+    assert torch.equal(ours[0, -1], source["pos_embed"][0, -1])
+    assert not torch.allclose(ours, expected, atol=1e-3)
+    assert AdventurerConfig().official_stage_resample is False
+    # the other tensors are untouched by either
+    assert all(torch.equal(state[k], v) for k, v in source.items() if k != "pos_embed")
+
+
 def test_describe_gives_the_official_base_count():
     def layer(w: int) -> int:
         inner, heads, state = 2 * w, 2 * w // 64, 64

@@ -447,3 +447,39 @@ def test_teacher_rejects_other_weights(tmp_path):
     torch.save({"conv1.weight": torch.zeros(1), "blocks.0.norm1.weight": torch.zeros(1)}, path)
     with pytest.raises(ValueError, match=r"(?s)not an OpenCLIP visual tower of this arch.*blocks.0.norm1.weight"):
         ClipTeacher("demo-ViT-T-8", str(path), image_size=32)
+
+
+@pytest.mark.parametrize("source", ["official", "ours"])
+def test_saim_head_norm_is_carried_into_the_cls_classifier(tmp_path, source):
+    """SAIM's official fine-tuning and linear probe with the cls token (global_pool off) load the
+    pre-trained top-level `norm` (the query stream's head norm) as the classifier's final norm and
+    read cls after it: the import carries it into fc_norm, whose values then equal the trained ones,
+    and the pooled features are that LayerNorm of the cls token."""
+    import dataclasses
+    import argparse as _argparse
+    from models import OBJECTIVES
+    from models.objectives.saim_official import saim_to_official
+    vit = BACKBONES.get("vit")
+    bcfg = dataclasses.replace(vit.Config(), **{**vit.TINY, "image_size": 32, "patch_size": 8})
+    torch.manual_seed(0)
+    entry = OBJECTIVES.get("saim")
+    model = entry.build(entry.Config(), vit.student(bcfg), None).eval()
+    with torch.no_grad():  # a trained norm: no init gives these values
+        model.norm.weight.copy_(1 + 0.3 * torch.randn_like(model.norm.weight))
+        model.norm.bias.copy_(0.2 * torch.randn_like(model.norm.bias))
+    path = tmp_path / "checkpoint.pth"
+    saved = saim_to_official(model.state_dict()) if source == "official" else model.state_dict()
+    torch.save({"model": saved, "epoch": 799, "args": _argparse.Namespace(model="saim_base")}, path)
+    state = load_backbone_state(str(path), vit)
+    assert "norm.weight" not in state
+    assert torch.equal(state["fc_norm.weight"], model.norm.weight.detach())
+    assert torch.equal(state["fc_norm.bias"], model.norm.bias.detach())
+    classifier = vit.classifier(dataclasses.replace(bcfg, pool="token")).eval()
+    missing, unexpected = classifier.load_state_dict(vit.adapt_state(state, classifier), strict=False)
+    assert not missing and not unexpected
+    assert torch.equal(classifier.fc_norm.weight, model.norm.weight) and torch.equal(classifier.fc_norm.bias, model.norm.bias)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # the official forward: norm over every token, then the cls token
+        tokens = classifier.forward_features(x)
+        official = F.layer_norm(tokens, (tokens.shape[-1],), model.norm.weight, model.norm.bias, 1e-6)[:, 0]
+        assert torch.allclose(classifier.forward_head(tokens, pre_logits=True), official, atol=1e-6)

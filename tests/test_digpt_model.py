@@ -1,5 +1,6 @@
 """Token order, attention mask, alignment and loss of D-iGPT against references written here."""
 import itertools
+import math
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ import torch.nn.functional as F
 
 import models
 from models.objectives.digpt import DiGPT, default_taps
+from models.objectives.digpt_decoder import FeaturePredictor
 from models.layers.segments import SegmentLayout, block_causal_mask, segment_order
 from models.backbones.vit import SegmentViT
 
@@ -47,6 +49,30 @@ def test_block_causal_mask_matches_reference(cls_visible):
             else:
                 expected = k // length <= q // length
             assert bool(mask[q, k]) == expected, (q, k)
+
+
+def test_clean_mask_hides_cls_from_every_segment_on_a_tiny_grid():
+    """3 segments of 2 tokens + cls: block-causal, cls (last row) sees all, no segment sees cls."""
+    expected = torch.tensor([[1, 1, 0, 0, 0, 0, 0],
+                             [1, 1, 0, 0, 0, 0, 0],
+                             [1, 1, 1, 1, 0, 0, 0],
+                             [1, 1, 1, 1, 0, 0, 0],
+                             [1, 1, 1, 1, 1, 1, 0],
+                             [1, 1, 1, 1, 1, 1, 0],
+                             [1, 1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(block_causal_mask(3, 2, False), expected)
+
+
+def test_official_mask_is_the_reflect_padded_block_causal_mask():
+    """The official mask: a float block-causal mask (0 / -inf) over the segments, padded by one
+    row and column by reflection for cls; only the last segment sees cls."""
+    blocks, length = 3, 7
+    seg = torch.tril(torch.ones(blocks, blocks))
+    seg = seg.repeat_interleave(length, 0).repeat_interleave(length, 1)
+    additive = seg.masked_fill(seg == 0, float("-inf")).masked_fill(seg == 1, 0)
+    padded = F.pad(additive[None, None], (0, 1, 0, 1), mode="reflect")[0, 0]
+    assert torch.equal(block_causal_mask(blocks, length, True), padded == 0)
+    assert padded[: 2 * length, -1].isinf().all() and (padded[2 * length:, -1] == 0).all()
 
 
 def test_segment_order_is_a_permutation_and_uniform():
@@ -109,11 +135,12 @@ def test_loss_against_hand_computation():
     assert torch.allclose(got, torch.stack(terms).mean(), atol=1e-5)
 
 
-def test_forward_is_block_causal_in_the_drawn_order():
+@pytest.mark.parametrize("cls_visible", [True, False])
+def test_forward_is_block_causal_in_the_drawn_order(cls_visible):
     """Changing the pixels of the last visible and the hidden segment must not change what the
     encoder computes for earlier slots, nor the 'ar' prediction of slot 0 (next segment = slot 1)
-    beyond what slot 0 sees."""
-    model = tiny_digpt(cls_visible_to_last_segment=True).eval()
+    beyond what slot 0 sees: under the official mask and the clean one alike."""
+    model = tiny_digpt(cls_visible_to_last_segment=cls_visible).eval()
     torch.manual_seed(2)
     images = torch.randn(2, 3, 32, 32)
     noise = torch.rand(2, 4)
@@ -136,6 +163,58 @@ def test_forward_is_block_causal_in_the_drawn_order():
     preds = [model.decoders["ar"](taps, queries, model.attn_mask) for taps in (taps_a, taps_b)]
     assert torch.allclose(preds[0][:, :16], preds[1][:, :16], atol=1e-5)
     assert not torch.allclose(preds[0][:, 16:32], preds[1][:, 16:32], atol=1e-3)
+
+
+def test_letting_every_segment_see_cls_would_leak_the_ar_target():
+    """Why the clean form hides cls rather than showing it to all: cls sees every visible
+    segment, so through it the 'ar' queries of slot 0 would read slot 1, the segment they predict."""
+    model = tiny_digpt(cls_visible_to_last_segment=False).eval()
+    leaky = model.attn_mask.clone()
+    leaky[:, -1] = True
+    torch.manual_seed(2)
+    images, order = torch.randn(2, 3, 32, 32), segment_order(torch.rand(2, 4))
+    changed = images.clone()
+    for b in range(2):  # perturb the segment in slot 1 only
+        r, c = divmod(order[b, 1].item(), 2)
+        changed[b, :, r * 16:(r + 1) * 16, c * 16:(c + 1) * 16] += torch.randn(3, 16, 16)
+    index = model.patch_index[order][:, :-1].flatten(1)
+    queries = model.patch_index[order[:, 1:]].flatten(1)
+    for mask, leaks in ((model.attn_mask, False), (leaky, True)):
+        preds = [model.decoders["ar"](model.encoder.forward_taps(x, index, mask, model.taps), queries, mask)
+                 for x in (images, changed)]
+        assert torch.allclose(preds[0][:, :16], preds[1][:, :16], atol=1e-5) != leaks
+
+
+def xavier_std(fan_out: int, fan_in: int) -> float:
+    return math.sqrt(2 / (fan_in + fan_out))
+
+
+def test_decoder_init_is_the_official_xavier_on_the_official_shapes():
+    """The real D-iGPT decoder (ViT-B taps, width 1024, 2 blocks, 32 heads, 1024 out): every
+    Linear xavier-uniform with the std of the official layer's shape (self-attention one fused
+    qkv 1024 -> 3072, cross-attention q 1024 -> 1024 and one fused kv 1024 -> 2048, enc2dec one
+    3072 -> 2048), biases zero, LayerNorms ones / zeros."""
+    torch.manual_seed(0)
+    dec = FeaturePredictor(768, 4, (14, 14), 1024, 2, 32, 1024)
+    d = 1024
+    official = {"enc2dec": (2 * d, 4 * 768), "head": (d, d)}
+    for i in range(2):
+        official.update({f"blocks.{i}.self_attn.qkv": (3 * d, d), f"blocks.{i}.self_attn.proj": (d, d),
+                         f"blocks.{i}.cross_attn.q": (d, d), f"blocks.{i}.cross_attn.kv": (2 * d, d),
+                         f"blocks.{i}.cross_attn.proj": (d, d), f"blocks.{i}.mlp.fc1": (4 * d, d),
+                         f"blocks.{i}.mlp.fc2": (d, 4 * d)})
+    linears = {n: m for n, m in dec.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert linears.keys() == official.keys()
+    for name, (fan_out, fan_in) in official.items():
+        w, b = linears[name].weight, linears[name].bias
+        assert tuple(w.shape) == (fan_out, fan_in), name
+        assert w.std().item() == pytest.approx(xavier_std(fan_out, fan_in), rel=0.05), name
+        assert w.abs().max() <= math.sqrt(3) * xavier_std(fan_out, fan_in) + 1e-6, name  # uniform
+        assert torch.count_nonzero(b) == 0, name
+    for m in dec.modules():
+        if isinstance(m, torch.nn.LayerNorm):
+            assert (m.weight == 1).all() and (m.bias == 0).all()
+    assert dec.query_token.std().item() == pytest.approx(0.02, rel=0.1)
 
 
 def test_forward_losses_and_gradients():

@@ -329,3 +329,35 @@ def test_visualize_draws_the_demo_checkpoint(demo_run, embedded_root, tmp_path):
     assert np.array_equal(panels["trained"][0], panels["random"][0])  # the same inputs
     for column in (1, 2):  # attention, PCA: the trained encoder draws other maps
         assert np.abs(panels["trained"][column] - panels["random"][column]).mean() > 10
+
+
+# --- init ---------------------------------------------------------------------------------------
+def test_init_is_the_official_xavier_per_separate_qkv_at_vit_b_width():
+    """The official content stream has three separate 768x768 q / k / v Linears, each
+    xavier-uniform: std sqrt(2 / 1536) = 0.0361 per third of our fused qkv (the fused matrix as
+    one would give sqrt(2 / 3072) = 0.0255); the query stream's q / k / v likewise; biases zero."""
+    from models.backbones.vit import SegmentViT
+    from models.objectives.saim import SAIM
+    torch.manual_seed(0)
+    model = SAIM(SegmentViT("base", img_size=32, patch_size=16, depth=1), query_depth=1)
+    d, separate = 768, math.sqrt(2 / (768 + 768))
+    qkv = model.encoder.blocks[0].attn.qkv
+    assert tuple(qkv.weight.shape) == (3 * d, d)
+    for part in qkv.weight.chunk(3):
+        assert part.std().item() == pytest.approx(separate, rel=0.05)
+    assert torch.count_nonzero(qkv.bias) == 0
+    attn = model.query_blocks[0].attn
+    for lin in (attn.q, attn.k, attn.v, attn.proj):
+        assert lin.weight.std().item() == pytest.approx(separate, rel=0.05)
+        assert torch.count_nonzero(lin.bias) == 0
+    fc1 = model.encoder.blocks[0].mlp.fc1  # 768 -> 3072, untouched: one matrix as in the official
+    assert fc1.weight.std().item() == pytest.approx(math.sqrt(2 / (d + 4 * d)), rel=0.05)
+
+
+def test_digpt_student_keeps_the_fused_qkv_xavier_of_the_official_d_igpt():
+    """The official D-iGPT (and MAE) encoder has one fused qkv Linear 768 -> 2304, xavier as one
+    matrix: std sqrt(2 / 3072) = 0.0255; only SAIM splits it."""
+    from models.backbones.vit import SegmentViT
+    torch.manual_seed(0)
+    qkv = SegmentViT("base", img_size=32, patch_size=16, depth=1).blocks[0].attn.qkv
+    assert qkv.weight.std().item() == pytest.approx(math.sqrt(2 / (768 + 3 * 768)), rel=0.05)

@@ -340,3 +340,18 @@ def test_demo_pretraining_beats_random_init_on_the_linear_probe(embedded_root, d
     assert rows[-1]["step"] == 300 and rows[-1]["loss"] < 0.7 * rows[0]["loss"]
     assert rows[-1]["compiles"] == rows[1]["compiles"]
     assert pretrained_top1 > random_top1 + MARGIN, (pretrained_top1, random_top1)
+
+
+def test_init_of_the_fused_qkv_matches_the_officials_at_vit_b_width():
+    """The official XTRA encoder has a fused qkv too, every Linear ~ N(0, 0.02) (truncated at
+    +-2, i.e. not at all): a std that does not depend on the shape, so each third of our fused
+    qkv already has the official 0.02 and nothing is re-initialised per third; biases zero."""
+    from models.backbones.vit import SegmentViT
+    torch.manual_seed(0)
+    enc = SegmentViT("base", img_size=32, patch_size=16, depth=1, cls_token=False, pos_embed="learned",
+                     final_norm=True, init="trunc_normal")
+    qkv = enc.blocks[0].attn.qkv
+    assert tuple(qkv.weight.shape) == (3 * 768, 768)
+    for part in qkv.weight.chunk(3):
+        assert part.std().item() == pytest.approx(0.02, rel=0.05)
+    assert torch.count_nonzero(qkv.bias) == 0

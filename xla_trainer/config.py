@@ -66,6 +66,9 @@ class OptimConfig:
     warmup_from: float = 0.0  # the warmup starts at this fraction of the peak lr (XTRA: 0.1)
     min_lr: float = 0.0
     clip_grad: Optional[float] = None
+    # step: warmup + cosine per iteration; epoch: the lr changes only at epoch starts, timm's
+    # CosineLRScheduler with t_in_epochs=True (DeiT-style recipes: Adventurer)
+    schedule_unit: str = "step"
     BOUNDS: typing.ClassVar[dict] = {
         "base_lr": ">= 0", "lr": ">= 0", "betas": "[0, 1) pair", "weight_decay": ">= 0", "warmup_epochs": ">= 0",
         "warmup_from": "[0, 1]; a fraction of the peak lr", "min_lr": ">= 0", "clip_grad": "> 0; null for none"}
@@ -166,6 +169,7 @@ class Config(Sections):
         "runtime.backend": ("auto", "xla", "cuda", "cpu"),
         "runtime.precision": ("bf16", "fp32"),
         "train.nonfinite": ("stop", "skip"),
+        "optim.schedule_unit": ("step", "epoch"),
     }
 
     def check_given(self, given: set[str]):
@@ -219,6 +223,7 @@ class EvalOptimConfig:
     warmup_from: float = 0.0  # the warmup starts at this fraction of the peak lr (XTRA's probes: 0.1)
     min_lr: float = 1e-6
     clip_grad: Optional[float] = None
+    schedule_unit: str = "step"  # step | epoch (see OptimConfig)
     BOUNDS: typing.ClassVar[dict] = {**OptimConfig.BOUNDS, "layer_decay": "(0, 1]; 1 = off", "momentum": "[0, 1)"}
 
 
@@ -273,6 +278,7 @@ class EvalConfig(Sections):
         "runtime.backend": Config.CHOICES["runtime.backend"],
         "runtime.precision": Config.CHOICES["runtime.precision"],
         "train.nonfinite": Config.CHOICES["train.nonfinite"],
+        "optim.schedule_unit": Config.CHOICES["optim.schedule_unit"],
     }
 
 

@@ -20,7 +20,7 @@ from .config import ConfigError
 from .drift import check_resume, identity
 from .flops import peak_flops
 from .metrics import MetricsLogger
-from .optim import clip_and_step, lr_at, peak_lr, set_lr
+from .optim import clip_and_step, lr_at, lr_at_epoch, peak_lr, set_lr
 from .runlock import RunLock
 from .runtime import Runtime
 
@@ -35,13 +35,19 @@ class Schedule:
     peak_lr: float
     min_lr: float
     warmup_from: float = 0.0
+    unit: str = "step"  # optim.schedule_unit: step | epoch (constant within an epoch, timm's per-epoch cosine)
+    warmup_epochs: float = 0.0  # unit=epoch: the warmup in epochs, as configured (not rounded to steps)
 
     def lr(self, step: int) -> float:
+        if self.unit == "epoch":
+            return lr_at_epoch(step // self.steps_per_epoch, self.peak_lr, self.warmup_epochs,
+                               self.total_steps // self.steps_per_epoch, self.min_lr, self.warmup_from)
         return lr_at(step, self.peak_lr, self.warmup_steps, self.total_steps, self.min_lr, self.warmup_from)
 
 
 def make_schedule(cfg, dataset_len: int) -> Schedule:
-    """Per-iteration warmup + cosine of cfg.optim over cfg.train.epochs of `dataset_len` images."""
+    """Warmup + cosine of cfg.optim over cfg.train.epochs of `dataset_len` images, per iteration or
+    per epoch (cfg.optim.schedule_unit)."""
     steps_per_epoch = dataset_len // cfg.train.global_batch
     if steps_per_epoch == 0:
         raise ConfigError(f"the dataset has {dataset_len} images, fewer than train.global_batch "
@@ -49,7 +55,7 @@ def make_schedule(cfg, dataset_len: int) -> Schedule:
     return Schedule(steps_per_epoch, steps_per_epoch * cfg.train.epochs,
                     round(steps_per_epoch * cfg.optim.warmup_epochs),
                     peak_lr(cfg.optim.base_lr, cfg.train.global_batch, cfg.optim.lr), cfg.optim.min_lr,
-                    cfg.optim.warmup_from)
+                    cfg.optim.warmup_from, cfg.optim.schedule_unit, cfg.optim.warmup_epochs)
 
 
 # --- the step -----------------------------------------------------------------------------------

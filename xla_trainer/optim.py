@@ -105,3 +105,18 @@ def lr_at(step: int, peak: float, warmup_steps: int, total_steps: int, min_lr: f
         return start + (peak - start) * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def lr_at_epoch(epoch: int, peak: float, warmup_epochs: float, epochs: int, min_lr: float = 0.0,
+                warmup_from: float = 0.0) -> float:
+    """The lr of a whole epoch as timm's CosineLRScheduler(t_initial=epochs, lr_min=min_lr,
+    warmup_t=warmup_epochs, warmup_lr_init=warmup_from x peak, warmup_prefix=False,
+    t_in_epochs=True) gives it for t = epoch: linear warmup from warmup_lr_init (epoch 0) towards
+    the peak (not reached: epoch warmup_epochs - 1 has init + (w - 1) / w of the way), then the
+    cosine over ALL the epochs (the warmup epochs count in its phase), min_lr from `epochs` on."""
+    start = warmup_from * peak
+    if epoch < warmup_epochs:
+        return start + epoch * (peak - start) / warmup_epochs
+    if epoch >= epochs:
+        return min_lr
+    return min_lr + 0.5 * (peak - min_lr) * (1.0 + math.cos(math.pi * epoch / epochs))

@@ -76,8 +76,11 @@ class Adventurer(nn.Module):
     causal_only = True  # the student is a causal scan: objectives give it tokens in causal order, no mask
 
     def __init__(self, image_size: int = 224, patch_size: int = 16, width: int = 768, depth: int = 12,
-                 num_classes: int = 0, drop_path: float = 0.0, flip: str = "official", **mixer):
+                 num_classes: int = 0, drop_path: float = 0.0, flip: str = "official",
+                 official_stage_resample: bool = False, **mixer):
         super().__init__()
+        # adapt_state: resample another resolution's positions as the official stage transition does
+        self.official_stage_resample = official_stage_resample
         self.patch_embed = PatchEmbed(image_size, patch_size, 3, width, bias=True)
         self.grid, self.patch_size = tuple(self.patch_embed.grid_size), tuple(self.patch_embed.patch_size)
         self.embed_dim = self.num_features = width
@@ -191,6 +194,11 @@ class AdventurerConfig:
     # 3), alternate (every other layer, the intent), none
     flip: str = "official"
     kernels: str = "pure"  # pure (plain PyTorch, any device) | mamba_ssm (its Triton scan, CUDA only)
+    # loading weights of another resolution (the stage transitions): false resamples the patch grid
+    # and keeps the cls position (ours); true reproduces the official main.py, which takes the
+    # first row (patch (0, 0)'s position) as cls and resamples the other rows, the cls row among
+    # them, as the grid: for matching the released checkpoints' lineage exactly
+    official_stage_resample: bool = False
     CHOICES: ClassVar[dict] = {"size": tuple(ADVENTURER_SIZES), "flip": tuple(FLIPS), "kernels": KERNELS}
     BOUNDS: ClassVar[dict] = {"image_size": ">= 1", "patch_size": ">= 1", "width": ">= 1", "depth": ">= 1",
                               "d_state": ">= 1", "headdim": ">= 1", "expand": ">= 1", "chunk_size": ">= 1",
@@ -228,7 +236,7 @@ class AdventurerBackbone(Backbone):
     def classifier(cfg: AdventurerConfig, num_classes: int = 0) -> Adventurer:
         width, depth = adventurer_dims(cfg)
         return Adventurer(cfg.image_size, cfg.patch_size, width, depth, num_classes, cfg.drop_path, cfg.flip,
-                          d_state=cfg.d_state, headdim=cfg.headdim, expand=cfg.expand,
+                          cfg.official_stage_resample, d_state=cfg.d_state, headdim=cfg.headdim, expand=cfg.expand,
                           chunk_size=cfg.chunk_size, kernels=cfg.kernels)
 
     @staticmethod
@@ -241,7 +249,10 @@ class AdventurerBackbone(Backbone):
         """Another resolution (the stage transitions: 128 -> 224 px): the position grid resampled
         bicubically as the official code does (timm's resample, no antialias), the cls position
         kept LAST, where this model reads it. (The official transition takes the first row as
-        cls, so it resamples the grid shifted by one with the cls row inside it.)"""
+        cls, so it resamples the grid shifted by one with the cls row inside it; with
+        backbone.official_stage_resample=true this does the same: row 0 stays row 0, rows 1..N
+        (patches 1..N-1, then cls) are read as the old grid in raster order and resampled to the
+        new one, whose last entry becomes the cls row.)"""
         state = dict(state)
         kernel = state.get("patch_embed.proj.weight")
         if kernel is not None and kernel.shape != classifier.patch_embed.proj.weight.shape:
@@ -250,7 +261,10 @@ class AdventurerBackbone(Backbone):
         pos = state.get("pos_embed")
         if pos is not None and pos.shape != classifier.pos_embed.shape:
             old = square_side(pos.shape[1] - 1)
-            grid = resample_abs_pos_embed(pos[:, :-1].float(), list(classifier.grid), [old, old],
+            official = getattr(classifier, "official_stage_resample", False)
+            first, rows = (pos[:, :1], pos[:, 1:]) if official else (None, pos[:, :-1])
+            grid = resample_abs_pos_embed(rows.float(), list(classifier.grid), [old, old],
                                           num_prefix_tokens=0, interpolation="bicubic", antialias=False)
-            state["pos_embed"] = torch.cat([grid.to(pos.dtype), pos[:, -1:]], dim=1)
+            grid = grid.to(pos.dtype)
+            state["pos_embed"] = torch.cat([first, grid] if official else [grid, pos[:, -1:]], dim=1)
         return state

@@ -63,6 +63,7 @@ class SegmentViT(VisionTransformer):
             num_classes=0, final_norm=final_norm, drop_path_rate=drop_path,
             norm_layer=partial(nn.LayerNorm, eps=1e-6))
         self.extra_tokens = int(cls_token)  # the cls token, after the patch tokens
+        self.linear_init = init  # SAIM re-initialises the fused qkv per third under "xavier"
         INITS[init](self)
         if pos_embed == "sincos":
             self.pos_embed.requires_grad_(False)
@@ -95,7 +96,9 @@ class SegmentViT(VisionTransformer):
 
 
 def _init_xavier(model: VisionTransformer):
-    """MAE / D-iGPT: xavier-uniform Linear and patch conv (as a matrix), zero biases and cls."""
+    """MAE / D-iGPT: xavier-uniform Linear and patch conv (as a matrix), zero biases and cls.
+    The fused qkv (3d x d) is one xavier matrix, as in the official MAE and D-iGPT code (timm-style
+    fused qkv there too); SAIM, whose official q / k / v are separate, re-initialises it per third."""
     init_linears(model, nn.init.xavier_uniform_)
     proj = model.patch_embed.proj.weight
     nn.init.xavier_uniform_(proj.view(proj.shape[0], -1))

@@ -17,8 +17,10 @@ _VIT_KEY = re.compile(r"^(cls_token|pos_embed|reg_token|patch_embed\.|blocks\.|n
 
 # where an encoder sits in the checkpoints of a whole pre-training model: ours, the official XTRA's
 ENCODER_PREFIXES = ("encoder.", "enc.")
-# a whole model whose encoder sits at the top level beside a query stream (the official SAIM's):
-# its `norm` is the query stream's head norm, not the encoder's
+# a whole model with a query stream beside its encoder (SAIM's: the official one's encoder at the
+# top level, ours under encoder.*): its top-level `norm` is the query stream's head norm, not the
+# encoder's. The official fine-tuning and linear probe with the cls token (global_pool off) load it
+# as the classifier's final norm, applied to the cls token: here fc_norm (after a cls pool, the same).
 QUERY_STREAM = "query_blocks."
 
 
@@ -34,12 +36,18 @@ def encoder_to_timm(state: dict, grid: tuple[int, int] | None = None) -> dict:
     without a position) is the same encoder. Other keys (decoders, predictors) are dropped; a
     source without a final norm gets a fresh fc_norm (ones, zeros: where fine-tuning starts from)
     where it has none. `grid` (rows, cols) of patches is needed only for a non-square grid whose
-    pos_embed has no cls row."""
+    pos_embed has no cls row.
+
+    A SAIM model (a query stream beside the encoder) carries its trained head norm into fc_norm
+    instead: where the official cls-token fine-tuning and probe start from (they load it as the
+    classifier's `norm`, then read cls). With backbone.pool=token (SAIM's recipe configs) this is
+    exact; the official global-pool fine-tuning would start fc_norm fresh instead."""
+    beside_query_stream = any(k.startswith(QUERY_STREAM) for k in state)
+    head_norm = {k: v for k, v in state.items() if beside_query_stream and k in ("norm.weight", "norm.bias")}
     prefix = next((p for p in ENCODER_PREFIXES if any(k.startswith(p) for k in state)), None)
     if prefix:
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     else:
-        beside_query_stream = any(k.startswith(QUERY_STREAM) for k in state)
         state = {k: v for k, v in state.items()
                  if _VIT_KEY.match(k) and not (beside_query_stream and k.startswith("norm."))}
     state = fuse_qkv(state, "blocks.")  # encoders with separate q / k / v projections (SAIM's)
@@ -55,7 +63,7 @@ def encoder_to_timm(state: dict, grid: tuple[int, int] | None = None) -> dict:
     if "norm.weight" not in state:
         width = state["pos_embed"].shape[-1]
         for p, init in (("weight", torch.ones), ("bias", torch.zeros)):
-            out.setdefault(f"fc_norm.{p}", init(width))
+            out.setdefault(f"fc_norm.{p}", head_norm.get(f"norm.{p}", init(width)))
     _check_timm_layout(out, grid)
     return out
 

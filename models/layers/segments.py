@@ -55,7 +55,12 @@ def block_causal_mask(num_blocks: int, block_len: int, cls_visible_to_last_block
 
     Full attention inside a block, causal between blocks; the cls token sees everything. Whether
     any block sees cls: in the official D-iGPT code the last block does (a side effect of padding
-    its mask), `cls_visible_to_last_block=True` reproduces that; False keeps cls strictly last.
+    its mask by reflection), `cls_visible_to_last_block=True` reproduces that; False keeps cls
+    strictly last: no block sees it. The clean form is "no block", not "every block": cls sees all
+    blocks, so a block that read it would learn of later blocks (from the second layer on, and in
+    D-iGPT's decoders at once: the AR query of slot k would read, through the encoder's cls, the
+    segment it has to predict). Only the last block may see cls without a leak, since it sees
+    every block anyway; that is why the official quirk is harmless, and why it is the only block.
     """
     block = torch.arange(num_blocks).repeat_interleave(block_len)
     mask = block[:, None] >= block[None, :]

@@ -1,6 +1,14 @@
 """D-iGPT (arXiv 2312.02147): the encoder sees the first S-1 segments of a random segment order
 under a block-causal mask; an "ar" decoder predicts the teacher's features of the next segment, a
-"kd" decoder those of the visible segment, and both predict the teacher's cls token."""
+"kd" decoder those of the visible segment, and both predict the teacher's cls token.
+
+The mask (encoder, decoder self- and cross-attention alike) is block-causal over the visible
+segments with cls last, seeing everything. `cls_visible_to_last_segment` chooses who sees cls: the
+official code lets the last visible segment see it (a side effect of padding its mask); the clean
+form (False) lets no segment see it. Letting every segment see cls is not a clean alternative but
+a leak: cls attends to all visible segments, so an AR query for segment k+1 would read segment
+k+1's own pixels through it, and early segments would see later ones from the second layer on;
+both forms offered keep the block-causal order (a segment learns nothing of later ones)."""
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
@@ -103,7 +111,11 @@ class DiGPTConfig:
     decoder_depth: int = 2
     decoder_heads: int = 32
     shared_tap_norm: bool = True  # official: one LayerNorm shared by the taps
-    cls_visible_to_last_segment: bool = True  # official mask-padding quirk
+    # True: the official mask (its reflect padding lets the last visible segment see cls, harmless:
+    # that segment sees every segment anyway). False: the clean form, no segment sees cls (cls,
+    # last, still sees all). Not "every segment sees cls": cls has seen all segments, so that would
+    # leak later segments into earlier ones, AR targets included (models/layers/segments.py).
+    cls_visible_to_last_segment: bool = True
     BOUNDS: ClassVar[dict] = {"segments": ">= 1 pair", "taps": ">= 1", "decoder_width": ">= 1",
                               "decoder_depth": ">= 1", "decoder_heads": ">= 1"}
 

@@ -8,6 +8,7 @@ from timm.layers import Mlp
 from timm.models.vision_transformer import Attention
 from torch import nn
 
+from ..layers.init import init_linears
 from ..layers.pos_embed import sincos_2d
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
@@ -57,6 +58,12 @@ class FeaturePredictor(nn.Module):
     when `shared_tap_norm`, else one per tap. `enc2dec` maps the concatenated taps to
     depth x width and is read as (width, depth), depth last, the official checkpoint's layout, so
     its weights import without reshuffling.
+
+    Init, the official model's: every Linear (enc2dec, attention, MLP, head) xavier-uniform with
+    zero bias, LayerNorms ones / zeros, the query token ~ N(0, 0.02). The layer shapes are the
+    official ones (self-attention one fused qkv d -> 3d, cross-attention q d -> d and one fused
+    kv d -> 2d, enc2dec one (taps x enc_dim) -> depth x width matrix), so each is initialised as
+    one matrix, as there.
     """
 
     def __init__(self, enc_dim: int, num_taps: int, grid: tuple[int, int], width: int, depth: int,
@@ -73,6 +80,7 @@ class FeaturePredictor(nn.Module):
         self.blocks = nn.ModuleList(DecoderBlock(width, heads) for _ in range(depth))
         self.head_norm = LayerNorm(width)  # eps 1e-6, as the official ar_norm / kd_norm
         self.head = nn.Linear(width, out_dim)
+        init_linears(self, nn.init.xavier_uniform_)
         nn.init.normal_(self.query_token, std=0.02)
 
     def tap_norms(self) -> list[nn.LayerNorm]:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 from torch import nn
 
-from ..layers.init import init_linears
+from ..layers.init import init_linears, xavier_uniform_blocks_
 from ..layers.pixels import gaussian_blur, gaussian_kernel, normalise_pixels, patchify
 from ..layers.taps import gather_tokens
 from ..registry import OBJECTIVES, Objective, TargetInfo
@@ -123,10 +123,18 @@ class SAIM(nn.Module):
 
     def _init_weights(self):
         """The official init past the encoder: xavier-uniform Linear, zero biases; and cls ~
-        N(0, 0.02) (MAE's, where the D-iGPT student's is zero)."""
+        N(0, 0.02) (MAE's, where the D-iGPT student's is zero). In the encoder, a ViT's fused qkv
+        (3d x d) stands in for the official three separate d x d q / k / v Linears, each xavier on
+        its own: under the xavier init each third is re-initialised as its own matrix (std
+        sqrt(2 / 2d), 1.41x the fused matrix's sqrt(2 / 4d))."""
         for part in (self.query_blocks, self.prediction_head):
             init_linears(part, nn.init.xavier_uniform_)
         nn.init.normal_(self.encoder.cls_token, std=0.02)
+        if getattr(self.encoder, "linear_init", None) == "xavier":
+            for block in self.encoder.blocks:
+                qkv = getattr(getattr(block, "attn", None), "qkv", None)
+                if isinstance(qkv, nn.Linear) and qkv.out_features == 3 * qkv.in_features:
+                    xavier_uniform_blocks_(qkv.weight, 3)
 
     def positions(self) -> torch.Tensor:
         """(1, N, C): the encoder's patch position embeddings, where the query stream starts."""
