@@ -4,23 +4,21 @@ grid beside the inputs (the figures of the SAIM and D-iGPT papers). Attention fo
 whose classifier has last_attention (ViT, CRATE-alpha); features for every backbone with
 forward_intermediates. On the CPU: a handful of images needs no accelerator."""
 import io
-import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torchvision.datasets.folder import default_loader
 
 from .config import ConfigError, EvalConfig, blocking_file
 from .data.eval import IMAGENET_MEAN, IMAGENET_STD, eval_transform
-from .data.pretrain import EMBEDDED_ROOT
+from .data.pretrain import EMBEDDED_ROOT, read_image
 from .data.remote_io import exists, write_bytes_atomic
 from .evaluate import build_encoder
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-
-log = logging.getLogger(__name__)
 
 
 def image_files(images: str) -> list[Path]:
@@ -38,21 +36,13 @@ def image_files(images: str) -> list[Path]:
     return files
 
 
-def read_image(path: Path) -> Image.Image | None:
-    try:
-        return Image.open(path).convert("RGB")
-    except Exception as e:  # PIL raises many types for bad files
-        log.warning("visualize: skipping unreadable image %s: %s", path, e)
-        return None
-
-
 def read_images(files: list[Path], count: int, images: str) -> list[tuple[Path, Image.Image]]:
     """`count` readable images spread evenly over `files`, so that an ImageFolder tree gives
     images of several classes; an unreadable file is named in a warning and the next one taken."""
     n, chosen, start = min(count, len(files)), [], 0
     for k in range(n):
         for i in range(max(start, k * len(files) // n), len(files)):
-            start, image = i + 1, read_image(files[i])
+            start, image = i + 1, read_image(default_loader, str(files[i]))
             if image is not None:
                 chosen.append((files[i], image))
                 break
