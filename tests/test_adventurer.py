@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from models import BACKBONES, OBJECTIVES, TargetInfo
-from models.backbones.adventurer import FLIPS, AdventurerConfig
-from models.backbones.adventurer_official import adventurer_to_official
-from models.layers import mamba2
-from models.layers.mamba2 import Mamba2, ssd_scan
+from xla_trainer_models import BACKBONES, OBJECTIVES, TargetInfo
+from xla_trainer_models.backbones.adventurer import FLIPS, AdventurerConfig
+from xla_trainer_models.backbones.adventurer_official import adventurer_to_official
+from xla_trainer_models.layers import mamba2
+from xla_trainer_models.layers.mamba2 import Mamba2, ssd_scan
 from xla_trainer.checkpoint import newest_checkpoint, read_checkpoint
 from xla_trainer.config import ConfigError, EvalConfig, load_config
 from xla_trainer.describe import describe

@@ -7,8 +7,8 @@ import safetensors.torch
 import torch
 from timm.optim import param_groups_layer_decay
 
-from models import BACKBONES, OBJECTIVES, TEACHERS, TargetInfo, check_pairing
-from models.registry import Backbone
+from xla_trainer_models import BACKBONES, OBJECTIVES, TEACHERS, TargetInfo, check_pairing
+from xla_trainer_models.registry import Backbone
 from xla_trainer.pretrained import export_backbone, load_backbone_state
 
 def pairs_allowed() -> list[tuple[str, str]]:

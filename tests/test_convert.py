@@ -16,13 +16,13 @@ import torch
 import torch.nn.functional as F
 from timm.layers import build_sincos2d_pos_embed
 
-from models import BACKBONES
-from models.backbones.vit_timm import encoder_to_timm
-from models.objectives.digpt import DiGPT
-from models.objectives.digpt_official import digpt_from_official
-from models.layers.pos_embed import sincos_2d
-from models.teachers.openclip import ClipTeacher
-from models.backbones.vit import SegmentViT
+from xla_trainer_models import BACKBONES
+from xla_trainer_models.backbones.vit_timm import encoder_to_timm
+from xla_trainer_models.objectives.digpt import DiGPT
+from xla_trainer_models.objectives.digpt_official import digpt_from_official
+from xla_trainer_models.layers.pos_embed import sincos_2d
+from xla_trainer_models.teachers.openclip import ClipTeacher
+from xla_trainer_models.backbones.vit import SegmentViT
 from xla_trainer.checkpoint import newest_checkpoint
 from xla_trainer.pretrained import export_backbone, load_backbone_state, read_state_dict
 from xla_trainer.runtime import Runtime
@@ -305,8 +305,8 @@ DCP_WRITER = """
 import sys
 import torch, torch_xla.core.xla_model as xm
 sys.path.insert(0, {repo!r})
-from models.backbones.vit import SegmentViT
-from models.objectives.digpt import DiGPT
+from xla_trainer_models.backbones.vit import SegmentViT
+from xla_trainer_models.objectives.digpt import DiGPT
 from xla_trainer.runtime import create_runtime
 runtime = create_runtime("xla")
 torch.manual_seed(3)
@@ -457,8 +457,8 @@ def test_saim_head_norm_is_carried_into_the_cls_classifier(tmp_path, source):
     and the pooled features are that LayerNorm of the cls token."""
     import dataclasses
     import argparse as _argparse
-    from models import OBJECTIVES
-    from models.objectives.saim_official import saim_to_official
+    from xla_trainer_models import OBJECTIVES
+    from xla_trainer_models.objectives.saim_official import saim_to_official
     vit = BACKBONES.get("vit")
     bcfg = dataclasses.replace(vit.Config(), **{**vit.TINY, "image_size": 32, "patch_size": 8})
     torch.manual_seed(0)

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import BACKBONES
-from models.backbones.crate_alpha import MSSA, ODL, CrateAlphaConfig
-from models.backbones.crate_alpha_official import crate_to_official
+from xla_trainer_models import BACKBONES
+from xla_trainer_models.backbones.crate_alpha import MSSA, ODL, CrateAlphaConfig
+from xla_trainer_models.backbones.crate_alpha_official import crate_to_official
 from xla_trainer.config import EvalConfig, load_config
 from xla_trainer.describe import describe
 from xla_trainer.optim import build_eval_optimizer
@@ -105,7 +105,7 @@ def test_finetuning_resizes_the_patch_kernel_and_resamples_positions():
 
 
 def test_probe_features_are_the_patch_tokens_before_the_final_norm():
-    from models.layers.probes import probe_features
+    from xla_trainer_models.layers.probes import probe_features
     torch.manual_seed(0)
     model = CRATE.classifier(tiny()).eval()
     images = torch.randn(2, 3, 32, 32)

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import models
-from models.objectives.digpt import DiGPT, default_taps
-from models.objectives.digpt_decoder import FeaturePredictor
-from models.layers.segments import SegmentLayout, block_causal_mask, segment_order
-from models.backbones.vit import SegmentViT
+import xla_trainer_models as models
+from xla_trainer_models.objectives.digpt import DiGPT, default_taps
+from xla_trainer_models.objectives.digpt_decoder import FeaturePredictor
+from xla_trainer_models.layers.segments import SegmentLayout, block_causal_mask, segment_order
+from xla_trainer_models.backbones.vit import SegmentViT
 
 
 def reference_segment_patches(grid, split):

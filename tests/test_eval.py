@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import REPO, read_metrics, run_cli, tiny_eval_overrides
-from models.backbones.vit import vit_classifier
+from xla_trainer_models.backbones.vit import vit_classifier
 from xla_trainer.config import EvalConfig, load_config
 from xla_trainer.data.eval import MixCollate
 from xla_trainer.evaluate import neighbours_step, vote_step

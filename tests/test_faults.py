@@ -19,7 +19,7 @@ import torch
 from conftest import REPO, read_metrics, run_cli, tiny_eval_overrides, toy_overrides
 from xla_trainer.checkpoint import committed_steps, damage, read_checkpoint
 from xla_trainer.cli import main
-from models.backbones.vit import vit_classifier
+from xla_trainer_models.backbones.vit import vit_classifier
 
 pytestmark = pytest.mark.slow  # make test-fast leaves it out
 

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from models.objectives.digpt import DiGPT
-from models.backbones.vit import SegmentViT
+from xla_trainer_models.objectives.digpt import DiGPT
+from xla_trainer_models.backbones.vit import SegmentViT
 from xla_trainer.flops import forward_flops, objective_flops, peak_flops, train_flops_per_image
 
 
@@ -28,7 +28,7 @@ def test_digpt_vit_b16_student_forward_is_51_gflops():
 @pytest.mark.slow
 def test_vit_h14_teacher_grid_and_forward_is_335_gflops():
     """OpenCLIP's attention runs as one fused op in eval mode, which fvcore alone does not count."""
-    from models.teachers.openclip import ClipTeacher
+    from xla_trainer_models.teachers.openclip import ClipTeacher
     torch.manual_seed(0)
     teacher = ClipTeacher("ViT-H-14", None, image_size=224)
     assert teacher.grid == (16, 16) and teacher.dim == 1024

@@ -8,7 +8,7 @@ import safetensors.torch
 import torch
 
 from conftest import TOY_CONFIG, read_metrics, tiny_eval_overrides
-from models.backbones.vit import SegmentViT
+from xla_trainer_models.backbones.vit import SegmentViT
 from xla_trainer.checkpoint import newest_checkpoint, read_checkpoint
 from xla_trainer.cli import main
 from xla_trainer.config import load_config

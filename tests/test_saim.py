@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 
-from models import BACKBONES, OBJECTIVES
-from models.objectives.saim_official import saim_from_official, saim_to_official
+from xla_trainer_models import BACKBONES, OBJECTIVES
+from xla_trainer_models.objectives.saim_official import saim_from_official, saim_to_official
 from xla_trainer.config import ConfigError, EvalConfig, load_config
 from xla_trainer.describe import describe
 from xla_trainer.pretrained import load_backbone_state, read_state_dict
@@ -40,7 +40,7 @@ def noise(n: int = 2, seed: int = 2) -> torch.Tensor:
 
 # --- the masks ----------------------------------------------------------------------------------
 def test_masks_content_includes_the_diagonal_query_excludes_it_cls_sees_itself():
-    from models.objectives.saim import saim_masks
+    from xla_trainer_models.objectives.saim import saim_masks
     u = noise(1)[0]
     content, query = saim_masks(u[None])
     assert content.shape == (1, N + 1, N + 1) and query.shape == (1, N, N + 1)
@@ -117,7 +117,7 @@ def test_no_prediction_sees_its_own_or_a_later_patch(order):
 
 
 def model_mask(model, u):
-    from models.objectives.saim import saim_masks
+    from xla_trainer_models.objectives.saim import saim_masks
     return saim_masks(u)[0][:, None]
 
 
@@ -336,8 +336,8 @@ def test_init_is_the_official_xavier_per_separate_qkv_at_vit_b_width():
     """The official content stream has three separate 768x768 q / k / v Linears, each
     xavier-uniform: std sqrt(2 / 1536) = 0.0361 per third of our fused qkv (the fused matrix as
     one would give sqrt(2 / 3072) = 0.0255); the query stream's q / k / v likewise; biases zero."""
-    from models.backbones.vit import SegmentViT
-    from models.objectives.saim import SAIM
+    from xla_trainer_models.backbones.vit import SegmentViT
+    from xla_trainer_models.objectives.saim import SAIM
     torch.manual_seed(0)
     model = SAIM(SegmentViT("base", img_size=32, patch_size=16, depth=1), query_depth=1)
     d, separate = 768, math.sqrt(2 / (768 + 768))
@@ -357,7 +357,7 @@ def test_init_is_the_official_xavier_per_separate_qkv_at_vit_b_width():
 def test_digpt_student_keeps_the_fused_qkv_xavier_of_the_official_d_igpt():
     """The official D-iGPT (and MAE) encoder has one fused qkv Linear 768 -> 2304, xavier as one
     matrix: std sqrt(2 / 3072) = 0.0255; only SAIM splits it."""
-    from models.backbones.vit import SegmentViT
+    from xla_trainer_models.backbones.vit import SegmentViT
     torch.manual_seed(0)
     qkv = SegmentViT("base", img_size=32, patch_size=16, depth=1).blocks[0].attn.qkv
     assert qkv.weight.std().item() == pytest.approx(math.sqrt(2 / (768 + 3 * 768)), rel=0.05)

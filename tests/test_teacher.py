@@ -5,7 +5,7 @@ import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN, IMAGENET_DEFAULT_STD as IMAGENET_STD
 
-from models.teachers.openclip import ClipTeacher
+from xla_trainer_models.teachers.openclip import ClipTeacher
 
 
 def normalise(pixels, mean, std):
@@ -38,7 +38,7 @@ def test_unknown_arch():
 def test_timm_teacher_drops_register_tokens_and_renormalises():
     """A DINOv2 with 4 registers: the targets are its cls and patch tokens, computed on the pixels
     in the teacher's own normalisation."""
-    from models.teachers.timm_vit import TimmViTTeacher
+    from xla_trainer_models.teachers.timm_vit import TimmViTTeacher
     torch.manual_seed(0)
     teacher = TimmViTTeacher("vit_small_patch14_reg4_dinov2", None, image_size=28)
     pixels = torch.rand(2, 3, 28, 28)

@@ -8,11 +8,11 @@ import safetensors.torch
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from models import BACKBONES, OBJECTIVES
-from models.backbones.vit import ViTConfig
-from models.layers.probes import AttentiveProbe, probe_features
-from models.layers.segments import raster_block_causal_mask
-from models.objectives.xtra_official import xtra_from_official, xtra_to_official
+from xla_trainer_models import BACKBONES, OBJECTIVES
+from xla_trainer_models.backbones.vit import ViTConfig
+from xla_trainer_models.layers.probes import AttentiveProbe, probe_features
+from xla_trainer_models.layers.segments import raster_block_causal_mask
+from xla_trainer_models.objectives.xtra_official import xtra_from_official, xtra_to_official
 from xla_trainer.config import load_config
 from xla_trainer.describe import describe
 from xla_trainer.loop import make_schedule
@@ -35,7 +35,7 @@ class NonSquareViT:
 
     @staticmethod
     def student(cfg):
-        from models.backbones.vit import SegmentViT
+        from xla_trainer_models.backbones.vit import SegmentViT
         return SegmentViT(cfg.size, (GRID[0] * PATCH, GRID[1] * PATCH), PATCH, cfg.width, cfg.depth, cfg.heads,
                           cls_token=cfg.cls_token, pos_embed=cfg.pos_embed, final_norm=cfg.final_norm, init=cfg.init)
 
@@ -346,7 +346,7 @@ def test_init_of_the_fused_qkv_matches_the_officials_at_vit_b_width():
     """The official XTRA encoder has a fused qkv too, every Linear ~ N(0, 0.02) (truncated at
     +-2, i.e. not at all): a std that does not depend on the shape, so each third of our fused
     qkv already has the official 0.02 and nothing is re-initialised per third; biases zero."""
-    from models.backbones.vit import SegmentViT
+    from xla_trainer_models.backbones.vit import SegmentViT
     torch.manual_seed(0)
     enc = SegmentViT("base", img_size=32, patch_size=16, depth=1, cls_token=False, pos_embed="learned",
                      final_norm=True, init="trunc_normal")

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from timm.layers import Mlp, trunc_normal_
 from torch import nn
 
-from models.layers.taps import block_outputs, gather_tokens
-from models.registry import BACKBONES, MASKS, OBJECTIVES, Backbone, Objective
+from xla_trainer_models.layers.taps import block_outputs, gather_tokens
+from xla_trainer_models.registry import BACKBONES, MASKS, OBJECTIVES, Backbone, Objective
 
 
 class MixerBlock(nn.Module):

@@ -46,7 +46,7 @@ def time_layer(layer: nn.Module, tokens: int, batch: int, steps: int, runtime) -
 
 
 def main(argv=None):
-    from models.layers.mamba2 import Mamba2
+    from xla_trainer_models.layers.mamba2 import Mamba2
     from .runtime import create_runtime
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[196, 784, 3136])

@@ -64,7 +64,7 @@ def cmd_eval(args):
 
 
 def cmd_export_timm(args):
-    from models import BACKBONES
+    from xla_trainer_models import BACKBONES
     from .pretrained import export_backbone
     try:
         export_backbone(args.checkpoint, args.out, BACKBONES.get(args.backbone))

@@ -14,7 +14,11 @@ from typing import Any, Optional
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The shipped configs: configs/ of the checkout, or the copy a non-editable install puts inside
+# the package (pyproject.toml's package-dir)
+_HERE = Path(__file__).resolve().parent
+CONFIG_DIR = next((p for p in (_HERE / "configs", _HERE.parent / "configs") if (p / "digpt" / "demo.yaml").is_file()),
+                  _HERE / "configs")
 DEFAULT_CONFIG = CONFIG_DIR / "digpt" / "demo.yaml"
 
 
@@ -29,7 +33,7 @@ def plugin(kind: str, default: str):
 
 
 def registry(kind: str):
-    import models  # on first use: the registries import torch, timm and open_clip
+    import xla_trainer_models as models  # on first use: the registries import torch, timm and open_clip
     return {"objective": models.OBJECTIVES, "backbone": models.BACKBONES, "teacher": models.TEACHERS}[kind]
 
 

@@ -51,7 +51,7 @@ def describe_pretraining(cfg: Config) -> dict:
 
 
 def describe_classifier(cfg: EvalConfig, mode: str, num_classes: int) -> dict:
-    from models.layers.probes import Classification
+    from xla_trainer_models.layers.probes import Classification
     from .evaluate import build_classifier, example_batch
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init=None))
     classifier = build_classifier(cfg, "finetune" if mode == "train" else mode, num_classes)
@@ -73,7 +73,7 @@ def describe_classifier(cfg: EvalConfig, mode: str, num_classes: int) -> dict:
 
 
 def _probe_batch(model, batch: dict) -> dict:
-    from models.layers.probes import probe_features
+    from xla_trainer_models.layers.probes import probe_features
     with torch.no_grad():
         features = probe_features(model.encoder, batch["images"], model.probe.takes_tokens, model.blocks)
     return {"images": features, "targets": batch["targets"]}

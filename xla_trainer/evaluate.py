@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
-from models import BACKBONES
-from models.layers.probes import AttentiveProbe, Classification, FrozenEncoderProbe, LinearProbe, probe_features
+from xla_trainer_models import BACKBONES
+from xla_trainer_models.layers.probes import AttentiveProbe, Classification, FrozenEncoderProbe, LinearProbe, probe_features
 from .config import ConfigError, EvalConfig
 from .data.eval import EvalData, open_eval_data
 from .flops import peak_flops, train_flops_per_image

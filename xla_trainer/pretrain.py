@@ -9,7 +9,7 @@ from dataclasses import asdict
 
 import torch
 
-from models import BACKBONES, OBJECTIVES, TargetInfo, check_pairing
+from xla_trainer_models import BACKBONES, OBJECTIVES, TargetInfo, check_pairing
 from .config import Config, ConfigError
 from .data.pretrain import open_train_data
 from .flops import peak_flops, train_flops_per_image

@@ -14,7 +14,7 @@ import io
 import safetensors.torch
 import torch
 
-from models.state_dicts import strip_wrapper_prefixes
+from xla_trainer_models.state_dicts import strip_wrapper_prefixes
 
 from .checkpoint import is_distributed_checkpoint, newest_checkpoint, read_checkpoint
 from .data.remote_io import exists, filesystem, read_bytes, write_bytes_atomic

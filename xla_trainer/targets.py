@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models import TEACHERS
+from xla_trainer_models import TEACHERS
 from .data import remote_io
 from .config import Config, ConfigError
 from .data.shards import MANIFEST, ImageManifest, ShardInfo, iter_samples, jpeg_of, join, keys_digest, tar_bytes
