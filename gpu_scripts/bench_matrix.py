@@ -11,7 +11,7 @@ Rows, most wanted first (a row that no longer fits the time budget is recorded a
 
 Each row runs in a child process of its own under a timeout (an OOM or a hung compile costs that row
 only, and its peak memory starts from zero): the bench rows call xla_trainer.bench.bench in that
-child and read torch.cuda.max_memory_allocated() after it; the baseline and data rows run the CLI,
+child and read the runtime's peak_memory() after it; the baseline and data rows run the CLI,
 so this file depends on no internals of theirs. Run from the repository root:
 
     python3 -m gpu_scripts.bench_matrix --out device_check_out/device_check.json [--budget 300] [--dry-run]
@@ -38,14 +38,17 @@ def bench_row(overrides: list[str], steps: int, warmup: int) -> dict:
     import torch
     from xla_trainer.bench import bench
     from xla_trainer.config import load_config
-    torch.cuda.reset_peak_memory_stats()
+    from xla_trainer.loop import make_runtime
+    cfg = load_config(CONFIG, overrides)
+    runtime = make_runtime(cfg)
+    runtime.reset_peak_memory()
     try:
-        result = bench(load_config(CONFIG, overrides), steps=steps, warmup=warmup)
+        result = bench(cfg, steps=steps, warmup=warmup, runtime=runtime)
     except Exception as e:  # an OOM can surface wrapped (e.g. by the compiler): judge by its text
         if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
             return {"status": "oom", "error": str(e).strip().splitlines()[0][:300]}
         raise
-    return {"status": "ok", **result, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+    return {"status": "ok", **result, "peak_memory_gib": runtime.peak_memory() / 2**30}
 
 
 # --- the parent: rows as child processes ----------------------------------------------------------
@@ -233,10 +236,14 @@ def markdown(rows: list[dict], device: str) -> str:
 
 def device_name() -> str:
     try:
-        import torch
-        return torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA GPU"
+        from xla_trainer.config import ConfigError
+        from xla_trainer.runtime import create_runtime
     except ImportError:
         return "unknown (no torch)"
+    try:
+        return create_runtime("cuda").device_kind()
+    except ConfigError:  # no CUDA GPU visible
+        return "no CUDA GPU"
 
 
 def main(argv=None):

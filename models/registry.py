@@ -83,12 +83,10 @@ class Registry:
 
 class Entry:
     """Base of every registry entry: `Config` is its config section (a dataclass whose first
-    field is `name`); TINY holds overrides of a model small enough for 2 CPU cores, INVALID an
-    override its check must refuse (the conformance tests use both)."""
+    field is `name`). The modules an entry builds take that config whole (e.g. Adventurer(cfg,
+    num_classes)) and declare none of its fields again, so each default lives in one place."""
     name: ClassVar[str]
     Config: ClassVar[type]
-    TINY: ClassVar[dict] = {}
-    INVALID: ClassVar[dict] = {}
 
 
 class Backbone(Entry):

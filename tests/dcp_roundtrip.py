@@ -16,7 +16,8 @@ from conftest import tiny_overrides  # noqa: E402
 from xla_trainer.checkpoint import model_state  # noqa: E402
 from xla_trainer.config import load_config  # noqa: E402
 from xla_trainer.optim import build_optimizer  # noqa: E402
-from xla_trainer.pretrain import build_models, fsdp_blocks, make_runtime  # noqa: E402
+from xla_trainer.loop import make_runtime  # noqa: E402
+from xla_trainer.pretrain import build_models, fsdp_blocks  # noqa: E402
 
 placement, mode, out, data_root = sys.argv[1:5]
 on = {"runtime.backend": "cpu"} if placement == "cpu" else {"runtime.backend": "xla", "runtime.mesh": placement}

@@ -3,6 +3,7 @@ whole official forward against references written here over the official key nam
 released checkpoints' layout is what loads), causality, the stage transition's position
 resampling, the Base parameter count, the causal student inside D-iGPT and XTRA, the supervised
 recipe's parts (ThreeAugment, repeated augmentation, EMA), and the XLA and digits runs."""
+import dataclasses
 import json
 import re
 
@@ -12,20 +13,21 @@ import torch.nn.functional as F
 from PIL import Image
 
 from xla_trainer_models import BACKBONES, OBJECTIVES, TargetInfo
-from xla_trainer_models.backbones.adventurer import FLIPS, AdventurerConfig
+from xla_trainer_models.backbones.adventurer import FLIPS, AdventurerConfig, mixer_kwargs
 from xla_trainer_models.backbones.adventurer_official import adventurer_to_official
 from xla_trainer_models.layers import mamba2
 from xla_trainer_models.layers.mamba2 import Mamba2, ssd_scan
 from xla_trainer.checkpoint import newest_checkpoint, read_checkpoint
-from xla_trainer.config import ConfigError, EvalConfig, load_config
+from xla_trainer.config import ConfigError, load_config
 from xla_trainer.describe import describe
 from xla_trainer.pretrained import load_backbone_state
+from plugin_sizes import TINY
 
 ADVENTURER = BACKBONES.get("adventurer")
 
 
 def tiny(**extra) -> AdventurerConfig:
-    return AdventurerConfig(**{**ADVENTURER.TINY, **extra})
+    return AdventurerConfig(**{**TINY["backbone"]["adventurer"], **extra})
 
 
 # --- references, written from the paper's and mamba_ssm's formulas -------------------------------
@@ -107,7 +109,7 @@ def test_chunked_scan_matches_the_sequential_recurrence(chunk, groups):
 
 def test_mixer_is_mamba2_in_float32_and_close_under_bf16_autocast():
     torch.manual_seed(0)
-    mixer = perturbed(Mamba2(32, d_state=8, headdim=16, chunk_size=4)).eval()
+    mixer = perturbed(Mamba2(32, **mixer_kwargs(tiny(chunk_size=4)))).eval()
     u = torch.randn(2, 11, 32)
     params = dict(mixer.named_parameters())
     with torch.no_grad():
@@ -129,7 +131,7 @@ def test_the_causal_conv_is_torchs_depthwise_conv_cut_back():
 
 def test_mixer_is_causal():
     torch.manual_seed(0)
-    mixer = perturbed(Mamba2(32, d_state=8, headdim=16, chunk_size=4)).eval()
+    mixer = perturbed(Mamba2(32, **mixer_kwargs(tiny(chunk_size=4)))).eval()
     u = torch.randn(1, 12, 32)
     v = u.clone()
     v[:, 6] += 1.0
@@ -146,8 +148,9 @@ def test_mamba_ssm_kernels_are_refused_without_the_package_and_match_where_insta
     if not torch.cuda.is_available():
         pytest.skip("mamba_ssm's kernels run on a CUDA GPU only")
     torch.manual_seed(0)
-    pure = perturbed(Mamba2(64, d_state=16, headdim=32, chunk_size=16)).cuda().eval()
-    fused = Mamba2(64, d_state=16, headdim=32, chunk_size=16, kernels="mamba_ssm").cuda().eval()
+    mixer = mixer_kwargs(tiny(d_state=16, headdim=32, chunk_size=16))
+    pure = perturbed(Mamba2(64, **mixer)).cuda().eval()
+    fused = Mamba2(64, **{**mixer, "kernels": "mamba_ssm"}).cuda().eval()
     fused.load_state_dict(pure.state_dict())
     u = torch.randn(2, 40, 64, device="cuda")
     with torch.no_grad():
@@ -197,7 +200,7 @@ def test_an_official_checkpoint_is_evaluated_with_its_head_under_our_eval_transf
     assert main(["eval", "--config", "configs/adventurer/train_demo.yaml",
                  f"data.root={digits_root}", f"train.init={tmp_path / 'official.pth'}", "data.eval_resize=36",
                  "runtime.backend=cpu", "runtime.precision=fp32", "data.num_workers=0", "train.eval_batch=128",
-                 *[f"backbone.{k}={v}" for k, v in ADVENTURER.TINY.items()]]) == 0
+                 *[f"backbone.{k}={v}" for k, v in TINY["backbone"]["adventurer"].items()]]) == 0
     top1, n = re.search(r"eval: top-1 ([\d.]+)%, top-5 [\d.]+% on (\d+) val images", capsys.readouterr().out).groups()
     val = datasets.ImageFolder(digits_root / "val")
     crop = transforms.Compose([transforms.Resize(36, interpolation=transforms.InterpolationMode.BICUBIC),
@@ -265,18 +268,18 @@ def test_describe_gives_the_official_base_count():
         hidden = int(2.5 * w)
         return mixer + 2 * w + 2 * (w * hidden + hidden) + hidden * w + w
     official = 768 * 3 * 16 * 16 + 768 + 768 + 197 * 768 + 12 * layer(768) + 768 + 1000 * 768 + 1000
-    cfg = load_config("configs/adventurer/stage3_b16_224_finetune.yaml", schema=EvalConfig)
-    result = describe(cfg, "finetune", 1000)
+    cfg = load_config("configs/adventurer/stage3_b16_224_finetune.yaml")
+    result = describe(cfg, 1000)
     assert result["parameters_total"]["trainable"] == official == 98_657_608  # the paper: 99M
     digpt = describe(load_config("configs/digpt/adventurer_b16_in1k.yaml", ["teacher.arch=demo-ViT-T-8"]))
     assert digpt["backbone"] == "adventurer" and digpt["parameters"]["encoder"]["trainable"] == official - 769_000
 
 
 def test_weight_decay_spares_biases_norms_and_the_ssm_parameters():
-    from xla_trainer.optim import build_eval_optimizer
+    from xla_trainer.optim import build_optimizer
     model = ADVENTURER.classifier(tiny(depth=1), 10)
     names = {id(p): n for n, p in model.named_parameters()}
-    groups = build_eval_optimizer(model, "adamw", 1e-3, 0.05).param_groups
+    groups = build_optimizer(model, 1e-3, 0.05).param_groups
     decayed = {names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
     assert decayed == {"patch_embed.proj.weight", "head.weight", "layers.0.mixer.in_proj.weight",
                        "layers.0.mixer.conv1d.weight", "layers.0.mixer.out_proj.weight",
@@ -304,7 +307,7 @@ def test_digpt_feeds_a_causal_student_its_segments_in_order_without_a_mask():
 
 def test_xtra_with_a_causal_student_predicts_each_block_from_itself_and_the_blocks_before():
     xtra = OBJECTIVES.get("xtra")
-    method = xtra.build(xtra.Config(**xtra.TINY), ADVENTURER.student(tiny()), None).eval()
+    method = xtra.build(xtra.Config(**TINY["objective"]["xtra"]), ADVENTURER.student(tiny()), None).eval()
     assert method.encoder_index[0].tolist() == method.block_index.flatten().tolist()  # block order
     images = torch.randn(1, 3, 32, 32)
     later = images.clone()
@@ -351,17 +354,17 @@ def test_repeated_augmentation_repeats_each_image_with_its_own_draw():
 def test_bad_recipe_keys_are_refused(overrides, message, tmp_path):
     from xla_trainer.evaluate import train_classifier
     cfg = load_config("configs/adventurer/train_demo.yaml", [*overrides, f"data.root={tmp_path}/digits",
-                                                             "runtime.backend=cpu"], schema=EvalConfig)
+                                                             "runtime.backend=cpu"], "train")
     with pytest.raises(ConfigError, match=message):
-        train_classifier(cfg, "train")
+        train_classifier(cfg)
 
 
 def test_ema_is_refused_for_a_probe():
-    from xla_trainer.evaluate import check_eval_config
-    cfg = load_config("configs/adventurer/stage1_b16_128.yaml", schema=EvalConfig)
-    check_eval_config(cfg, "train")
+    from xla_trainer.evaluate import check_classifier_config
+    cfg = load_config("configs/adventurer/stage1_b16_128.yaml", [], "train")
+    check_classifier_config(cfg)
     with pytest.raises(ConfigError, match="a probe's encoder is frozen"):
-        check_eval_config(cfg, "linprobe")
+        check_classifier_config(dataclasses.replace(cfg, task="linprobe"))
 
 
 # --- the trainer: XLA and the digits -------------------------------------------------------------
@@ -370,7 +373,7 @@ def test_xla_spmd_four_devices_match_one(embedded_root, tmp_path):
     """D-iGPT on a tiny Adventurer student on the real XLA path: a 4-device FSDP mesh gives one
     device's losses over steps of different images, and the step compiles once."""
     from conftest import check_four_devices_match_one, tiny_overrides
-    adventurer = {"backbone.name": "adventurer", **{f"backbone.{k}": v for k, v in ADVENTURER.TINY.items()},
+    adventurer = {"backbone.name": "adventurer", **{f"backbone.{k}": v for k, v in TINY["backbone"]["adventurer"].items()},
                   "runtime.backend": "xla", "train.stop_at_step": 4}
 
     def args(out, **extra):

@@ -11,10 +11,10 @@ import pytest
 
 from conftest import TOY_CONFIG, fails_cleanly, tiny_eval_overrides, tiny_overrides
 from xla_trainer.cli import eval_default, main
-from xla_trainer.config import _BOUND, Config, ConfigError, EvalConfig, load_config, registry
+from xla_trainer.config import _BOUND, Config, ConfigError, load_config, registry
 
 GARBAGE = b"\xff\xd8 not an image at all"
-DEFAULTS = {Config: TOY_CONFIG, EvalConfig: eval_default("linprobe")}  # a config file of each schema
+DEFAULTS = {"pretrain": TOY_CONFIG, "linprobe": eval_default("linprobe")}  # a config file of each kind of task
 
 
 def written(out) -> set[str]:
@@ -27,7 +27,7 @@ def nothing_built(monkeypatch):
     """Building a model, a teacher or a classifier fails the test: each check must come first."""
     def built(*args, **kwargs):
         raise AssertionError("a model was built before the bad input was found")
-    for target in ("xla_trainer.pretrain.build_task", "xla_trainer.evaluate.build_classifier",
+    for target in ("xla_trainer.pretrain.build_job", "xla_trainer.evaluate.build_classifier",
                    "xla_trainer.visualize.build_encoder", "xla_trainer.targets.build_teacher"):
         monkeypatch.setattr(target, built)
 
@@ -100,9 +100,12 @@ def test_a_bad_evaluation_number_is_exit_2_before_anything(override, message, di
     assert message in err and not out.exists()
 
 
-def _sections(schema):
-    """(prefix, dataclass) of every section of a schema, each registered entry of a plug-in section."""
-    for f in dataclasses.fields(schema):
+def _sections(task):
+    """(prefix, dataclass) of every section `task` reads, each registered entry of a plug-in section."""
+    sections = Config(task=task)
+    for f in dataclasses.fields(Config):
+        if not dataclasses.is_dataclass(getattr(sections, f.name)) or not sections.takes(f.name):
+            continue
         kind = f.metadata.get("registry")
         entries = [registry(kind).get(n) for n in registry(kind).names()] if kind else [None]
         for entry in entries:
@@ -110,19 +113,19 @@ def _sections(schema):
 
 
 def _float_keys():
-    for schema in (Config, EvalConfig):
-        for section, cls, entry in _sections(schema):
+    for task in DEFAULTS:
+        for section, cls, entry in _sections(task):
             for f in dataclasses.fields(cls):
-                if float in (f.type, *typing.get_args(f.type)):
-                    yield schema, section, entry, f.name
+                if float in (f.type, *typing.get_args(f.type)) and Config(task=task).takes(f"{section}.{f.name}"):
+                    yield task, section, entry, f.name
 
 
-@pytest.mark.parametrize("schema,section,entry,name", list(_float_keys()))
-def test_no_float_key_takes_nan_or_inf(schema, section, entry, name):
+@pytest.mark.parametrize("task,section,entry,name", list(_float_keys()))
+def test_no_float_key_takes_nan_or_inf(task, section, entry, name):
     choose = [f"{section}.name={entry}"] if entry else []
     for value in ("nan", "inf", "-.inf"):
         with pytest.raises(ConfigError, match=f"config key '{section}.{name}' must be a finite number"):
-            load_config(DEFAULTS[schema], [*choose, f"{section}.{name}={value}"], schema=schema)
+            load_config(DEFAULTS[task], [*choose, f"{section}.{name}={value}"], task)
 
 
 def _outside(spec: str):
@@ -132,20 +135,22 @@ def _outside(spec: str):
     return int(bad) if bad.is_integer() else bad
 
 
-@pytest.mark.parametrize("schema", [Config, EvalConfig], ids=["pretraining", "evaluation"])
-def test_every_bound_parses_names_a_key_and_refuses_a_value_outside(schema):
+@pytest.mark.parametrize("task", list(DEFAULTS))
+def test_every_bound_parses_names_a_key_and_refuses_a_value_outside(task):
     """The BOUNDS of every section, plug-in entries' included: each spec parses, names a key of its
     section, and a value just outside it is a ConfigError naming that key."""
     checked = 0
-    for section, cls, entry in _sections(schema):
+    for section, cls, entry in _sections(task):
         names = {f.name: f for f in dataclasses.fields(cls)}
         for name, spec in getattr(cls, "BOUNDS", {}).items():
             assert name in names and _BOUND.fullmatch(spec), f"{cls.__name__}.BOUNDS[{name!r}] = {spec!r}"
+            if not Config(task=task).takes(f"{section}.{name}"):
+                continue
             bad = _outside(spec)
             value = f"[{bad}, {bad}]" if list in (names[name].type, *typing.get_args(names[name].type)) else bad
             choose = [f"{section}.name={entry}"] if entry else []
             with pytest.raises(ConfigError, match=re.escape(f"config key '{section}.{name}' must be")):
-                load_config(DEFAULTS[schema], [*choose, f"{section}.{name}={value}"], schema=schema)
+                load_config(DEFAULTS[task], [*choose, f"{section}.{name}={value}"], task)
             checked += 1
     assert checked > 30
 

@@ -76,7 +76,7 @@ def test_xla_backend_is_refused_before_any_model_is_built(tmp_path, monkeypatch)
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model was built")
-    monkeypatch.setattr(bench_module, "build_task", no_model)
+    monkeypatch.setattr(bench_module, "build_job", no_model)
     monkeypatch.setattr(bench_official, "build_models", no_model)
     cfg = tiny_config(tmp_path)
     for run in (lambda: bench_module.bench(cfg, baseline="official", runtime=xla),

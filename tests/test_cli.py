@@ -6,7 +6,7 @@ import pytest
 
 from conftest import REPO, TOY_CONFIG, run_cli, tiny_overrides, toy_overrides
 from xla_trainer.cli import main
-from xla_trainer.config import ConfigError, EvalConfig, load_config
+from xla_trainer.config import CLASSIFIERS, TASKS, ConfigError, load_config
 
 
 @pytest.mark.parametrize("command", ["pretrain", "train", "describe", "bench", "bench-data", "info", "prepare-data",
@@ -55,16 +55,97 @@ def test_paper_config_is_the_recipe():
 
 
 @pytest.mark.parametrize("path", sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml")))
-def test_every_shipped_config_loads_and_passes_its_checks(path):
-    from xla_trainer.config import Config
-    from xla_trainer.describe import load_any_config
-    from xla_trainer.evaluate import check_eval_config
+def test_every_shipped_config_loads_under_its_own_task_and_passes_its_checks(path):
+    from xla_trainer.evaluate import check_classifier_config
     from xla_trainer.pretrain import check_models
-    cfg = load_any_config(path, [])
-    if isinstance(cfg, Config):
+    task = load_config(path).task
+    assert task in TASKS and f"\ntask: {task}\n" in (REPO / path).read_text()  # every shipped config names it
+    cfg = load_config(path, [], task)
+    if task == "pretrain":
         check_models(cfg)
     else:
-        check_eval_config(cfg)
+        check_classifier_config(cfg)
+
+
+def test_a_config_of_another_task_names_the_command_to_run(capsys):
+    with pytest.raises(ConfigError, match=r"config 'configs/linprobe/demo.yaml' is a linprobe config; run "
+                                          r"`xla-trainer linprobe`"):
+        load_config("configs/linprobe/demo.yaml", [], "finetune")
+    assert main(["pretrain", "--config", "configs/finetune/demo.yaml"]) == 2
+    assert "is a finetune config; run `xla-trainer finetune`" in capsys.readouterr().err
+    # eval measures what a train or finetune config trained; knn the backbone of any classifier config
+    assert load_config("configs/train/demo.yaml", [], "eval").task == "eval"
+    assert load_config("configs/linprobe/demo.yaml", [], "knn").task == "knn"
+    with pytest.raises(ConfigError, match="is a pretrain config; run `xla-trainer pretrain`"):
+        load_config("configs/digpt/demo.yaml", [], "knn")
+    with pytest.raises(ConfigError, match="config key 'task' is the command's"):
+        load_config("configs/digpt/demo.yaml", ["task=linprobe"])
+
+
+def test_a_file_without_task_takes_the_commands(tmp_path):
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("train:\n  epochs: 3\n")
+    assert load_config(plain).task == "pretrain"
+    assert load_config(plain, [], "attnprobe").task == "attnprobe"
+    plain.write_text("task: probe\n")
+    with pytest.raises(ConfigError, match=r"task must be one of \('pretrain', 'train'"):
+        load_config(plain)
+
+
+@pytest.mark.parametrize("task,override,owner", [
+    ("linprobe", "teacher.arch=ViT-B-16", "`xla-trainer pretrain`"),
+    ("linprobe", "objective.segments=[2,2]", "`xla-trainer pretrain`"),
+    ("finetune", "train.accum_steps=2", "`xla-trainer pretrain`"),
+    ("knn", "data.crop_ratio=[1,1]", "`xla-trainer pretrain`"),
+    ("pretrain", "augment.mixup=0", "the classifier tasks"),
+    ("pretrain", "probe.k=5", "the classifier tasks"),
+    ("pretrain", "train.init=run", "the classifier tasks"),
+    ("pretrain", "optim.layer_decay=0.7", "the classifier tasks"),
+])
+def test_a_key_of_another_task_is_refused(task, override, owner):
+    path = "configs/digpt/demo.yaml" if task == "pretrain" else f"configs/{task}/demo.yaml"
+    key = override.split("=")[0]
+    section = key.split(".")[0] if key.split(".")[0] in ("teacher", "objective", "augment", "probe") else key
+    owner = owner.replace("tasks", f"tasks ({', '.join(CLASSIFIERS)})")
+    with pytest.raises(ConfigError, match=re.escape(f"config key '{section}' is read only by {owner}; a {task} "
+                                                    f"config cannot set it")):
+        load_config(path, [override], task)
+
+
+def test_a_pretraining_section_in_a_linprobe_file_is_refused(tmp_path):
+    misplaced = tmp_path / "probe.yaml"
+    misplaced.write_text("task: linprobe\ntargets:\n  source: online\n")
+    with pytest.raises(ConfigError, match="config key 'targets' is read only by `xla-trainer pretrain`; a linprobe"):
+        load_config(misplaced, [], "linprobe")
+
+
+def test_each_task_starts_from_todays_defaults(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("{}\n")
+    pretrain = load_config(empty, [], "pretrain")
+    assert pretrain.data.crop_scale == [0.2, 1.0] and pretrain.data.num_workers == 4
+    assert (pretrain.optim.base_lr, pretrain.optim.betas, pretrain.optim.warmup_epochs, pretrain.optim.min_lr) == \
+        (1.5e-4, [0.9, 0.95], 40.0, 0.0)
+    assert (pretrain.train.epochs, pretrain.train.global_batch, pretrain.train.output_dir,
+            pretrain.train.keep_checkpoints) == (300, 4096, "runs/digpt", 2)
+    for task in CLASSIFIERS:
+        cfg = load_config(empty, [], task)
+        assert cfg.data.crop_scale == [0.08, 1.0] and cfg.data.num_workers == 8
+        assert (cfg.optim.base_lr, cfg.optim.betas, cfg.optim.warmup_epochs, cfg.optim.min_lr) == \
+            (1e-4, [0.9, 0.999], 5.0, 1e-6)
+        assert (cfg.train.epochs, cfg.train.global_batch, cfg.train.output_dir, cfg.train.keep_checkpoints) == \
+            (100, 1024, "runs/finetune", 1)
+    # the file and the overrides still win over the task's defaults
+    assert load_config("configs/linprobe/demo.yaml", ["data.num_workers=3"]).data.num_workers == 3
+
+
+def test_a_run_records_the_keys_of_its_task_alone():
+    pretrain = load_config("configs/digpt/demo.yaml").to_dict()
+    probe = load_config("configs/linprobe/demo.yaml").to_dict()
+    assert {"objective", "teacher", "targets"} <= set(pretrain) and not {"augment", "probe"} & set(pretrain)
+    assert {"augment", "probe"} <= set(probe) and not {"objective", "teacher", "targets"} & set(probe)
+    assert "crop_ratio" in pretrain["data"] and "eval_resize" not in pretrain["data"]
+    assert "init" in probe["train"] and "accum_steps" not in probe["train"]
 
 
 @pytest.mark.parametrize("override,message", [
@@ -76,8 +157,7 @@ def test_every_shipped_config_loads_and_passes_its_checks(path):
     ("objective.decoder_widht=8", "unknown config key 'objective.decoder_widht'; did you mean 'objective.decoder_width'?"),
     ("objective.name=nope", "config key 'objective.name': unknown objective 'nope'; registered: digpt, saim, toy, xtra"),
     ("backbone.name=nope", "unknown backbone 'nope'; registered: adventurer, crate_alpha, toy, vit"),
-    ("model.segments=[2,2]", "config key 'model.segments' is now 'objective.segments'"),
-    ("model.backbone=base", "config key 'model.backbone' is now 'backbone.size'"),
+    ("model.segments=[2,2]", "unknown config key 'model.segments'; did you mean 'objective.segments'?"),
     ("runtime.backend=tpu", "config key 'runtime.backend' must be one of"),
     ("train.epochs", "must look like key.sub=value"),
 ])
@@ -103,15 +183,6 @@ def test_plugin_sections_take_the_chosen_entrys_keys():
         load_config(TOY_CONFIG, ["teacher.arch=ViT-B-16"])
     with pytest.raises(ConfigError, match="config key 'teacher.arch' is set, but objective 'toy' has no teacher"):
         load_config(None, ["objective.name=toy"])  # the demo config's teacher section
-
-
-def test_old_configs_get_a_migration_message(tmp_path):
-    with pytest.raises(ConfigError, match="config key 'model.init' is now 'train.init'"):
-        load_config("configs/finetune/demo.yaml", ["model.init=null"], schema=EvalConfig)
-    old = tmp_path / "old.yaml"  # a whole section of a config written before the change
-    old.write_text("model:\n  method: digpt\n  backbone: tiny\n  segments: [2, 2]\n")
-    with pytest.raises(ConfigError, match="config key 'model.method' is now 'objective.name'"):
-        load_config(old)
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -152,3 +223,12 @@ def test_bench_prints_throughput(embedded_root, tmp_path):
     assert report["images_per_sec"] > 0 and report["ms_per_step"] > 0
     assert report["gflops_per_image"] > 0 and report["mfu"] is None  # no known peak for a CPU
     assert "images/s" in result.stdout
+
+
+@pytest.mark.parametrize("name", ["configs/digpt/vit_b16_in1k.yaml", "digpt/vit_b16_in1k.yaml"])
+def test_a_shipped_config_is_found_by_its_name_from_any_folder(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert load_config(name).backbone.size == "base"
+    (tmp_path / "digpt").mkdir()  # a file of the user's own by that name wins
+    (tmp_path / "digpt" / "vit_b16_in1k.yaml").write_text("backbone: {size: large}\n")
+    assert load_config("digpt/vit_b16_in1k.yaml").backbone.size == "large"

@@ -1,15 +1,19 @@
 """What every registered objective and backbone must do, run over the registries (the built-ins
 and the toy entries of toy_plugins.py): a new system gets these tests without writing them."""
 import dataclasses
+import inspect
 
 import pytest
 import safetensors.torch
 import torch
 from timm.optim import param_groups_layer_decay
+from torch import nn
 
 from xla_trainer_models import BACKBONES, OBJECTIVES, TEACHERS, TargetInfo, check_pairing
+from xla_trainer_models.backbones.adventurer import AdventurerConfig
 from xla_trainer_models.registry import Backbone
 from xla_trainer.pretrained import export_backbone, load_backbone_state
+from plugin_sizes import TINY, invalid, tiny
 
 def pairs_allowed() -> list[tuple[str, str]]:
     """Every (objective, backbone) that check_pairing accepts."""
@@ -25,10 +29,6 @@ def pairs_allowed() -> list[tuple[str, str]]:
 
 
 PAIRS = pairs_allowed()
-
-
-def tiny(entry, **extra):
-    return dataclasses.replace(entry.Config(), **{**entry.TINY, **extra})
 
 
 def build(objective_name: str, backbone_name: str):
@@ -77,11 +77,10 @@ def test_objective_trains_every_parameter_and_uses_its_noise(objective, backbone
 @pytest.mark.parametrize("name", OBJECTIVES.names())
 def test_objective_check_refuses_its_invalid_example(name):
     objective = OBJECTIVES.get(name)
-    assert objective.INVALID, f"objective {name!r} declares no INVALID override for its check"
     grid = BACKBONES.get("vit").grid(tiny(BACKBONES.get("vit")))
     objective.check(tiny(objective), grid)  # the tiny config passes
     with pytest.raises(ValueError):
-        objective.check(tiny(objective, **objective.INVALID), grid)
+        objective.check(invalid(objective), grid)
 
 
 @pytest.mark.parametrize("name", OBJECTIVES.names())
@@ -128,7 +127,7 @@ def test_backbone_classifier_api(name):
     cfg = tiny(backbone)
     backbone.check(cfg)
     with pytest.raises(ValueError):
-        backbone.check(tiny(backbone, **backbone.INVALID))
+        backbone.check(invalid(backbone))
     torch.manual_seed(0)
     classifier = backbone.classifier(cfg, 10)
     images = torch.randn(3, 3, cfg.image_size, cfg.image_size)
@@ -227,3 +226,66 @@ def test_teacher_is_frozen_and_gives_cls_first_tokens(name):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert teacher(torch.randn(1, 3, 32, 32)).shape == (1, 1 + gh * gw, teacher.dim)
     assert teacher_entry.identity(cfg)[0] == cfg.arch
+
+
+# --- one declaration per parameter --------------------------------------------------------------
+def redeclared(module: nn.Module, cfg, skip: tuple[nn.Module, ...] = ()) -> list[str]:
+    """Where the module classes of `module`'s own package (the submodules in `skip` left out)
+    declare a field of `cfg` again: the top module takes the config whole, so it may not take a
+    field as a parameter at all; an inner layer may take one, but without a default or with the
+    config's."""
+    defaults = type(cfg)()
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    package = type(module).__module__.split(".")[0]
+    skipped = {id(m) for s in skip for m in s.modules()}
+    classes = {type(m) for m in module.modules() if id(m) not in skipped}
+    wrong = []
+    for cls in sorted((c for c in classes if c.__module__.split(".")[0] == package), key=lambda c: c.__name__):
+        for p in inspect.signature(cls.__init__).parameters.values():
+            if p.name not in fields:
+                continue
+            if cls is type(module):
+                wrong.append(f"{cls.__name__}({p.name}): a config field, to be read from the config")
+            elif p.default is not p.empty and p.default != getattr(defaults, p.name):
+                wrong.append(f"{cls.__name__}({p.name}={p.default!r}): the config's default is "
+                             f"{getattr(defaults, p.name)!r}")
+    return wrong
+
+
+def built_modules(kind: str, name: str) -> list[tuple[nn.Module, object, tuple[nn.Module, ...]]]:
+    """(module, its config, submodules of other entries) for each module the entry builds."""
+    if kind == "backbone":
+        entry = BACKBONES.get(name)
+        cfg = tiny(entry)
+        return [(entry.student(cfg), cfg, ()), (entry.classifier(cfg, 10), cfg, ())]
+    if kind == "objective":
+        method, _, _ = build(name, next(b for o, b in PAIRS if o == name))
+        return [(method, tiny(OBJECTIVES.get(name)), (method.encoder,))]
+    entry = TEACHERS.get(name)
+    return [(entry.build(tiny(entry), 32), tiny(entry), ())]
+
+
+@pytest.mark.parametrize("kind,name", [("backbone", n) for n in BACKBONES.names()] +
+                         [("objective", n) for n in OBJECTIVES.names()] + [("teacher", n) for n in TEACHERS.names()])
+def test_no_module_declares_a_config_field_again(kind, name):
+    """Each parameter has one default, its config field's: a module default that differs from it
+    (e.g. Adventurer's drop_path 0.0 once, against the config's 0.1) is what a model built
+    outside the trainer would get."""
+    assert name in TINY[kind], f"{kind} {name!r} has no TINY size in tests/plugin_sizes.py"
+    for module, cfg, skip in built_modules(kind, name):
+        assert not redeclared(module, cfg, skip), redeclared(module, cfg, skip)
+
+
+def test_the_declaration_check_catches_a_field_taken_again_and_a_drifted_default():
+    class Block(nn.Module):
+        def __init__(self, dim: int, drop_path: float = 0.0, d_state: int = 64):
+            super().__init__()
+
+    class Net(nn.Module):
+        def __init__(self, cfg: AdventurerConfig, drop_path: float = 0.1):
+            super().__init__()
+            self.block = Block(cfg.width)
+
+    assert redeclared(Net(AdventurerConfig()), AdventurerConfig()) == [
+        "Block(drop_path=0.0): the config's default is 0.1",  # d_state 64: the config's, allowed
+        "Net(drop_path): a config field, to be read from the config"]

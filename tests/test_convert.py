@@ -16,13 +16,13 @@ import torch
 import torch.nn.functional as F
 from timm.layers import build_sincos2d_pos_embed
 
-from xla_trainer_models import BACKBONES
+from xla_trainer_models import BACKBONES, TargetInfo
 from xla_trainer_models.backbones.vit_timm import encoder_to_timm
-from xla_trainer_models.objectives.digpt import DiGPT
+from xla_trainer_models.objectives.digpt import DiGPT, DiGPTConfig
 from xla_trainer_models.objectives.digpt_official import digpt_from_official
 from xla_trainer_models.layers.pos_embed import sincos_2d
-from xla_trainer_models.teachers.openclip import ClipTeacher
-from xla_trainer_models.backbones.vit import SegmentViT
+from xla_trainer_models.teachers.openclip import ClipTeacher, OpenClipConfig
+from xla_trainer_models.backbones.vit import SegmentViT, ViTConfig
 from xla_trainer.checkpoint import newest_checkpoint
 from xla_trainer.pretrained import export_backbone, load_backbone_state, read_state_dict
 from xla_trainer.runtime import Runtime
@@ -166,9 +166,11 @@ def official_to_ours(depth: int) -> dict[str, str]:
 
 def tiny_digpt(depth=4, **kw):
     torch.manual_seed(0)
-    encoder = SegmentViT("tiny", IMAGE, PATCH, width=WIDTH, depth=depth, heads=HEADS)
-    return DiGPT(encoder, TEACHER_DIM, (GRID, GRID), taps=tuple(range(1, depth + 1)), decoder_width=DEC_WIDTH,
-                 decoder_depth=DEC_DEPTH, decoder_heads=2, **kw)
+    encoder = SegmentViT(ViTConfig(size="tiny", image_size=IMAGE, patch_size=PATCH, width=WIDTH, depth=depth,
+                                   heads=HEADS))
+    cfg = DiGPTConfig(taps=list(range(1, depth + 1)), decoder_width=DEC_WIDTH, decoder_depth=DEC_DEPTH,
+                      decoder_heads=2, **kw)
+    return DiGPT(cfg, encoder, TargetInfo(TEACHER_DIM, (GRID, GRID)))
 
 
 @pytest.mark.parametrize("shared", [True, False])
@@ -284,34 +286,19 @@ def test_our_eager_checkpoints_export_to_timm(tmp_path):
     assert_same_encoder(timm_from_file(out, depth=2), model.encoder.eval())
 
 
-def test_checkpoint_files_of_older_runs_still_export(tmp_path):
-    """checkpoint-<step>.pt, which the CPU/CUDA backends wrote before one format."""
-    model = perturbed(tiny_digpt(depth=2), seed=1)
-    optimizer = torch.optim.AdamW(model.parameters())
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": 3},
-               tmp_path / "checkpoint-00000003.pt")
-    assert newest_checkpoint(str(tmp_path)) == f"{tmp_path}/checkpoint-00000003.pt"
-    out = tmp_path / "vit.safetensors"
-    export_timm(str(tmp_path), str(out))
-    assert_same_encoder(timm_from_file(out, depth=2), model.encoder.eval())
-    # and a run resumes from it: the store's one reader for every format
-    store = Runtime("fp32").checkpoints(str(tmp_path), keep=2)
-    fresh = tiny_digpt(depth=2)
-    assert store.latest() == 3 and store.restore(3, fresh, torch.optim.AdamW(fresh.parameters()), {}) == {"step": 3}
-    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
-
-
 DCP_WRITER = """
 import sys
 import torch, torch_xla.core.xla_model as xm
 sys.path.insert(0, {repo!r})
-from xla_trainer_models.backbones.vit import SegmentViT
-from xla_trainer_models.objectives.digpt import DiGPT
+from xla_trainer_models import TargetInfo
+from xla_trainer_models.backbones.vit import SegmentViT, ViTConfig
+from xla_trainer_models.objectives.digpt import DiGPT, DiGPTConfig
 from xla_trainer.runtime import create_runtime
 runtime = create_runtime("xla")
 torch.manual_seed(3)
-model = DiGPT(SegmentViT("tiny", 32, 8, width=32, depth=2, heads=2), teacher_dim=16, teacher_grid=(4, 4),
-              decoder_width=32, decoder_depth=1, decoder_heads=2)
+model = DiGPT(DiGPTConfig(decoder_width=32, decoder_depth=1, decoder_heads=2),
+              SegmentViT(ViTConfig(size="tiny", image_size=32, patch_size=8, width=32, depth=2, heads=2)),
+              TargetInfo(16, (4, 4)))
 with torch.no_grad():
     for p in model.parameters():
         p.add_(0.1 * torch.randn(p.shape))
@@ -345,7 +332,8 @@ def test_our_distributed_checkpoint_exports_to_timm(distributed_run, tmp_path):
 
     out = tmp_path / "vit.pth"
     export_timm(str(distributed_run / "checkpoints"), str(out))
-    encoder = SegmentViT("tiny", IMAGE, PATCH, width=WIDTH, depth=2, heads=HEADS).eval()
+    encoder = SegmentViT(ViTConfig(size="tiny", image_size=IMAGE, patch_size=PATCH, width=WIDTH, depth=2,
+                                   heads=HEADS)).eval()
     encoder.load_state_dict({k[len("encoder."):]: v for k, v in reference.items() if k.startswith("encoder.")})
     assert_same_encoder(timm_from_file(out, depth=2), encoder)
 
@@ -424,7 +412,7 @@ def clip_model():
 
 @pytest.mark.parametrize("layout", ["bare", "wrapped", "safetensors"])
 def test_teacher_from_visual_tower_only(tmp_path, clip_model, layout):
-    reference = ClipTeacher("demo-ViT-T-8", None, image_size=32)
+    reference = ClipTeacher(OpenClipConfig(arch="demo-ViT-T-8"), 32)
     reference.visual.load_state_dict(clip_model.visual.state_dict())
     visual = clip_model.visual.state_dict()
     if layout == "bare":
@@ -436,17 +424,17 @@ def test_teacher_from_visual_tower_only(tmp_path, clip_model, layout):
     else:
         path = tmp_path / "visual.safetensors"
         safetensors.torch.save_file({k: v.contiguous() for k, v in visual.items()}, path)
-    teacher = ClipTeacher("demo-ViT-T-8", str(path), image_size=32)
+    teacher = ClipTeacher(OpenClipConfig(arch="demo-ViT-T-8", pretrained=str(path)), 32)
     images = torch.randn(2, 3, 32, 32)
     assert torch.equal(teacher(images), reference(images))
-    assert not torch.equal(teacher(images), ClipTeacher("demo-ViT-T-8", None, image_size=32)(images))
+    assert not torch.equal(teacher(images), ClipTeacher(OpenClipConfig(arch="demo-ViT-T-8"), 32)(images))
 
 
 def test_teacher_rejects_other_weights(tmp_path):
     path = tmp_path / "other.pt"
     torch.save({"conv1.weight": torch.zeros(1), "blocks.0.norm1.weight": torch.zeros(1)}, path)
     with pytest.raises(ValueError, match=r"(?s)not an OpenCLIP visual tower of this arch.*blocks.0.norm1.weight"):
-        ClipTeacher("demo-ViT-T-8", str(path), image_size=32)
+        ClipTeacher(OpenClipConfig(arch="demo-ViT-T-8", pretrained=str(path)), 32)
 
 
 @pytest.mark.parametrize("source", ["official", "ours"])
@@ -459,8 +447,9 @@ def test_saim_head_norm_is_carried_into_the_cls_classifier(tmp_path, source):
     import argparse as _argparse
     from xla_trainer_models import OBJECTIVES
     from xla_trainer_models.objectives.saim_official import saim_to_official
+    from plugin_sizes import tiny
     vit = BACKBONES.get("vit")
-    bcfg = dataclasses.replace(vit.Config(), **{**vit.TINY, "image_size": 32, "patch_size": 8})
+    bcfg = tiny(vit, image_size=32, patch_size=8)
     torch.manual_seed(0)
     entry = OBJECTIVES.get("saim")
     model = entry.build(entry.Config(), vit.student(bcfg), None).eval()

@@ -10,16 +10,17 @@ import torch.nn.functional as F
 from xla_trainer_models import BACKBONES
 from xla_trainer_models.backbones.crate_alpha import MSSA, ODL, CrateAlphaConfig
 from xla_trainer_models.backbones.crate_alpha_official import crate_to_official
-from xla_trainer.config import EvalConfig, load_config
+from xla_trainer.config import load_config
 from xla_trainer.describe import describe
-from xla_trainer.optim import build_eval_optimizer
+from xla_trainer.optim import build_optimizer
 from xla_trainer.pretrained import load_backbone_state
+from plugin_sizes import TINY
 
 CRATE = BACKBONES.get("crate_alpha")
 
 
 def tiny(**extra) -> CrateAlphaConfig:
-    return CrateAlphaConfig(**{**CRATE.TINY, **extra})
+    return CrateAlphaConfig(**{**TINY["backbone"]["crate_alpha"], **extra})
 
 
 def test_odl_is_two_ista_steps_from_zero():
@@ -122,7 +123,7 @@ def test_probe_features_are_the_patch_tokens_before_the_final_norm():
 def test_weight_decay_on_kernels_only():
     model = CRATE.classifier(tiny(), 10)
     names = {id(p): n for n, p in model.named_parameters()}
-    groups = build_eval_optimizer(model, "adamw", 1e-3, 0.1).param_groups
+    groups = build_optimizer(model, 1e-3, 0.1).param_groups
     decayed = {names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
     assert decayed == {"patch_embed.proj.weight", "head.weight"} | {
         f"blocks.{i}.attn.{m}.weight" for i in range(2) for m in ("qkv", "proj")}
@@ -132,7 +133,7 @@ def test_describe_gives_the_official_b16_count():
     def block(w: int) -> int:  # 2 LayerNorms, the shared projection, the output one, D and D1
         return 4 * w + 2 * w * w + 2 * w * 4 * w
     official = 768 * 3 * 16 * 16 + 768 + 768 + 197 * 768 + 12 * block(768) + 2 * 768 + 1000 * 768 + 1000
-    result = describe(load_config("configs/crate_alpha/b16_in1k_finetune.yaml", schema=EvalConfig), "finetune", 1000)
+    result = describe(load_config("configs/crate_alpha/b16_in1k_finetune.yaml"), 1000)
     assert result["parameters_total"]["trainable"] == official == 72_328_936
     digpt = describe(load_config("configs/digpt/crate_alpha_b16_in1k.yaml", ["teacher.arch=demo-ViT-T-8",
                                                                             "backbone.image_size=224"]))
@@ -156,7 +157,7 @@ def test_xla_spmd_four_devices_match_one(embedded_root, tmp_path):
     """The toy objective on a CRATE-alpha student, on the real XLA path: a 4-device FSDP mesh
     gives one device's losses, and the step compiles once."""
     from conftest import check_four_devices_match_one, toy_overrides
-    crate = {"backbone.name": "crate_alpha", **{f"backbone.{k}": v for k, v in CRATE.TINY.items()},
+    crate = {"backbone.name": "crate_alpha", **{f"backbone.{k}": v for k, v in TINY["backbone"]["crate_alpha"].items()},
              "runtime.backend": "xla", "train.stop_at_step": 4}
     check_four_devices_match_one(lambda out, **extra: toy_overrides(embedded_root, out, **crate, **extra), tmp_path)
 

@@ -14,7 +14,8 @@ import torch
 
 from conftest import read_metrics, tiny_overrides
 from xla_trainer.config import load_config
-from xla_trainer.pretrain import build_models, make_runtime, pretrain
+from xla_trainer.loop import make_runtime
+from xla_trainer.pretrain import build_models, pretrain
 from xla_trainer.runtime import Runtime, create_runtime
 
 pytestmark = [pytest.mark.cuda,

@@ -7,10 +7,11 @@ import torch
 import torch.nn.functional as F
 
 import xla_trainer_models as models
-from xla_trainer_models.objectives.digpt import DiGPT, default_taps
+from xla_trainer_models import TargetInfo
+from xla_trainer_models.objectives.digpt import DiGPT, DiGPTConfig, default_taps
 from xla_trainer_models.objectives.digpt_decoder import FeaturePredictor
 from xla_trainer_models.layers.segments import SegmentLayout, block_causal_mask, segment_order
-from xla_trainer_models.backbones.vit import SegmentViT
+from xla_trainer_models.backbones.vit import SegmentViT, ViTConfig
 
 
 def reference_segment_patches(grid, split):
@@ -104,9 +105,8 @@ def test_default_taps():
 
 def tiny_digpt(**kw):
     torch.manual_seed(0)
-    encoder = SegmentViT("tiny", img_size=32, patch_size=4, width=32, depth=3, heads=2)
-    return DiGPT(encoder, teacher_dim=16, teacher_grid=(4, 4), decoder_width=32, decoder_depth=2,
-                 decoder_heads=2, **kw)
+    encoder = SegmentViT(ViTConfig(size="tiny", image_size=32, patch_size=4, width=32, depth=3, heads=2))
+    return DiGPT(DiGPTConfig(decoder_width=32, decoder_depth=2, decoder_heads=2, **kw), encoder, TargetInfo(16, (4, 4)))
 
 
 def test_loss_against_hand_computation():
@@ -195,7 +195,7 @@ def test_decoder_init_is_the_official_xavier_on_the_official_shapes():
     qkv 1024 -> 3072, cross-attention q 1024 -> 1024 and one fused kv 1024 -> 2048, enc2dec one
     3072 -> 2048), biases zero, LayerNorms ones / zeros."""
     torch.manual_seed(0)
-    dec = FeaturePredictor(768, 4, (14, 14), 1024, 2, 32, 1024)
+    dec = FeaturePredictor(768, 4, (14, 14), 1024, 2, 32, 1024, shared_tap_norm=True)
     d = 1024
     official = {"enc2dec": (2 * d, 4 * 768), "head": (d, d)}
     for i in range(2):
@@ -229,9 +229,9 @@ def test_forward_losses_and_gradients():
 
 
 def test_teacher_grid_must_split_into_segments():
-    encoder = SegmentViT("tiny", img_size=32, patch_size=4, width=32, depth=2, heads=2)
+    encoder = SegmentViT(ViTConfig(size="tiny", image_size=32, patch_size=4, width=32, depth=2, heads=2))
     with pytest.raises(ValueError, match="teacher grid"):
-        DiGPT(encoder, teacher_dim=16, teacher_grid=(5, 5))
+        DiGPT(DiGPTConfig(), encoder, TargetInfo(16, (5, 5)))
 
 
 def test_official_quirk_flags():
@@ -246,7 +246,7 @@ def test_official_quirk_flags():
 
 def test_encoder_state_dict_loads_into_timm():
     import timm
-    encoder = SegmentViT("tiny", img_size=32, patch_size=4, width=32, depth=2, heads=2)
+    encoder = SegmentViT(ViTConfig(size="tiny", image_size=32, patch_size=4, width=32, depth=2, heads=2))
     vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=32, depth=2,
                             num_heads=2, class_token=True, no_embed_class=True, num_classes=0,
                             pretrained=False)

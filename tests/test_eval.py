@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import REPO, read_metrics, run_cli, tiny_eval_overrides
-from xla_trainer_models.backbones.vit import vit_classifier
-from xla_trainer.config import EvalConfig, load_config
+from xla_trainer_models.backbones.vit import ViTClassifier, ViTConfig
+from xla_trainer.config import load_config
 from xla_trainer.data.eval import MixCollate
 from xla_trainer.evaluate import neighbours_step, vote_step
 from xla_trainer.pretrained import read_state_dict
@@ -60,7 +60,8 @@ def test_probe_trains_on_frozen_encoder(digits_root, tmp_path, mode):
     """A probe on 4 XLA devices trains on a frozen random encoder loaded from a timm state_dict:
     the encoder's weights come out of the run unchanged, the probe's val loss falls."""
     torch.manual_seed(1)
-    encoder = vit_classifier("tiny", 32, 8, width=32, depth=2, heads=2).state_dict()
+    cfg = ViTConfig(size="tiny", image_size=32, patch_size=8, width=32, depth=2, heads=2)
+    encoder = ViTClassifier(cfg).state_dict()
     torch.save(encoder, tmp_path / "encoder.pth")
     args = tiny_eval_overrides(digits_root, tmp_path / "run", **{
         "train.init": tmp_path / "encoder.pth", "train.epochs": 2, "runtime.backend": "xla",
@@ -117,7 +118,7 @@ def test_knn_votes_match_brute_force():
 
 
 def test_mixup_targets_are_soft_and_sum_to_one():
-    cfg = load_config("configs/finetune/demo.yaml", schema=EvalConfig)
+    cfg = load_config("configs/finetune/demo.yaml")
     images = [(torch.rand(3, 8, 8), label, 0) for label in (0, 1, 2, 3)]
     batch = MixCollate(cfg, num_classes=10)(images)
     assert batch["images"].shape == (4, 3, 8, 8) and batch["targets"].shape == (4, 10)

@@ -19,7 +19,7 @@ import torch
 from conftest import REPO, read_metrics, run_cli, tiny_eval_overrides, toy_overrides
 from xla_trainer.checkpoint import committed_steps, damage, read_checkpoint
 from xla_trainer.cli import main
-from xla_trainer_models.backbones.vit import vit_classifier
+from xla_trainer_models.backbones.vit import ViTClassifier, ViTConfig
 
 pytestmark = pytest.mark.slow  # make test-fast leaves it out
 
@@ -236,7 +236,8 @@ def test_train_init_that_does_not_fit_names_the_keys(saved_run, digits_root, tmp
     err = capsys.readouterr().err
     assert f"train.init '{saved_run}' does not fit backbone.*" in err
     assert "shapes differ: ['cls_token (1, 1, 32) there, (1, 1, 64) here'" in err
-    no_cls = vit_classifier("tiny", 32, 8, 0, width=32, depth=2, heads=2, cls_token=False, final_norm=True)
+    no_cls = ViTClassifier(ViTConfig(size="tiny", image_size=32, patch_size=8, width=32, depth=2, heads=2,
+                                     cls_token=False, final_norm=True))
     torch.save(no_cls.state_dict(), tmp_path / "xtra.pth")
     for command in ("linprobe", "knn", "finetune"):
         assert main([command, *eval_args(str(tmp_path / "xtra.pth"))]) == 2

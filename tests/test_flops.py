@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from xla_trainer_models.objectives.digpt import DiGPT
-from xla_trainer_models.backbones.vit import SegmentViT
+from xla_trainer_models import TargetInfo
+from xla_trainer_models.objectives.digpt import DiGPT, DiGPTConfig
+from xla_trainer_models.backbones.vit import SegmentViT, ViTConfig
 from xla_trainer.flops import forward_flops, objective_flops, peak_flops, train_flops_per_image
 
 
@@ -18,7 +19,7 @@ def test_sdpa_is_counted():
 
 def test_digpt_vit_b16_student_forward_is_51_gflops():
     torch.manual_seed(0)
-    method = DiGPT(SegmentViT("base", 224, 16), teacher_dim=1024, teacher_grid=(16, 16))
+    method = DiGPT(DiGPTConfig(), SegmentViT(ViTConfig()), TargetInfo(1024, (16, 16)))
     batch = {"images": torch.zeros(1, 3, 224, 224), "targets": torch.zeros(1, 257, 1024)}
     flops = train_flops_per_image(method, None, batch)
     assert flops["student_forward"] / 1e9 == pytest.approx(51.1, rel=0.02)
@@ -28,9 +29,9 @@ def test_digpt_vit_b16_student_forward_is_51_gflops():
 @pytest.mark.slow
 def test_vit_h14_teacher_grid_and_forward_is_335_gflops():
     """OpenCLIP's attention runs as one fused op in eval mode, which fvcore alone does not count."""
-    from xla_trainer_models.teachers.openclip import ClipTeacher
+    from xla_trainer_models.teachers.openclip import ClipTeacher, OpenClipConfig
     torch.manual_seed(0)
-    teacher = ClipTeacher("ViT-H-14", None, image_size=224)
+    teacher = ClipTeacher(OpenClipConfig(arch="ViT-H-14"), 224)
     assert teacher.grid == (16, 16) and teacher.dim == 1024
     assert forward_flops(teacher, torch.zeros(1, 3, 224, 224)) / 1e9 == pytest.approx(335.3, rel=0.02)
 

@@ -8,7 +8,7 @@ import safetensors.torch
 import torch
 
 from conftest import TOY_CONFIG, read_metrics, tiny_eval_overrides
-from xla_trainer_models.backbones.vit import SegmentViT
+from xla_trainer_models.backbones.vit import SegmentViT, ViTConfig
 from xla_trainer.checkpoint import newest_checkpoint, read_checkpoint
 from xla_trainer.cli import main
 from xla_trainer.config import load_config
@@ -57,7 +57,7 @@ def describe(capsys, *args) -> dict:
 def test_describe_counts_the_demo_digpt(capsys):
     result = describe(capsys)  # the default config: the D-iGPT demo
     cfg = load_config(None, [])
-    student = SegmentViT("tiny", 64, 8, width=128, depth=4, heads=4)
+    student = SegmentViT(ViTConfig(size="tiny", image_size=64, patch_size=8, width=128, depth=4, heads=4))
     parts = result["parameters"]
     assert parts["encoder"] == {"trainable": sum(p.numel() for p in student.parameters() if p.requires_grad),
                                 "frozen": student.pos_embed.numel()}
@@ -74,9 +74,12 @@ def test_describe_a_classifier_and_the_table(capsys):
     result = describe(capsys, "--config", "configs/finetune/demo.yaml", "--num-classes", "10")
     head = result["parameters"]["head"]
     assert head == {"trainable": 128 * 10 + 10, "frozen": 0} and result["num_classes"] == 10
-    probe = describe(capsys, "--config", "configs/linprobe/demo.yaml", "--mode", "linprobe", "--num-classes", "10")
+    probe = describe(capsys, "--config", "configs/linprobe/demo.yaml", "--num-classes", "10")  # its task: linprobe
     assert probe["parameters"]["encoder"]["trainable"] == 0 and probe["parameters"]["probe"]["trainable"] == 1290
     assert probe["flops_per_image"]["train_step"] < 1.01 * probe["flops_per_image"]["forward"]
+    assert (result["mode"], probe["mode"]) == ("finetune", "linprobe")  # each file's own task
+    knn = describe(capsys, "--config", "configs/knn/demo.yaml", "--num-classes", "10")  # the classifier it reads
+    assert knn["mode"] == "knn" and knn["parameters"]["head"] == head
     assert main(["describe", "--config", str(TOY_CONFIG), "--table"]) == 0
     table = capsys.readouterr().out
     assert "encoder" in table and "head" in table and "GFLOPs/image forward" in table and "teacher" not in table.split("GFLOPs")[0]

@@ -1,21 +1,20 @@
 """A user's data is never deleted or overwritten, and every bad input is one clear line with exit
 code 2 (in-process: no subprocess start-up)."""
 import json
+import re
 import subprocess
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
 
-from conftest import fails_cleanly
+from conftest import REPO, fails_cleanly
 from xla_trainer.data import remote_io
 from xla_trainer.checkpoint import Checkpoints
-from xla_trainer.pretrained import read_state_dict
 from xla_trainer.cli import main
 from xla_trainer.config import ConfigError
 from xla_trainer.data.generated import MARKER, generated_kind, prepare_digits, prepare_embedded
 from xla_trainer.metrics import MetricsLogger
-from xla_trainer.runtime import Runtime, Visible, choose_backend
+from xla_trainer.runtime import EagerRuntime, MachineDevices, Runtime, choose_backend
 from xla_trainer.data.shards import make_shards
 
 
@@ -139,21 +138,6 @@ def test_checkpoint_store_removes_its_own_interrupted_save(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == ["5", "scratch"]
 
 
-def test_a_checkpoint_manager_directory_imports_but_does_not_resume(tmp_path):
-    """torch_xla's CheckpointManager wrote nested state and .manager_metadata (before one format):
-    its weights still read; resuming names it and the way to keep them."""
-    model = torch.nn.Linear(2, 2)
-    folder = tmp_path / "checkpoints" / "5"
-    dcp.save({"model": model.state_dict(), "optimizer": {}, "extra": {"step": 5}}, checkpoint_id=str(folder),
-             no_dist=True)
-    (folder / ".manager_metadata").write_bytes(b"x")
-    assert torch.equal(read_state_dict(str(tmp_path))["weight"], model.weight)
-    store = Checkpoints(str(tmp_path), 2, Runtime("fp32"))
-    assert store.latest() == 5
-    with pytest.raises(ConfigError, match=r"CheckpointManager .* cannot be resumed; .* train.init="):
-        store.restore(5, model, torch.optim.AdamW(model.parameters()), {})
-
-
 def test_knn_appends_to_a_shared_metrics_file(tmp_path):
     """k-NN logs into any output_dir, e.g. the pre-training run's: its rows must stay."""
     rows = '{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n'
@@ -186,13 +170,13 @@ def test_unavailable_backend_says_what_was_found(argv, capsys, monkeypatch):
 
 # --- the auto backend: a TPU, else a GPU, else XLA:CPU, else the CPU --------------------------------
 @pytest.mark.parametrize("seen,backend", [
-    (Visible(None, tpu=True, gpus=0, torch_xla=True), "xla"),
-    (Visible(None, tpu=True, gpus=8, torch_xla=True), "xla"),
-    (Visible(None, tpu=False, gpus=1, torch_xla=True), "cuda"),  # the README's install on a GPU box
-    (Visible(None, tpu=False, gpus=2, torch_xla=False), "cuda"),
-    (Visible(None, tpu=False, gpus=0, torch_xla=True), "xla"),
-    (Visible(None, tpu=False, gpus=0, torch_xla=False), "cpu"),
-    (Visible("CPU", tpu=False, gpus=1, torch_xla=True), "xla"),  # the user asked for XLA
+    (MachineDevices(None, tpu=True, gpus=0, torch_xla=True), "xla"),
+    (MachineDevices(None, tpu=True, gpus=8, torch_xla=True), "xla"),
+    (MachineDevices(None, tpu=False, gpus=1, torch_xla=True), "cuda"),  # the README's install on a GPU box
+    (MachineDevices(None, tpu=False, gpus=2, torch_xla=False), "cuda"),
+    (MachineDevices(None, tpu=False, gpus=0, torch_xla=True), "xla"),
+    (MachineDevices(None, tpu=False, gpus=0, torch_xla=False), "cpu"),
+    (MachineDevices("CPU", tpu=False, gpus=1, torch_xla=True), "xla"),  # the user asked for XLA
 ])
 def test_auto_backend_order(seen, backend):
     chosen, why = choose_backend("auto", seen)
@@ -201,21 +185,50 @@ def test_auto_backend_order(seen, backend):
 
 def test_auto_backend_errors():
     with pytest.raises(ConfigError, match="a TPU is visible but torch_xla is not installed"):
-        choose_backend("auto", Visible(None, tpu=True, gpus=0, torch_xla=False))
+        choose_backend("auto", MachineDevices(None, tpu=True, gpus=0, torch_xla=False))
     with pytest.raises(ConfigError, match="needs torch_xla, which is not installed.*runtime.backend=cuda"):
-        choose_backend("xla", Visible(None, tpu=False, gpus=1, torch_xla=False))
+        choose_backend("xla", MachineDevices(None, tpu=False, gpus=1, torch_xla=False))
 
 
 def test_probe_sees_what_the_machine_shows(monkeypatch):
     monkeypatch.delenv("PJRT_DEVICE", raising=False)
     monkeypatch.delenv("TPU_ACCELERATOR_TYPE", raising=False)
-    here = Visible.probe()
+    here = MachineDevices.probe()
     assert (here.tpu, here.gpus, here.torch_xla) == (False, 0, True)  # this machine: CPUs and torch_xla
     assert choose_backend("auto", here) == ("xla", "auto: no TPU or GPU visible; torch_xla is installed (XLA:CPU)")
     monkeypatch.setenv("TPU_ACCELERATOR_TYPE", "v5litepod-8")  # what a TPU VM sets
-    assert Visible.probe().tpu and choose_backend("auto", Visible.probe())[1] == "auto: a TPU is visible"
+    assert MachineDevices.probe().tpu and choose_backend("auto", MachineDevices.probe())[1] == "auto: a TPU is visible"
     monkeypatch.setenv("PJRT_DEVICE", "CPU")
-    assert choose_backend("auto", Visible.probe())[1] == "auto: PJRT_DEVICE=CPU is set"
+    assert choose_backend("auto", MachineDevices.probe())[1] == "auto: PJRT_DEVICE=CPU is set"
+
+
+def test_only_the_runtime_calls_torch_cuda():
+    """Device code stays in runtime.py: the rest asks the runtime (synchronize, peak_memory, ...)."""
+    cuda = re.compile(r"\btorch\.cuda\b|^\s*from torch import cuda", re.M)
+    sources = [*(REPO / "xla_trainer").rglob("*.py"), REPO / "gpu_scripts" / "bench_matrix.py"]
+    callers = sorted(str(p.relative_to(REPO)) for p in sources if cuda.search(p.read_text()))
+    assert callers == ["xla_trainer/runtime.py"]
+
+
+@pytest.fixture
+def tf32_flags():
+    """torch's process-wide TF32 flags put back as they were after the test (monkeypatch cannot:
+    they are properties of torch's backend modules, which it would delete)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("flags", [True, False])
+def test_cuda_runtime_without_options_applies_the_default_tf32(flags, tf32_flags, monkeypatch):
+    """options=None means RuntimeConfig's defaults (tf32 off), applied to torch's real backend
+    flags; only the GPU selection, which needs a GPU, is left out here."""
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = flags
+    runtime = EagerRuntime("cuda", "bf16", options=None)
+    assert runtime.options.tf32 is False
+    assert torch.backends.cuda.matmul.allow_tf32 is False and torch.backends.cudnn.allow_tf32 is False
 
 
 def test_info_says_which_backend_and_why(capsys):

@@ -13,9 +13,10 @@ from timm.models.vision_transformer import VisionTransformer
 
 from xla_trainer_models import BACKBONES, OBJECTIVES
 from xla_trainer_models.objectives.saim_official import saim_from_official, saim_to_official
-from xla_trainer.config import ConfigError, EvalConfig, load_config
+from xla_trainer.config import ConfigError, load_config
 from xla_trainer.describe import describe
 from xla_trainer.pretrained import load_backbone_state, read_state_dict
+from plugin_sizes import tiny
 
 GRID, PATCH = (4, 4), 8
 N = GRID[0] * GRID[1]
@@ -23,7 +24,7 @@ N = GRID[0] * GRID[1]
 
 def tiny_saim(seed: int = 0, backbone: str = "vit", **objective):
     entry, b = OBJECTIVES.get("saim"), BACKBONES.get(backbone)
-    bcfg = dataclasses.replace(b.Config(), **{**b.TINY, "image_size": 32, "patch_size": PATCH})
+    bcfg = tiny(b, image_size=32, patch_size=PATCH)
     torch.manual_seed(seed)
     return entry.build(dataclasses.replace(entry.Config(), **objective), b.student(bcfg), None).eval()
 
@@ -158,7 +159,7 @@ def test_encoder_reaches_the_cls_classifier_and_timm(tmp_path, source):
     vit = BACKBONES.get("vit")
     state = load_backbone_state(path, vit)
     assert "fc_norm.weight" in state and "norm.weight" not in state  # SAIM's `norm` is the query stream's
-    cfg = dataclasses.replace(vit.Config(), **{**vit.TINY, "pool": "token"})
+    cfg = tiny(vit, pool="token")
     classifier = vit.classifier(cfg).eval()
     missing, unexpected = classifier.load_state_dict(vit.adapt_state(state, classifier), strict=False)
     assert not missing and not unexpected
@@ -210,7 +211,7 @@ def test_vit_b16_recipe_decays_cls_and_not_norms():
     assert not any(n.endswith((".bias", "norm1.weight")) for n in decayed)
     assert not model.encoder.pos_embed.requires_grad  # fixed sin-cos: where the queries start
     for name in ("finetune_vit_b16_in1k", "linprobe_vit_b16_in1k"):
-        assert load_config(f"configs/saim/{name}.yaml", schema=EvalConfig).backbone.pool == "token"
+        assert load_config(f"configs/saim/{name}.yaml").backbone.pool == "token"
 
 
 def test_config_errors_name_the_key():
@@ -226,7 +227,7 @@ def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="needs exactly one extra .cls. token: set backbone.cls_token=true"):
         build_models(load_config(demo, ["backbone.cls_token=false"]))
     with pytest.raises(ConfigError, match="backbone.pool=token pools the cls token"):
-        backbone_entry(load_config("configs/saim/linprobe_demo.yaml", ["backbone.cls_token=false"], schema=EvalConfig))
+        backbone_entry(load_config("configs/saim/linprobe_demo.yaml", ["backbone.cls_token=false"]))
 
 
 # --- visualize ----------------------------------------------------------------------------------
@@ -235,7 +236,7 @@ def test_last_attention_is_the_blocks_own_softmax(backbone):
     """The map equals the softmax weights the last block computes (captured from timm's
     unfused path / recomputed for CRATE's q = k = v), cls row, mean over heads, patch columns."""
     b = BACKBONES.get(backbone)
-    model = b.classifier(dataclasses.replace(b.Config(), **b.TINY)).eval()
+    model = b.classifier(tiny(b)).eval()
     x = images()
     with torch.no_grad():
         got = model.last_attention(x)
@@ -258,7 +259,7 @@ def test_last_attention_is_the_blocks_own_softmax(backbone):
 
 def test_visualize_refuses_to_overwrite_and_names_bad_input(tmp_path):
     from xla_trainer.visualize import visualize
-    cfg = load_config("configs/saim/linprobe_demo.yaml", ["train.init=null"], schema=EvalConfig)
+    cfg = load_config("configs/saim/linprobe_demo.yaml", ["train.init=null"])
     taken = tmp_path / "taken.png"
     taken.write_bytes(b"mine")
     with pytest.raises(FileExistsError, match="exists already and is left as it is"):
@@ -336,10 +337,10 @@ def test_init_is_the_official_xavier_per_separate_qkv_at_vit_b_width():
     """The official content stream has three separate 768x768 q / k / v Linears, each
     xavier-uniform: std sqrt(2 / 1536) = 0.0361 per third of our fused qkv (the fused matrix as
     one would give sqrt(2 / 3072) = 0.0255); the query stream's q / k / v likewise; biases zero."""
-    from xla_trainer_models.backbones.vit import SegmentViT
-    from xla_trainer_models.objectives.saim import SAIM
+    from xla_trainer_models.backbones.vit import SegmentViT, ViTConfig
+    from xla_trainer_models.objectives.saim import SAIM, SAIMConfig
     torch.manual_seed(0)
-    model = SAIM(SegmentViT("base", img_size=32, patch_size=16, depth=1), query_depth=1)
+    model = SAIM(SAIMConfig(query_depth=1), SegmentViT(ViTConfig(image_size=32, depth=1)))
     d, separate = 768, math.sqrt(2 / (768 + 768))
     qkv = model.encoder.blocks[0].attn.qkv
     assert tuple(qkv.weight.shape) == (3 * d, d)
@@ -357,7 +358,7 @@ def test_init_is_the_official_xavier_per_separate_qkv_at_vit_b_width():
 def test_digpt_student_keeps_the_fused_qkv_xavier_of_the_official_d_igpt():
     """The official D-iGPT (and MAE) encoder has one fused qkv Linear 768 -> 2304, xavier as one
     matrix: std sqrt(2 / 3072) = 0.0255; only SAIM splits it."""
-    from xla_trainer_models.backbones.vit import SegmentViT
+    from xla_trainer_models.backbones.vit import SegmentViT, ViTConfig
     torch.manual_seed(0)
-    qkv = SegmentViT("base", img_size=32, patch_size=16, depth=1).blocks[0].attn.qkv
+    qkv = SegmentViT(ViTConfig(image_size=32, depth=1)).blocks[0].attn.qkv
     assert qkv.weight.std().item() == pytest.approx(math.sqrt(2 / (768 + 3 * 768)), rel=0.05)

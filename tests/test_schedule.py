@@ -7,7 +7,7 @@ import pytest
 import torch
 from timm.scheduler import CosineLRScheduler
 
-from xla_trainer.config import ConfigError, EvalConfig, load_config
+from xla_trainer.config import ConfigError, load_config
 from xla_trainer.loop import Schedule, make_schedule
 
 
@@ -66,7 +66,7 @@ def test_step_unit_is_unchanged():
 
 def test_adventurer_recipes_step_per_epoch_and_others_per_step():
     for name in ("stage1_b16_128", "stage2_b16_224", "stage3_b16_224_finetune"):
-        cfg = load_config(f"configs/adventurer/{name}.yaml", schema=EvalConfig)
+        cfg = load_config(f"configs/adventurer/{name}.yaml")
         assert cfg.optim.schedule_unit == "epoch", name
         schedule = make_schedule(cfg, 1_281_167)
         n = schedule.steps_per_epoch
@@ -76,7 +76,7 @@ def test_adventurer_recipes_step_per_epoch_and_others_per_step():
 
 def test_schedule_unit_is_a_checked_choice():
     with pytest.raises(ConfigError, match="schedule_unit"):
-        load_config("configs/adventurer/stage1_b16_128.yaml", ["optim.schedule_unit=iteration"], schema=EvalConfig)
+        load_config("configs/adventurer/stage1_b16_128.yaml", ["optim.schedule_unit=iteration"])
     with pytest.raises(ConfigError, match="schedule_unit"):
         load_config("configs/xtra/vit_b16_in1k.yaml", ["optim.schedule_unit=iteration"])
     assert load_config("configs/xtra/vit_b16_in1k.yaml", ["optim.schedule_unit=epoch"]).optim.schedule_unit == "epoch"

@@ -5,7 +5,7 @@ import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN, IMAGENET_DEFAULT_STD as IMAGENET_STD
 
-from xla_trainer_models.teachers.openclip import ClipTeacher
+from xla_trainer_models.teachers.openclip import ClipTeacher, OpenClipConfig
 
 
 def normalise(pixels, mean, std):
@@ -17,7 +17,7 @@ def test_tokens_match_open_clip_image_embedding(tmp_path):
     clip = open_clip.create_model("demo-ViT-T-8", pretrained=None, force_image_size=32).eval()
     weights = tmp_path / "clip.pt"
     torch.save(clip.state_dict(), weights)
-    teacher = ClipTeacher("demo-ViT-T-8", str(weights), image_size=32)
+    teacher = ClipTeacher(OpenClipConfig(arch="demo-ViT-T-8", pretrained=str(weights)), 32)
 
     pixels = torch.rand(2, 3, 32, 32)
     tokens = teacher(normalise(pixels, IMAGENET_MEAN, IMAGENET_STD))
@@ -32,15 +32,15 @@ def test_tokens_match_open_clip_image_embedding(tmp_path):
 
 def test_unknown_arch():
     with pytest.raises(ValueError, match="unknown teacher arch 'ViT-Q-99'"):
-        ClipTeacher("ViT-Q-99")
+        ClipTeacher(OpenClipConfig(arch="ViT-Q-99"), 224)
 
 
 def test_timm_teacher_drops_register_tokens_and_renormalises():
     """A DINOv2 with 4 registers: the targets are its cls and patch tokens, computed on the pixels
     in the teacher's own normalisation."""
-    from xla_trainer_models.teachers.timm_vit import TimmViTTeacher
+    from xla_trainer_models.teachers.timm_vit import TimmTeacherConfig, TimmViTTeacher
     torch.manual_seed(0)
-    teacher = TimmViTTeacher("vit_small_patch14_reg4_dinov2", None, image_size=28)
+    teacher = TimmViTTeacher(TimmTeacherConfig(arch="vit_small_patch14_reg4_dinov2"), 28)
     pixels = torch.rand(2, 3, 28, 28)
     tokens = teacher(normalise(pixels, IMAGENET_MEAN, IMAGENET_STD))
     own = teacher.model.pretrained_cfg

@@ -36,8 +36,7 @@ class NonSquareViT:
     @staticmethod
     def student(cfg):
         from xla_trainer_models.backbones.vit import SegmentViT
-        return SegmentViT(cfg.size, (GRID[0] * PATCH, GRID[1] * PATCH), PATCH, cfg.width, cfg.depth, cfg.heads,
-                          cls_token=cfg.cls_token, pos_embed=cfg.pos_embed, final_norm=cfg.final_norm, init=cfg.init)
+        return SegmentViT(dataclasses.replace(cfg, image_size=(GRID[0] * PATCH, GRID[1] * PATCH)))
 
 
 def tiny_xtra(seed: int = 0, square: bool = False, **backbone):
@@ -288,8 +287,8 @@ def test_vit_b16_recipe_and_schedule():
 
 
 def test_config_errors_name_the_key():
-    from xla_trainer.config import ConfigError, EvalConfig
-    from xla_trainer.evaluate import build_classifier, check_eval_config
+    from xla_trainer.config import ConfigError
+    from xla_trainer.evaluate import build_classifier, check_classifier_config
     from xla_trainer.pretrain import check_models
     with pytest.raises(ConfigError, match="objective 'xtra' has no teacher"):
         load_config("configs/xtra/demo.yaml", ["teacher.arch=ViT-H-14"])
@@ -299,9 +298,9 @@ def test_config_errors_name_the_key():
         check_models(load_config("configs/xtra/demo.yaml", ["objective.block=[8, 8]"]))
     probe = "configs/xtra/linprobe_demo.yaml"
     with pytest.raises(ConfigError, match=r"backbone.causal_blocks \[3, 2\]: blocks of 3x2 patches"):
-        check_eval_config(load_config(probe, ["backbone.causal_blocks=[3, 2]"], schema=EvalConfig))
+        check_classifier_config(load_config(probe, ["backbone.causal_blocks=[3, 2]"]))
     with pytest.raises(ConfigError, match=r"probe.blocks 5: .* 1 <= probe.blocks <= 4"):
-        build_classifier(load_config(probe, ["probe.blocks=5", "train.init=null"], schema=EvalConfig), "linprobe", 10)
+        build_classifier(load_config(probe, ["probe.blocks=5", "train.init=null"]), "linprobe", 10)
 
 
 # --- the XLA path -------------------------------------------------------------------------------
@@ -348,8 +347,7 @@ def test_init_of_the_fused_qkv_matches_the_officials_at_vit_b_width():
     qkv already has the official 0.02 and nothing is re-initialised per third; biases zero."""
     from xla_trainer_models.backbones.vit import SegmentViT
     torch.manual_seed(0)
-    enc = SegmentViT("base", img_size=32, patch_size=16, depth=1, cls_token=False, pos_embed="learned",
-                     final_norm=True, init="trunc_normal")
+    enc = SegmentViT(ViTConfig(image_size=32, depth=1, **FLAVOUR))
     qkv = enc.blocks[0].attn.qkv
     assert tuple(qkv.weight.shape) == (3 * 768, 768)
     for part in qkv.weight.chunk(3):

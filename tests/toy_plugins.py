@@ -18,6 +18,16 @@ from xla_trainer_models.layers.taps import block_outputs, gather_tokens
 from xla_trainer_models.registry import BACKBONES, MASKS, OBJECTIVES, Backbone, Objective
 
 
+@dataclass
+class ToyBackboneConfig:
+    name: str = "toy"
+    image_size: int = 32
+    patch_size: int = 8
+    width: int = 32
+    depth: int = 2
+    drop_path: float = 0.0  # unused: the classifier config sections share the key
+
+
 class MixerBlock(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
@@ -41,16 +51,17 @@ class ToyNet(nn.Module):
     """Student (forward_taps, cls last) and timm-style classifier (mean of the tokens, head)."""
     extra_tokens = 1
 
-    def __init__(self, image_size: int, patch_size: int, width: int, depth: int, num_classes: int = 0):
+    def __init__(self, cfg: ToyBackboneConfig, num_classes: int = 0):
         super().__init__()
-        self.grid = (image_size // patch_size,) * 2
+        width, patch_size = cfg.width, cfg.patch_size
+        self.grid = (cfg.image_size // patch_size,) * 2
         self.patch_size = (patch_size, patch_size)
         self.embed_dim = self.num_features = width
         self.num_classes = num_classes
         self.patch_embed = nn.Conv2d(3, width, patch_size, patch_size)
         self.pos_embed = nn.Parameter(trunc_normal_(torch.zeros(1, self.grid[0] * self.grid[1], width), std=0.02))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
-        self.blocks = nn.ModuleList(MixerBlock(width) for _ in range(depth))
+        self.blocks = nn.ModuleList(MixerBlock(width) for _ in range(cfg.depth))
         self.head = nn.Linear(width, num_classes) if num_classes else nn.Identity()
 
     @property
@@ -88,31 +99,19 @@ class ToyNet(nn.Module):
         return {"stem": r"^(?:patch_embed|pos_embed|cls_token)", "blocks": r"^blocks\.(\d+)"}
 
 
-@dataclass
-class ToyBackboneConfig:
-    name: str = "toy"
-    image_size: int = 32
-    patch_size: int = 8
-    width: int = 32
-    depth: int = 2
-    drop_path: float = 0.0  # unused: the classifier config sections share the key
-
-
 @BACKBONES.register("toy")
 class ToyBackbone(Backbone):
     Config = ToyBackboneConfig
-    TINY = {"image_size": 32, "patch_size": 8, "width": 32, "depth": 2}
-    INVALID = {"patch_size": 5}
     masks = MASKS
     blocks = (MixerBlock,)
 
     @staticmethod
     def student(cfg):
-        return ToyNet(cfg.image_size, cfg.patch_size, cfg.width, cfg.depth)
+        return ToyNet(cfg)
 
     @staticmethod
     def classifier(cfg, num_classes: int = 0):
-        return ToyNet(cfg.image_size, cfg.patch_size, cfg.width, cfg.depth, num_classes)
+        return ToyNet(cfg, num_classes)
 
 
 @dataclass
@@ -125,14 +124,14 @@ class ToyConfig:
 
 
 class Toy(nn.Module):
-    def __init__(self, encoder: nn.Module, keep: float, nan_at_forward: int | None = None):
+    def __init__(self, cfg: ToyConfig, encoder: nn.Module):
         super().__init__()
-        self.nan_at_forward = nan_at_forward
-        if nan_at_forward is not None:
+        self.nan_at_forward = cfg.nan_at_forward
+        if cfg.nan_at_forward is not None:
             self.register_buffer("forwards", torch.zeros((), dtype=torch.long))
         self.encoder = encoder
         tokens = encoder.grid[0] * encoder.grid[1]
-        self.keep = max(1, round(tokens * keep))
+        self.keep = max(1, round(tokens * cfg.keep))
         self.noise_shape = (tokens,)
         self.head = nn.Linear(encoder.embed_dim, 3)
 
@@ -152,7 +151,6 @@ class Toy(nn.Module):
 @OBJECTIVES.register("toy")
 class ToyObjective(Objective):
     Config = ToyConfig
-    INVALID = {"keep": 0.0}
     mask = "full"
 
     @staticmethod
@@ -162,4 +160,4 @@ class ToyObjective(Objective):
 
     @staticmethod
     def build(cfg, student, targets):
-        return Toy(student, cfg.keep, cfg.nan_at_forward)
+        return Toy(cfg, student)

@@ -6,30 +6,14 @@ config and batch."""
 import gc
 import time
 
-import torch
-
-from .bench_official import check_baseline, official_style_bench
+from .bench_official import bench_batch, check_baseline, official_style_bench
 from .config import Config
-from .data.pretrain import open_train_data
+from .data import open_data
 from .flops import peak_flops, step_flops
-from .loop import Schedule, train_step
+from .loop import Schedule, make_runtime, train_step
 from .optim import peak_lr
-from .pretrain import build_task, check_config, make_runtime
+from .pretrain import build_job, check_config
 from .runtime import Runtime, create_runtime
-
-
-def bench_batch(cfg: Config, local: int, info) -> dict:
-    """A host batch as the loader would deliver it; with precomputed targets, in their stored dtype."""
-    size = cfg.backbone.image_size
-    batch = {"images": torch.randn(local, 3, size, size), "skipped": torch.zeros(local, dtype=torch.bool)}
-    if info is not None and cfg.targets.source == "precomputed":
-        tokens = (local, 1 + info.grid[0] * info.grid[1], info.dim)
-        if cfg.targets.dtype == "int8":
-            batch["targets"] = torch.randint(-127, 128, tokens, dtype=torch.int8)
-            batch["target_scale"] = torch.rand(tokens[:2])
-        else:
-            batch["targets"] = torch.randn(tokens, dtype=torch.float16)
-    return batch
 
 
 def bench(cfg: Config, steps: int = 10, warmup: int = 3, runtime: Runtime | None = None,
@@ -41,24 +25,19 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 3, runtime: Runtime | None
     result, batch = time_our_step(cfg, runtime, steps, warmup)
     if baseline is None:
         return result
-    free_device_memory(runtime)  # our model is gone with time_our_step: the baseline builds its own
+    gc.collect()  # our model is gone with time_our_step: its memory goes back before the baseline builds its own
+    runtime.free_memory()
     theirs = official_style_bench(cfg, runtime, steps, warmup, batch)
     return {**result, "baseline": baseline, "baseline_images_per_sec": theirs["images_per_sec"],
             "baseline_ms_per_step": theirs["ms_per_step"],
             "speedup_vs_baseline": result["images_per_sec"] / theirs["images_per_sec"]}
 
 
-def free_device_memory(runtime: Runtime):
-    gc.collect()
-    if runtime.device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def time_our_step(cfg: Config, runtime: Runtime, steps: int, warmup: int) -> tuple[dict, dict]:
     """(the report of our compiled step, the host batch it ran on)."""
     lr = peak_lr(cfg.optim.base_lr, cfg.train.global_batch, cfg.optim.lr)
     schedule = Schedule(1, warmup + steps, 0, lr, lr)  # the peak lr throughout
-    task = build_task(cfg, runtime, schedule, count_flops=True)
+    task = build_job(cfg, runtime, schedule, count_flops=True)
     flops = task.flops
     if task.teacher is not None and cfg.targets.source == "precomputed":  # the teacher leaves the step
         task.teacher = None
@@ -67,7 +46,7 @@ def time_our_step(cfg: Config, runtime: Runtime, steps: int, warmup: int) -> tup
     step_fn = runtime.compile_fn(train_step, "train_step")
     start = None
     for step, device_batch in enumerate(runtime.device_batches([batch] * (warmup + steps))):
-        metrics = step_fn(task.model, task.teacher, task.optimizer, device_batch, lr, step, runtime=runtime,
+        metrics = step_fn(task.step_model, task.teacher, task.optimizer, device_batch, lr, step, runtime=runtime,
                           settings=task.settings)
         if step == warmup - 1:
             float(metrics["loss"])  # wait for the warm-up steps before the clock starts
@@ -84,7 +63,7 @@ def time_our_step(cfg: Config, runtime: Runtime, steps: int, warmup: int) -> tup
             "gflops_per_image": flops["train_step"] / 1e9, "achieved_tflops": achieved / 1e12,
             "mfu": achieved / (peak * runtime.num_devices) if peak else None,
             "compiles": runtime.compiles(), "compiles_after_warmup": compiles_after_warmup,
-            "parameter_bytes_per_device": runtime.parameter_bytes_per_device(task.model)}, batch
+            "parameter_bytes_per_device": runtime.parameter_bytes_per_device(task.step_model)}, batch
 
 
 def bench_data(cfg: Config, batches: int = 20, warmup: int = 2) -> dict:
@@ -92,7 +71,7 @@ def bench_data(cfg: Config, batches: int = 20, warmup: int = 2) -> dict:
     data.num_workers loader workers, as one host of a run would read."""
     runtime = create_runtime("cpu", cfg.runtime.precision)
     check_config(cfg, runtime)
-    data = open_train_data(cfg, runtime)
+    data = open_data(cfg, runtime)
     loader = iter(data.loader(0, warmup + batches))
     for _ in range(warmup):
         next(loader)

@@ -28,6 +28,21 @@ def check_baseline(baseline: str, runtime: Runtime):
         raise ConfigError("bench --baseline official times one process; run it without torchrun")
 
 
+def bench_batch(cfg: Config, local: int, info) -> dict:
+    """The host batch bench times both steps on, as the loader would deliver it; with precomputed
+    targets, in their stored dtype."""
+    size = cfg.backbone.image_size
+    batch = {"images": torch.randn(local, 3, size, size), "skipped": torch.zeros(local, dtype=torch.bool)}
+    if info is not None and cfg.targets.source == "precomputed":
+        tokens = (local, 1 + info.grid[0] * info.grid[1], info.dim)
+        if cfg.targets.dtype == "int8":
+            batch["targets"] = torch.randint(-127, 128, tokens, dtype=torch.int8)
+            batch["target_scale"] = torch.rand(tokens[:2])
+        else:
+            batch["targets"] = torch.randn(tokens, dtype=torch.float16)
+    return batch
+
+
 def randperm_noise(batch: int, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
     """(batch, *shape) noise on the host whose argsort over the last axis is a torch.randperm
     drawn for each sample (each row of that axis): a permutation's ranks / n sort back into it."""
@@ -42,7 +57,7 @@ class OfficialStyleStep:
 
     def __init__(self, cfg: Config, runtime: Runtime):
         method, teacher, self.target_info = build_models(cfg)
-        self.device = runtime.device
+        self.device, self.runtime = runtime.device, runtime
         self.model = method.to(self.device)
         # as bench: with precomputed targets the batch carries them and the teacher leaves the step
         online = teacher is not None and cfg.targets.source != "precomputed"
@@ -74,8 +89,7 @@ class OfficialStyleStep:
                                   None if noise is None else micro_batch(noise, i, self.accum))["loss"]
             self.scaler.scale(loss / self.accum).backward()
             loss_value += loss.item() / self.accum
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
+            self.runtime.synchronize()
         self.scaler.unscale_(self.optimizer)
         if self.clip_grad:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
@@ -91,7 +105,6 @@ def official_style_bench(cfg: Config, runtime: Runtime, steps: int, warmup: int,
     check_baseline("official", runtime)
     step = OfficialStyleStep(cfg, runtime)
     if batch is None:
-        from .bench import bench_batch  # bench imports this module: import it back only here
         batch = bench_batch(cfg, cfg.train.global_batch, step.target_info)
     losses = [step(batch) for _ in range(warmup)]
     start = time.perf_counter()  # every step ends in a synchronize: no wait needed before the clock

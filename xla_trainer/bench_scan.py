@@ -46,6 +46,7 @@ def time_layer(layer: nn.Module, tokens: int, batch: int, steps: int, runtime) -
 
 
 def main(argv=None):
+    from xla_trainer_models.backbones.adventurer import AdventurerConfig, mixer_kwargs
     from xla_trainer_models.layers.mamba2 import Mamba2
     from .runtime import create_runtime
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -57,7 +58,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     runtime = create_runtime(args.backend, args.precision)
     torch.manual_seed(0)
-    layers = {"mamba2": Mamba2(768).to(runtime.device), "attention": Attention().to(runtime.device)}
+    mixer = Mamba2(768, **mixer_kwargs(AdventurerConfig()))  # the Base config's
+    layers = {"mamba2": mixer.to(runtime.device), "attention": Attention().to(runtime.device)}
     for tokens in args.tokens:
         for name, layer in layers.items():
             ms = time_layer(layer, tokens, args.batch, args.steps, runtime)

@@ -9,11 +9,7 @@ is never resumed and is removed at the next start. Only finite state is written.
 checks a checkpoint first (`damage`: the commit marker, the metadata, each file's size); a run
 resumes from its newest intact one and sets damaged ones aside (renamed, never deleted).
 Restoring reads into the current model's placement, so a checkpoint saved on one backend, mesh
-or process count restores on any other.
-
-Runs from before this format: `checkpoint-<step>.pt` files (CPU/CUDA) still resume and import
-(`legacy_file`); torch_xla CheckpointManager directories (XLA, LEGACY_COMMITTED) import only."""
-import io
+or process count restores on any other."""
 import json
 import logging
 import pickle
@@ -22,7 +18,6 @@ import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 
-import fsspec
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
@@ -33,9 +28,7 @@ from .config import ConfigError
 from .data.remote_io import exists, filesystem, list_names, read_bytes, write_bytes_atomic
 
 COMMITTED = "commit.json"  # written last, by process 0: the checkpoint is whole
-LEGACY_COMMITTED = ".manager_metadata"  # torch_xla's CheckpointManager's, in runs before this format
 DCP_FILES = re.compile(r"(\.metadata|__\d+_\d+\.distcp)$")  # what a DCP save writes into its folder
-LEGACY_FILE = re.compile(r"checkpoint-(\d{8})\.pt$")
 
 log = logging.getLogger(__name__)
 # What reading a damaged checkpoint raises: many kinds (unpickling, sizes, EOF), or DCP's
@@ -64,8 +57,7 @@ def _join(folder: str, name: str) -> str:
 
 # --- finding checkpoints ------------------------------------------------------------------------
 def is_committed(step_folder: str) -> bool:
-    fs, local = filesystem(step_folder)
-    return any(fs.exists(_join(local, done)) for done in (COMMITTED, LEGACY_COMMITTED))
+    return exists(_join(step_folder, COMMITTED))
 
 
 def committed_steps(folder: str) -> list[int]:
@@ -80,9 +72,7 @@ def damage(step_folder: str) -> str | None:
     try:
         record = json.loads(read_bytes(_join(step_folder, COMMITTED)))
     except FileNotFoundError:
-        if not fs.exists(_join(local, LEGACY_COMMITTED)):
-            return f"no {COMMITTED}: a save that did not finish, or is still being written"
-        record = {}
+        return f"no {COMMITTED}: a save that did not finish, or is still being written"
     except (ValueError, OSError) as e:
         return f"{COMMITTED} is not readable ({e})"
     sizes = {p["name"].rstrip("/").rsplit("/", 1)[-1]: p["size"] for p in fs.ls(local, detail=True, refresh=True)}
@@ -97,18 +87,11 @@ def damage(step_folder: str) -> str | None:
     return None
 
 
-def legacy_files(output_dir: str) -> dict[int, str]:
-    """step -> checkpoint-<step>.pt of a run from before one format (CPU/CUDA backends)."""
-    return {int(m.group(1)): _join(output_dir, n) for n in list_names(output_dir)
-            if (m := LEGACY_FILE.fullmatch(n))}
-
-
 def newest_checkpoint(output_dir: str) -> str | None:
-    """The newest whole checkpoint of a run (given its output_dir, or its checkpoints/ folder):
-    a DCP directory, or a legacy checkpoint-<step>.pt file."""
+    """The newest committed checkpoint directory of a run, given its output_dir or its
+    checkpoints/ folder."""
     found = {s: _join(folder, str(s)) for folder in (output_dir, _join(output_dir, "checkpoints"))
              for s in committed_steps(folder)}
-    found.update({s: f for s, f in legacy_files(output_dir).items() if s not in found})
     return found[max(found)] if found else None
 
 
@@ -186,12 +169,6 @@ def read_checkpoint(path: str, entries: tuple[str, ...] = ("model", "optimizer",
     return {k: v for k, v in (("model", model), ("optimizer", optimizer), ("extra", extra)) if k in entries}
 
 
-def legacy_file(path: str) -> dict:
-    """A checkpoint-<step>.pt file, whole, on the CPU."""
-    with fsspec.open(path, "rb") as f:
-        return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=False)
-
-
 # --- the store the loop saves to and resumes from ---------------------------------------------
 class Checkpoints:
     """Asynchronous DCP saves into <output_dir>/checkpoints/<step>/, the newest `keep` kept
@@ -204,7 +181,6 @@ class Checkpoints:
     def __init__(self, output_dir: str, keep: int, runtime):
         self.output_dir, self.keep, self.runtime = output_dir.rstrip("/"), keep, runtime
         self.dir = _join(self.output_dir, "checkpoints")
-        self.legacy = legacy_files(self.output_dir)  # read once: nothing writes them any more
         self.group = runtime.checkpoint_group()
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
         self.pending: Future | None = None
@@ -217,7 +193,7 @@ class Checkpoints:
             if why:
                 damaged[step] = why
                 log.error("checkpoint %s is damaged: %s", self.location(step), why)
-        self.steps = sorted(set(committed_steps(self.dir)) - set(damaged) | set(self.legacy))
+        self.steps = sorted(set(committed_steps(self.dir)) - set(damaged))
         if damaged and not self.steps:
             raise ConfigError(f"no intact checkpoint under {self.dir}: " + "; ".join(
                 f"{self.location(s)}: {why}" for s, why in sorted(damaged.items(), reverse=True)) +
@@ -243,8 +219,7 @@ class Checkpoints:
         return max(self.steps) if self.steps else None
 
     def location(self, step: int) -> str:
-        folder = _join(self.dir, str(step))
-        return self.legacy[step] if step in self.legacy and not is_committed(folder) else folder
+        return _join(self.dir, str(step))
 
     def set_aside(self, step: int, why: str):
         """A damaged checkpoint renamed <step>.damaged-<time> by process 0 (every process calls it)."""
@@ -263,11 +238,7 @@ class Checkpoints:
         fails and says why."""
         path = self.location(step)
         try:
-            if LEGACY_FILE.search(path):
-                return {k: v for k, v in legacy_file(path).items() if k not in ("model", "optimizer")}
             flat = {"objects": b""}
-            if "objects" not in FsspecReader(path).read_metadata().state_dict_metadata:
-                return {}  # torch_xla's CheckpointManager: restore() says why it cannot resume
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
                 dcp.load(flat, storage_reader=FsspecReader(path), no_dist=True)
@@ -324,17 +295,7 @@ class Checkpoints:
     def restore(self, step: int, model, optimizer, template: dict) -> dict:
         """Loads `step` into the model and optimizer where they are placed now; returns the saved
         extra state, read into `template` (an extra of the same structure)."""
-        path = self.location(step)
-        if LEGACY_FILE.search(path):
-            state = legacy_file(path)
-            load_model_state(model, state.pop("model"))
-            optimizer.load_state_dict(state.pop("optimizer"))
-            return state
-        reader = FsspecReader(path)
-        if "objects" not in reader.read_metadata().state_dict_metadata:
-            raise ConfigError(f"{path} was written by torch_xla's CheckpointManager (before one checkpoint "
-                              f"format) and cannot be resumed; start a new train.output_dir with "
-                              f"train.init={path} to keep its weights")
+        reader = FsspecReader(self.location(step))
         self.runtime.prime_optimizer(optimizer)  # DCP loads in place: the state tensors must exist
         current = optimizer.state_dict()
         state = flatten_state(model_state(model), current["state"], template)

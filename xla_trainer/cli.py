@@ -8,9 +8,8 @@ import json
 import logging
 import sys
 
-from .config import CONFIG_DIR, DEFAULT_CONFIG, ConfigError, EvalConfig, load_config
+from .config import CLASSIFIERS, CONFIG_DIR, DEFAULT_CONFIG, ConfigError, load_config
 
-CLASSIFIER_MODES = ("train", "finetune", "linprobe", "attnprobe")
 OVERRIDES_HELP = "config overrides as key.sub=value (value parsed as YAML), e.g. train.global_batch=64"
 
 
@@ -39,7 +38,7 @@ def eval_default(command: str):
 
 def cmd_pretrain(args):
     from .pretrain import pretrain
-    summary = pretrain(load_config(args.config, args.overrides))
+    summary = pretrain(load_config(args.config, args.overrides, "pretrain"))
     print(f"done: {summary['steps']} steps\n"
           f"  metrics:     {summary['metrics']}\n"
           f"  tensorboard: {summary['tensorboard']}\n"
@@ -49,8 +48,8 @@ def cmd_pretrain(args):
 
 def cmd_evaluate(args):
     from .evaluate import knn, train_classifier
-    cfg = load_config(args.config, args.overrides, schema=EvalConfig)
-    r = knn(cfg) if args.command == "knn" else train_classifier(cfg, args.command)
+    cfg = load_config(args.config, args.overrides, args.command)
+    r = knn(cfg) if cfg.task == "knn" else train_classifier(cfg)
     line = f"{r['mode']}: top-1 {r['val_top1']:.2f}%, top-5 {r['val_top5']:.2f}% on {r['val_images']} val images"
     if "best_top1" in r:
         line += f" (best top-1 {r['best_top1']:.2f}% at epoch {r['best_epoch']}; checkpoint {r['best_checkpoint']})"
@@ -59,7 +58,7 @@ def cmd_evaluate(args):
 
 def cmd_eval(args):
     from .evaluate import evaluate_checkpoint
-    r = evaluate_checkpoint(load_config(args.config, args.overrides, schema=EvalConfig))
+    r = evaluate_checkpoint(load_config(args.config, args.overrides, "eval"))
     print(f"eval: top-1 {r['val_top1']:.2f}%, top-5 {r['val_top5']:.2f}% on {r['val_images']} val images")
 
 
@@ -78,14 +77,14 @@ def cmd_export_timm(args):
 
 
 def cmd_describe(args):
-    from .describe import describe, load_any_config, table
-    result = describe(load_any_config(args.config, args.overrides), args.mode, args.num_classes)
+    from .describe import describe, table
+    result = describe(load_config(args.config, args.overrides), args.num_classes)
     print(table(result) if args.table else json.dumps(result))
 
 
 def cmd_bench(args):
     from .bench import bench
-    result = bench(load_config(args.config, args.overrides), steps=args.steps, warmup=args.warmup,
+    result = bench(load_config(args.config, args.overrides, "pretrain"), steps=args.steps, warmup=args.warmup,
                    baseline=args.baseline)
     mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None else "n/a (unknown peak)"
     print(f"{result['device']} x{result['devices']}  batch {result['global_batch']}, targets {result['targets']}, "
@@ -102,7 +101,7 @@ def cmd_bench(args):
 
 def cmd_bench_data(args):
     from .bench import bench_data
-    r = bench_data(load_config(args.config, args.overrides), batches=args.batches)
+    r = bench_data(load_config(args.config, args.overrides, "pretrain"), batches=args.batches)
     print(f"{r['source']} (targets {r['targets']}), {r['workers']} workers: "
           f"{r['images_per_sec']:.1f} images/s, {r['images_per_sec_per_core']:.1f} images/s per worker core")
     print(json.dumps(r))
@@ -122,9 +121,9 @@ def cmd_index_shards(args):
 
 
 def cmd_precompute_targets(args):
-    from .pretrain import make_runtime
+    from .loop import make_runtime
     from .targets import precompute_targets
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, "pretrain")
     runtime = make_runtime(cfg)
     manifest = precompute_targets(cfg, runtime)
     if manifest is None:  # not host 0: its shards are done, host 0 writes the manifest
@@ -152,7 +151,10 @@ def cmd_info(args):
 
 def cmd_visualize(args):
     from .visualize import visualize
-    cfg = load_config(args.config, args.overrides, schema=EvalConfig)
+    cfg = load_config(args.config, args.overrides)
+    if cfg.task not in CLASSIFIERS:
+        raise ConfigError(f"visualize draws a classifier's encoder: config '{args.config}' is a {cfg.task} config; "
+                          f"pass a train, finetune or probe config (train.init: the weights)")
     r = visualize(cfg, args.images, args.out, args.count, args.cell)
     print(f"{len(r['images'])} images x ({', '.join(r['columns'])}) written to {r['out']} "
           f"({r['size'][0]}x{r['size'][1]} px)")
@@ -174,8 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
              "linprobe": "linear probe (BatchNorm + linear) on the frozen encoder",
              "attnprobe": "attentive probe (one learned query, cross-attention, linear) on the frozen encoder",
              "knn": "cosine k-NN on the frozen encoder's features"}
-    for command in (*CLASSIFIER_MODES, "knn"):
-        p = sub.add_parser(command, help=helps[command])
+    for command, text in helps.items():
+        p = sub.add_parser(command, help=text)
         _config_args(p, eval_default(command))
         p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("eval", help="top-1/top-5 on data val/ of a trained classifier (train.init, its own head "
@@ -188,12 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output file (.pth or .safetensors)")
     p.add_argument("--backbone", default="vit", help="the backbone registry entry (default vit: a timm ViT)")
     p.set_defaults(func=cmd_export_timm)
-    p = sub.add_parser("describe", help="parameters per part and FLOPs per image of the model a config builds "
+    p = sub.add_parser("describe", help="parameters per part and FLOPs per image of the model a config's task builds "
                                         "(no data, no teacher weights, no step)")
     _config_args(p)
     p.add_argument("--table", action="store_true", help="a readable table instead of JSON")
-    p.add_argument("--mode", default="finetune", choices=CLASSIFIER_MODES,
-                   help="for a classifier config: what it trains (default finetune)")
     p.add_argument("--num-classes", type=bounded_int(0), default=1000, help="for a classifier config (default 1000)")
     p.set_defaults(func=cmd_describe)
     p = sub.add_parser("bench", help="time N train steps after warm-up on a fixed device batch")

@@ -1,5 +1,7 @@
-"""The experiment config: typed sections with defaults, a YAML file on top, `key.sub=value`
-overrides on top of that. Unknown keys, wrong types, numbers out of bounds (a section's BOUNDS;
+"""The experiment config: one schema for every task (pretrain, train, finetune, linprobe,
+attnprobe, knn, eval), typed sections with defaults, the task's own defaults on top
+(TASK_DEFAULTS), a YAML file on top of those, `key.sub=value` overrides on top of that. Keys of
+other tasks (ONLY_FOR), unknown keys, wrong types, numbers out of bounds (a section's BOUNDS;
 no float key takes nan or inf) and output paths that cannot be directories fail here, before
 anything is built."""
 import dataclasses
@@ -39,15 +41,24 @@ def registry(kind: str):
 
 @dataclass
 class DataConfig:
-    source: str = "imagefolder"  # imagefolder | embedded (built from images shipped in packages) | shards
-    root: Optional[str] = None  # holds train/<class>/<image>; embedded: where to build it
-    shards: Optional[str] = None  # source=shards: local or gs:// prefix holding manifest.json + tars
+    # pretrain: imagefolder | embedded (built from images shipped in packages) | shards;
+    # classifiers: imagefolder (root/train, root/val) | digits (scikit-learn's, upscaled) | shards
+    source: str = "imagefolder"
+    # holds train/<class>/<image> (classifiers: and val/<class>/<image>); embedded, digits: where to build it
+    root: Optional[str] = None
+    # source=shards: local or gs:// prefix holding manifest.json + tars (classifiers: train/ and val/,
+    # each from make-shards)
+    shards: Optional[str] = None
     shuffle_buffer: int = 1000  # samples per loader worker (shards)
     num_workers: int = 4  # loader worker processes; -1: one per core of this process, less one
     crop_scale: list = field(default_factory=lambda: [0.2, 1.0])
-    crop_ratio: list = field(default_factory=lambda: [3 / 4, 4 / 3])  # RandomResizedCrop's aspect ratios
+    crop_ratio: list = field(default_factory=lambda: [3 / 4, 4 / 3])  # pretrain: RandomResizedCrop's aspect ratios
+    eval_resize: int = 256  # classifiers' val: resize the short side to this, then center-crop backbone.image_size
+    # classifiers: each image this many times in a row per epoch, each copy augmented anew (DeiT: 3)
+    # (data.eval.classifier_data checks it)
+    repeated_aug: int = 1
     BOUNDS: typing.ClassVar[dict] = {"shuffle_buffer": ">= 1", "num_workers": ">= -1; -1: one per core",
-                                     "crop_scale": "(0, 1] range", "crop_ratio": "> 0 range"}
+                                     "crop_scale": "(0, 1] range", "crop_ratio": "> 0 range", "eval_resize": ">= 1"}
 
 
 @dataclass
@@ -58,145 +69,6 @@ class TargetsConfig:
     dtype: str = "float16"  # float16 | int8 (with a scale per token)
     batch_size: int = 64  # precompute-targets: images per teacher forward
     BOUNDS: typing.ClassVar[dict] = {"num_views": ">= 1", "batch_size": ">= 1"}
-
-
-@dataclass
-class OptimConfig:
-    base_lr: float = 1.5e-4  # lr = base_lr * global_batch / 256
-    lr: Optional[float] = None  # the peak lr itself, not scaled by the batch (XTRA); wins over base_lr
-    betas: list = field(default_factory=lambda: [0.9, 0.95])
-    weight_decay: float = 0.05
-    warmup_epochs: float = 40.0
-    warmup_from: float = 0.0  # the warmup starts at this fraction of the peak lr (XTRA: 0.1)
-    min_lr: float = 0.0
-    clip_grad: Optional[float] = None
-    # step: warmup + cosine per iteration; epoch: the lr changes only at epoch starts, timm's
-    # CosineLRScheduler with t_in_epochs=True (DeiT-style recipes: Adventurer)
-    schedule_unit: str = "step"
-    BOUNDS: typing.ClassVar[dict] = {
-        "base_lr": ">= 0", "lr": ">= 0", "betas": "[0, 1) pair", "weight_decay": ">= 0", "warmup_epochs": ">= 0",
-        "warmup_from": "[0, 1]; a fraction of the peak lr", "min_lr": ">= 0", "clip_grad": "> 0; null for none"}
-
-
-@dataclass
-class LongRunConfig:
-    """The train keys of every training task that guard a long run (docs/long-runs.md)."""
-    # a step whose loss, gradient norm or update is not finite is never applied (weights and
-    # optimizer state stay as they were); stop: exit 3 at the next log step, nothing newer saved |
-    # skip: go on, counted in metrics as skipped_steps
-    nonfinite: str = "stop"
-    max_skipped_steps: int = 20  # nonfinite=skip: stop (exit 3) after this many non-finite steps in a row
-    # keys a resume may change although they alter the schedule or the data order (e.g.
-    # [train.global_batch]); a change of the model or the loss never resumes
-    allow_resume_change: list = field(default_factory=list)
-    take_over: bool = False  # take the output_dir's run lock over from a holder that is stale (see docs)
-    BOUNDS: typing.ClassVar[dict] = {"max_skipped_steps": ">= 1"}
-
-
-@dataclass
-class TrainConfig(LongRunConfig):
-    epochs: int = 300
-    global_batch: int = 4096
-    accum_steps: int = 1  # micro-batches per optimizer step
-    seed: int = 0
-    output_dir: str = "runs/digpt"  # local path or gs:// URL
-    log_every: int = 50
-    ckpt_every: int = 1000
-    keep_checkpoints: int = 2  # newest N kept; 0 keeps all
-    stop_at_step: Optional[int] = None  # end early (debugging); the schedule is unchanged
-    profile_steps: Optional[list] = None  # [first, last): trace these steps into <output_dir>/profile
-    BOUNDS: typing.ClassVar[dict] = {
-        "epochs": ">= 1", "global_batch": ">= 1", "accum_steps": ">= 1", "log_every": ">= 1", "ckpt_every": ">= 1",
-        "keep_checkpoints": ">= 0; 0 keeps all", "stop_at_step": ">= 1; null for none",
-        "profile_steps": ">= 0 span", **LongRunConfig.BOUNDS}
-
-
-@dataclass
-class RuntimeConfig:
-    backend: str = "auto"  # auto | xla | cuda | cpu
-    precision: str = "bf16"  # bf16 | fp32
-    compile_cache: Optional[str] = None  # xla: persistent compilation cache directory (TPU)
-    mesh: list = field(default_factory=lambda: [-1, 1])  # xla: [data, fsdp]; [1, -1] = FSDP, -1 = the rest
-    slices: int = 1  # xla: TPU slices; > 1 makes a HybridMesh, data axis over DCN
-    # cuda: the step's levers (runtime.DdpRuntime), on by default where exact
-    torch_compile: bool = False  # torch.compile of the objective's forward and backward (off: compile time)
-    tf32: bool = False  # TF32 for float32 matmuls and convolutions (not exact: 10 mantissa bits)
-    fused_optimizer: bool = True  # fused AdamW: one kernel over every parameter
-    attention_masks: str = "additive"  # additive: boolean `attn_mask` buffers made one additive mask at the start
-    # SDPA kernels allowed; cuDNN's has had NaN and memory bugs at odd lengths
-    sdpa_backends: list = field(default_factory=lambda: ["flash", "efficient"])
-    ddp_static_graph: bool = True  # several processes: DDP's static graph (fewer hooks per step)
-    CHOICES: typing.ClassVar[dict] = {"attention_masks": ("additive", "boolean")}
-    BOUNDS: typing.ClassVar[dict] = {"slices": ">= 1"}
-
-
-class Sections:
-    """A whole experiment: one dataclass field per config section; CHOICES: the allowed values of
-    the keys that have a fixed set (a section's own CHOICES name its keys without the section);
-    MOVED: old key -> new key, for a one-line migration message. A section's BOUNDS (plug-in
-    sections' too) give the numbers each of its keys may take (see `check_bound`)."""
-    CHOICES: typing.ClassVar[dict] = {}
-    MOVED: typing.ClassVar[dict] = {}
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def check_given(self, given: set[str]):
-        """Checks across sections, once every key is read; `given`: the keys the file and the
-        overrides set."""
-
-
-# Keys of the configs before objectives, backbones and teachers had sections of their own.
-_MOVED_MODEL = {f"model.{k}": f"backbone.{k}" for k in ("image_size", "patch_size", "width", "depth", "heads",
-                                                         "drop_path")}
-_MOVED_MODEL["model.backbone"] = "backbone.size"
-
-
-@dataclass
-class Config(Sections):
-    objective: Any = plugin("objective", "digpt")
-    backbone: Any = plugin("backbone", "vit")
-    teacher: Any = plugin("teacher", "openclip")  # only for an objective that needs a teacher
-    targets: TargetsConfig = field(default_factory=TargetsConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    MOVED: typing.ClassVar[dict] = {
-        **_MOVED_MODEL, "model.method": "objective.name",
-        **{f"model.{k}": f"objective.{k}" for k in ("segments", "taps", "decoder_width", "decoder_depth",
-                                                    "decoder_heads", "shared_tap_norm", "cls_visible_to_last_segment")}}
-    CHOICES: typing.ClassVar[dict] = {
-        "data.source": ("imagefolder", "embedded", "shards"),
-        "targets.source": ("online", "precomputed"),
-        "targets.dtype": ("float16", "int8"),
-        "runtime.backend": ("auto", "xla", "cuda", "cpu"),
-        "runtime.precision": ("bf16", "fp32"),
-        "train.nonfinite": ("stop", "skip"),
-        "optim.schedule_unit": ("step", "epoch"),
-    }
-
-    def check_given(self, given: set[str]):
-        stray = sorted(k for k in given if k.split(".")[0] in ("teacher", "targets"))
-        if stray and not registry("objective").get(self.objective.name).needs_teacher:
-            raise ConfigError(f"config key '{stray[0]}' is set, but objective '{self.objective.name}' has no "
-                              f"teacher (its targets come from the images); remove the teacher and targets sections")
-
-
-# --- evaluation: finetune, linprobe, attnprobe, knn --------------------------------------------
-@dataclass
-class EvalDataConfig:
-    source: str = "imagefolder"  # imagefolder (root/train, root/val) | digits (scikit-learn's, upscaled) | shards
-    root: Optional[str] = None  # holds train/<class>/<image> and val/<class>/<image>; digits: where to write it
-    shards: Optional[str] = None  # source=shards: local or gs:// prefix holding train/ and val/, each from make-shards
-    shuffle_buffer: int = 1000  # samples per loader worker (shards)
-    num_workers: int = 8
-    crop_scale: list = field(default_factory=lambda: [0.08, 1.0])
-    eval_resize: int = 256  # val: resize the short side to this, then center-crop model.image_size
-    repeated_aug: int = 1  # each image this many times in a row per epoch, each copy augmented anew (DeiT: 3)
-    # (repeated_aug: open_eval_data checks it)
-    BOUNDS: typing.ClassVar[dict] = {"shuffle_buffer": ">= 1", "num_workers": ">= -1; -1: one per core",
-                                     "crop_scale": "(0, 1] range", "eval_resize": ">= 1"}
 
 
 @dataclass
@@ -215,20 +87,25 @@ class AugmentConfig:
 
 
 @dataclass
-class EvalOptimConfig:
-    name: str = "adamw"  # adamw | sgd | lars
-    base_lr: float = 1e-4  # lr = base_lr * global_batch / 256
-    lr: Optional[float] = None  # the peak lr itself, not scaled by the batch; wins over base_lr
-    layer_decay: float = 0.65  # finetune: lr x layer_decay^(depth - layer); 1 = off
+class OptimConfig:
+    name: str = "adamw"  # adamw | sgd | lars (classifiers; pre-training is AdamW)
+    base_lr: float = 1.5e-4  # lr = base_lr * global_batch / 256
+    lr: Optional[float] = None  # the peak lr itself, not scaled by the batch (XTRA); wins over base_lr
+    betas: list = field(default_factory=lambda: [0.9, 0.95])
     weight_decay: float = 0.05
-    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    layer_decay: float = 0.65  # finetune: lr x layer_decay^(depth - layer); 1 = off
     momentum: float = 0.9  # sgd, lars
-    warmup_epochs: float = 5.0
-    warmup_from: float = 0.0  # the warmup starts at this fraction of the peak lr (XTRA's probes: 0.1)
-    min_lr: float = 1e-6
+    warmup_epochs: float = 40.0
+    warmup_from: float = 0.0  # the warmup starts at this fraction of the peak lr (XTRA: 0.1)
+    min_lr: float = 0.0
     clip_grad: Optional[float] = None
-    schedule_unit: str = "step"  # step | epoch (see OptimConfig)
-    BOUNDS: typing.ClassVar[dict] = {**OptimConfig.BOUNDS, "layer_decay": "(0, 1]; 1 = off", "momentum": "[0, 1)"}
+    # step: warmup + cosine per iteration; epoch: the lr changes only at epoch starts, timm's
+    # CosineLRScheduler with t_in_epochs=True (DeiT-style recipes: Adventurer)
+    schedule_unit: str = "step"
+    BOUNDS: typing.ClassVar[dict] = {
+        "base_lr": ">= 0", "lr": ">= 0", "betas": "[0, 1) pair", "weight_decay": ">= 0",
+        "layer_decay": "(0, 1]; 1 = off", "momentum": "[0, 1)", "warmup_epochs": ">= 0",
+        "warmup_from": "[0, 1]; a fraction of the peak lr", "min_lr": ">= 0", "clip_grad": "> 0; null for none"}
 
 
 @dataclass
@@ -244,64 +121,163 @@ class ProbeConfig:
 
 
 @dataclass
-class EvalTrainConfig(LongRunConfig):
-    epochs: int = 100
-    global_batch: int = 1024
-    eval_batch: int = 1024  # global; the last val batch is padded to it (no recompilation)
+class TrainConfig:
+    # the keys that guard a long run (docs/long-runs.md): a step whose loss, gradient norm or
+    # update is not finite is never applied (weights and optimizer state stay as they were);
+    # stop: exit 3 at the next log step, nothing newer saved | skip: go on, counted in metrics as
+    # skipped_steps
+    nonfinite: str = "stop"
+    max_skipped_steps: int = 20  # nonfinite=skip: stop (exit 3) after this many non-finite steps in a row
+    # keys a resume may change although they alter the schedule or the data order (e.g.
+    # [train.global_batch]); a change of the model or the loss never resumes
+    allow_resume_change: list = field(default_factory=list)
+    take_over: bool = False  # take the output_dir's run lock over from a holder that is stale (see docs)
+    epochs: int = 300
+    global_batch: int = 4096
+    accum_steps: int = 1  # pretrain: micro-batches per optimizer step
+    eval_batch: int = 1024  # classifiers: global; the last val batch is padded to it (no recompilation)
     seed: int = 0
-    output_dir: str = "runs/finetune"  # local path or gs:// URL
+    output_dir: str = "runs/digpt"  # local path or gs:// URL
     log_every: int = 50
-    eval_every: int = 1  # epochs
-    keep_checkpoints: int = 1  # newest "last" checkpoints kept; the best one is kept apart
+    ckpt_every: int = 1000  # pretrain (the classifiers save at every epoch's end)
+    eval_every: int = 1  # classifiers: epochs
+    # newest N kept; 0 keeps all (classifiers: of the "last" checkpoints; the best one is kept apart)
+    keep_checkpoints: int = 2
+    stop_at_step: Optional[int] = None  # pretrain: end early (debugging); the schedule is unchanged
+    profile_steps: Optional[list] = None  # pretrain: [first, last): trace these steps into <output_dir>/profile
     # train / finetune: a moving average of the weights (timm's ModelEmaV3, updated in every step
     # with this decay; DeiT's recipes: 0.99996), evaluated beside them and kept in the checkpoints
+    # (evaluate.check_classifier_config checks it)
     ema: Optional[float] = None
-    # weights: our pre-training checkpoint (file, checkpoint directory or output_dir), an official
-    # D-iGPT pre-training / fine-tuning checkpoint, or a timm state_dict; null = random init
+    # classifiers' weights: our pre-training checkpoint (file, checkpoint directory or output_dir),
+    # an official D-iGPT pre-training / fine-tuning checkpoint, or a timm state_dict; null = random init
     init: Optional[str] = None
-    # (ema: evaluate.check_eval_config checks it)
     BOUNDS: typing.ClassVar[dict] = {
-        "epochs": ">= 1", "global_batch": ">= 1", "eval_batch": ">= 1", "log_every": ">= 1", "eval_every": ">= 1",
-        "keep_checkpoints": ">= 0; 0 keeps all", **LongRunConfig.BOUNDS}
+        "max_skipped_steps": ">= 1", "epochs": ">= 1", "global_batch": ">= 1", "accum_steps": ">= 1",
+        "eval_batch": ">= 1", "log_every": ">= 1", "ckpt_every": ">= 1", "eval_every": ">= 1",
+        "keep_checkpoints": ">= 0; 0 keeps all", "stop_at_step": ">= 1; null for none", "profile_steps": ">= 0 span"}
 
 
 @dataclass
-class EvalConfig(Sections):
-    """Supervised training (`train`), fine-tuning, the probes and k-NN of a backbone's classifier."""
+class RuntimeConfig:
+    backend: str = "auto"  # auto | xla | cuda | cpu
+    precision: str = "bf16"  # bf16 | fp32
+    compile_cache: Optional[str] = None  # xla: persistent compilation cache directory (TPU)
+    mesh: list = field(default_factory=lambda: [-1, 1])  # xla: [data, fsdp]; [1, -1] = FSDP, -1 = the rest
+    slices: int = 1  # xla: TPU slices; > 1 makes a HybridMesh, data axis over DCN
+    # cuda: the step's levers (runtime.py), on by default where exact
+    torch_compile: bool = False  # torch.compile of the objective's forward and backward (off: compile time)
+    tf32: bool = False  # TF32 for float32 matmuls and convolutions (not exact: 10 mantissa bits)
+    fused_optimizer: bool = True  # fused AdamW: one kernel over every parameter
+    attention_masks: str = "additive"  # additive: boolean `attn_mask` buffers made one additive mask at the start
+    # SDPA kernels allowed; cuDNN's has had NaN and memory bugs at odd lengths
+    sdpa_backends: list = field(default_factory=lambda: ["flash", "efficient"])
+    ddp_static_graph: bool = True  # several processes: DDP's static graph (fewer hooks per step)
+    CHOICES: typing.ClassVar[dict] = {"attention_masks": ("additive", "boolean")}
+    BOUNDS: typing.ClassVar[dict] = {"slices": ">= 1"}
+
+
+# --- the tasks ---------------------------------------------------------------------------------
+PRETRAIN = ("pretrain",)
+CLASSIFIERS = ("train", "finetune", "linprobe", "attnprobe", "knn", "eval")
+TASKS = PRETRAIN + CLASSIFIERS
+
+# The sections' defaults are pre-training's (D-iGPT's recipe); the classifier tasks start from these
+# instead (MAE / DeiT fine-tuning's), applied before the YAML file.
+_CLASSIFIER_DEFAULTS = {
+    "data": {"num_workers": 8, "crop_scale": [0.08, 1.0]},
+    "optim": {"base_lr": 1e-4, "betas": [0.9, 0.999], "warmup_epochs": 5.0, "min_lr": 1e-6},
+    "train": {"epochs": 100, "global_batch": 1024, "output_dir": "runs/finetune", "keep_checkpoints": 1},
+}
+TASK_DEFAULTS = {"pretrain": {}, **{task: _CLASSIFIER_DEFAULTS for task in CLASSIFIERS}}
+
+# Keys only some tasks read: set for another task (a misplaced section, a probe key in a pre-training
+# config), they fail instead of being ignored.
+ONLY_FOR = {
+    **dict.fromkeys(("objective", "teacher", "targets", "data.crop_ratio", "train.accum_steps", "train.ckpt_every",
+                     "train.stop_at_step", "train.profile_steps"), PRETRAIN),
+    **dict.fromkeys(("augment", "probe", "data.eval_resize", "data.repeated_aug", "optim.name", "optim.layer_decay",
+                     "optim.momentum", "train.eval_batch", "train.eval_every", "train.ema", "train.init"), CLASSIFIERS),
+}
+
+# pre-training reads unlabelled images (embedded: the demo photos), the classifiers labelled ones
+DATA_SOURCES = {"pretrain": ("imagefolder", "embedded", "shards"),
+                **{task: ("imagefolder", "digits", "shards") for task in CLASSIFIERS}}
+
+# Commands that read other tasks' configs too: `eval` measures the classifier that a train or
+# finetune config trained (its train.init, head included); `knn` the frozen backbone of any
+# classifier config.
+READS = {"eval": ("eval", "train", "finetune"), "knn": CLASSIFIERS}
+
+
+@dataclass
+class Config:
+    """A whole experiment: `task` (the command that runs it) and one dataclass field per config
+    section. CHOICES: the allowed values of the keys that have a fixed set (a section's own
+    CHOICES name its keys without the section). A section's BOUNDS (plug-in sections' too) give
+    the numbers each of its keys may take (see `check_bound`)."""
+    task: str = "pretrain"  # the command that runs it (set by the subcommand): one of TASKS
+    objective: Any = plugin("objective", "digpt")
     backbone: Any = plugin("backbone", "vit")
-    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    teacher: Any = plugin("teacher", "openclip")  # only for an objective that needs a teacher
+    targets: TargetsConfig = field(default_factory=TargetsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    optim: EvalOptimConfig = field(default_factory=EvalOptimConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
-    train: EvalTrainConfig = field(default_factory=EvalTrainConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    MOVED: typing.ClassVar[dict] = {**_MOVED_MODEL, "model.init": "train.init"}
     CHOICES: typing.ClassVar[dict] = {
-        "data.source": ("imagefolder", "digits", "shards"),
+        "targets.source": ("online", "precomputed"),
+        "targets.dtype": ("float16", "int8"),
         "optim.name": ("adamw", "sgd", "lars"),
-        "runtime.backend": Config.CHOICES["runtime.backend"],
-        "runtime.precision": Config.CHOICES["runtime.precision"],
-        "train.nonfinite": Config.CHOICES["train.nonfinite"],
-        "optim.schedule_unit": Config.CHOICES["optim.schedule_unit"],
+        "runtime.backend": ("auto", "xla", "cuda", "cpu"),
+        "runtime.precision": ("bf16", "fp32"),
+        "train.nonfinite": ("stop", "skip"),
+        "optim.schedule_unit": ("step", "epoch"),
     }
 
+    def choices(self, key: str) -> tuple | None:
+        """The values `key` may take in this task (data.source: DATA_SOURCES), or None for any."""
+        return DATA_SOURCES[self.task] if key == "data.source" else self.CHOICES.get(key)
 
-def _all_keys(section, prefix="") -> list[str]:
-    """Every key of a config instance: a plugin section lists the keys of its chosen entry."""
-    keys = []
+    def takes(self, key: str) -> bool:
+        """Whether this task reads `key` (a section or a section's key)."""
+        return self.task in ONLY_FOR.get(key, ONLY_FOR.get(key.split(".")[0], TASKS))
+
+    def to_dict(self) -> dict:
+        """The keys this task reads: what checkpoints and the metrics log record."""
+        return _taken(self, dataclasses.asdict(self), "")
+
+    def check_given(self, given: set[str]):
+        """Checks across sections, once every key is read; `given`: the keys the file and the
+        overrides set."""
+        stray = sorted(k for k in given if k.split(".")[0] in ("teacher", "targets"))
+        if stray and not registry("objective").get(self.objective.name).needs_teacher:
+            raise ConfigError(f"config key '{stray[0]}' is set, but objective '{self.objective.name}' has no "
+                              f"teacher (its targets come from the images); remove the teacher and targets sections")
+
+
+def _taken(cfg: Config, values: dict, prefix: str) -> dict:
+    return {k: _taken(cfg, v, f"{prefix}{k}.") if isinstance(v, dict) else v
+            for k, v in values.items() if cfg.takes(prefix + k)}
+
+
+def _all_keys(cfg: Config, section=None, prefix="") -> list[str]:
+    """Every key the config's task reads: a plugin section lists the keys of its chosen entry."""
+    section, keys = cfg if section is None else section, []
     for f in dataclasses.fields(section):
-        value = getattr(section, f.name)
+        value, key = getattr(section, f.name), prefix + f.name
+        if not cfg.takes(key):
+            continue
         if dataclasses.is_dataclass(value):
-            keys += _all_keys(value, f"{prefix}{f.name}.")
+            keys += _all_keys(cfg, value, key + ".")
         else:
-            keys.append(prefix + f.name)
+            keys.append(key)
     return keys
 
 
-def _unknown_key(key: str, cfg, where: str = "") -> ConfigError:
-    if key in cfg.MOVED:
-        return ConfigError(f"{where}config key '{key}' is now '{cfg.MOVED[key]}' (objectives, backbones and "
-                           f"teachers have sections of their own); rename it, as in {DEFAULT_CONFIG}")
+def _unknown_key(key: str, cfg: Config, where: str = "") -> ConfigError:
     keys = _all_keys(cfg)
     close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(keys)}"
@@ -346,7 +322,14 @@ def _choose_entry(section, name: str, values, key: str, kind: str):
         raise ConfigError(f"config key '{key}.name': {e}") from None
 
 
-def _apply(section, values: dict, prefix: str, cfg, given: set):
+def _for_other_task(key: str, cfg: Config) -> ConfigError:
+    tasks = ONLY_FOR.get(key) or ONLY_FOR[key.split(".")[0]]
+    where = f"`xla-trainer {tasks[0]}`" if len(tasks) == 1 else f"the classifier tasks ({', '.join(tasks)})"
+    return ConfigError(f"config key '{key}' is read only by {where}; a {cfg.task} config cannot set it: remove it, "
+                       f"or run the task it belongs to")
+
+
+def _apply(section, values: dict, prefix: str, cfg: Config, given: set):
     if not isinstance(values, dict):
         raise ConfigError(f"config section '{prefix.rstrip('.')}' must be a mapping of keys, got {values!r} "
                           f"({type(values).__name__})")
@@ -354,13 +337,15 @@ def _apply(section, values: dict, prefix: str, cfg, given: set):
     for name, value in values.items():
         key = prefix + str(name)
         if name not in fields:
-            moved = [f"{key}.{sub}" for sub in value if f"{key}.{sub}" in cfg.MOVED] if isinstance(value, dict) else []
-            if moved:  # an old section: name its first moved key
-                raise _unknown_key(moved[0], cfg)
             while isinstance(value, dict) and len(value) == 1:  # name the whole key: optimizer.lr
                 (sub, value), = value.items()
                 key += f".{sub}"
             raise _unknown_key(key, cfg)
+        if key == "task":
+            raise ConfigError("config key 'task' is the command's: it is read from the file's top level, "
+                              "never from an override")
+        if not cfg.takes(key):
+            raise _for_other_task(key, cfg)
         if "registry" in fields[name].metadata:
             _choose_entry(section, name, value, key, fields[name].metadata["registry"])
         current = getattr(section, name)
@@ -368,7 +353,7 @@ def _apply(section, values: dict, prefix: str, cfg, given: set):
             _apply(current, value, key + ".", cfg, given)
             continue
         value = _coerce(key, value, fields[name].type)
-        choices = cfg.CHOICES.get(key) or getattr(section, "CHOICES", {}).get(name)
+        choices = cfg.choices(key) or getattr(section, "CHOICES", {}).get(name)
         if choices and value not in choices:
             raise ConfigError(f"config key '{key}' must be one of {choices}, got {value!r}")
         setattr(section, name, value)
@@ -425,15 +410,14 @@ def blocking_file(path: str) -> Path | None:
     return None
 
 
-def check_values(cfg):
+def check_values(cfg: Config):
     """Every key's bounds; train.allow_resume_change naming config keys; a local
     train.output_dir that is or can become a directory."""
     _check_bounds(cfg)
-    train = getattr(cfg, "train", None)
-    for key in getattr(train, "allow_resume_change", ()):
+    for key in cfg.train.allow_resume_change:
         if str(key) not in _all_keys(cfg) and key != "hosts":  # hosts: the process count (drift.py)
             raise _unknown_key(str(key), cfg, "train.allow_resume_change: ")
-    out = getattr(train, "output_dir", None)
+    out = cfg.train.output_dir
     blocker = blocking_file(out) if out else None
     if blocker is not None:
         where = "is a file" if str(blocker) == str(Path(out)) else f"lies under '{blocker}', which is a file"
@@ -463,9 +447,19 @@ def parse_override(text: str) -> dict:
     return nested
 
 
+def shipped(path: str | Path) -> Path:
+    """`path` itself when it exists, else the shipped config of that name ("configs/digpt/demo.yaml"
+    or "digpt/demo.yaml"), so that the README's commands work from an installed package too."""
+    path = Path(path)
+    if path.exists() or path.is_absolute():
+        return path
+    parts = path.parts[1:] if path.parts[:1] == ("configs",) else path.parts
+    return CONFIG_DIR.joinpath(*parts) if parts and CONFIG_DIR.joinpath(*parts).is_file() else path
+
+
 def read_sections(path: str | Path) -> dict:
     """The mapping of sections a config file holds, or a ConfigError naming the file and the fix."""
-    path = Path(path)
+    path = shipped(path)
     if path.is_dir():
         raise ConfigError(f"config file '{path}' is a directory; pass a YAML file, e.g. one under {CONFIG_DIR}")
     if not path.is_file():
@@ -481,12 +475,26 @@ def read_sections(path: str | Path) -> dict:
     return sections or {}
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = (), schema=Config,
-                default: Path = DEFAULT_CONFIG):
-    """A `schema` (Config, or EvalConfig for the evaluations) from `path` (else `default`), then
-    the overrides."""
-    cfg, given = schema(), set()
-    _apply(cfg, read_sections(path or default), "", cfg, given)
+def file_task(path: Path, sections: dict, task: str | None) -> str:
+    """The task a config file runs: its `task:` key (else `task`, else pretrain), checked against
+    `task`, the command that reads it."""
+    found = sections.pop("task", None)
+    if found is not None and found not in TASKS:
+        raise ConfigError(f"config '{path}': task must be one of {TASKS}, got {found!r}")
+    if task and found and found not in READS.get(task, (task,)):
+        raise ConfigError(f"config '{path}' is a {found} config; run `xla-trainer {found}`")
+    return task or found or "pretrain"
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), task: str | None = None) -> Config:
+    """The Config of `path` (else the D-iGPT demo), then the overrides. `task`: the command that
+    reads it (None: the file's own task); the task's defaults come first (TASK_DEFAULTS)."""
+    path = Path(path or DEFAULT_CONFIG)
+    sections = read_sections(path)
+    cfg = Config(task=file_task(path, sections, task))
+    _apply(cfg, TASK_DEFAULTS[cfg.task], "", cfg, set())
+    given = set()
+    _apply(cfg, sections, "", cfg, given)
     for text in overrides:
         _apply(cfg, parse_override(text), "", cfg, given)
     check_values(cfg)

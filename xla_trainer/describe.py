@@ -1,22 +1,17 @@
-"""`describe`: the model a config builds, without data, teacher weights or a step: parameters per
-top-level part (trainable and frozen) and FLOPs per image, as one JSON object or a table."""
+"""`describe`: the model a config's task builds, without data, teacher weights or a step:
+parameters per top-level part (trainable and frozen) and FLOPs per image, as one JSON object or a
+table."""
 import dataclasses
-from pathlib import Path
 
 import torch
 
-from .config import DEFAULT_CONFIG, Config, EvalConfig, load_config, read_sections
+from .config import Config
 from .flops import objective_flops, step_flops, train_flops_per_image
 
-PRETRAIN_SECTIONS = {"objective", "teacher", "targets"}
-
-
-def load_any_config(path: str | None, overrides: list[str]):
-    """A pre-training Config when the file has an objective, teacher or targets section (or is
-    the default), else an EvalConfig (a classifier: train, finetune, probes, k-NN)."""
-    sections = set(read_sections(path)) if path else set()
-    pretraining = not path or Path(path) == DEFAULT_CONFIG or sections & PRETRAIN_SECTIONS
-    return load_config(path, overrides, schema=Config if pretraining else EvalConfig)
+# The classifier each task trains, as build_classifier names it: `eval` and `knn` train nothing;
+# they are shown with the whole classifier they read, as `finetune` builds it.
+NETWORKS = {"train": "finetune", "finetune": "finetune", "linprobe": "linprobe", "attnprobe": "attnprobe",
+            "eval": "finetune", "knn": "finetune"}
 
 
 def count(params) -> dict:
@@ -50,16 +45,17 @@ def describe_pretraining(cfg: Config) -> dict:
                                 "teacher": flops["teacher_forward"]}}
 
 
-def describe_classifier(cfg: EvalConfig, mode: str, num_classes: int) -> dict:
+def describe_classifier(cfg: Config, num_classes: int) -> dict:
     from xla_trainer_models.layers.probes import Classification
     from .evaluate import build_classifier, example_batch
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init=None))
-    classifier = build_classifier(cfg, "finetune" if mode == "train" else mode, num_classes)
+    network = NETWORKS[cfg.task]
+    classifier = build_classifier(cfg, network, num_classes)
     objective = Classification(classifier).eval()  # batch statistics of one image: eval mode
     batch = example_batch(cfg, num_classes)
     with torch.no_grad():
         forward = objective_flops(objective, batch)
-    if mode in ("train", "finetune"):
+    if network == "finetune":
         head = classifier.get_classifier()
         body = count(classifier.parameters())
         head_count = count(head.parameters())
@@ -68,7 +64,7 @@ def describe_classifier(cfg: EvalConfig, mode: str, num_classes: int) -> dict:
     else:
         found = parts(classifier)
         step = forward + 2 * objective_flops(Classification(classifier.probe).eval(), _probe_batch(classifier, batch))
-    return {"mode": mode, "backbone": cfg.backbone.name, "num_classes": num_classes, "parameters": found,
+    return {"mode": cfg.task, "backbone": cfg.backbone.name, "num_classes": num_classes, "parameters": found,
             "flops_per_image": {"forward": forward, "train_step": step, "teacher": 0.0}}
 
 
@@ -79,8 +75,9 @@ def _probe_batch(model, batch: dict) -> dict:
     return {"images": features, "targets": batch["targets"]}
 
 
-def describe(cfg, mode: str = "finetune", num_classes: int = 1000) -> dict:
-    result = describe_pretraining(cfg) if isinstance(cfg, Config) else describe_classifier(cfg, mode, num_classes)
+def describe(cfg: Config, num_classes: int = 1000) -> dict:
+    """`num_classes`: the outputs of a classifier's head (a pre-training config has none)."""
+    result = describe_pretraining(cfg) if cfg.task == "pretrain" else describe_classifier(cfg, num_classes)
     total = {k: sum(p[k] for p in result["parameters"].values()) for k in ("trainable", "frozen")}
     return {**result, "parameters_total": total}
 

@@ -16,22 +16,22 @@ from tqdm import tqdm
 
 from xla_trainer_models import BACKBONES
 from xla_trainer_models.layers.probes import AttentiveProbe, Classification, FrozenEncoderProbe, LinearProbe, probe_features
-from .config import ConfigError, EvalConfig
-from .data.eval import EvalData, open_eval_data
+from .config import Config, ConfigError
+from .data import open_data
+from .data.eval import EvalData
 from .flops import peak_flops, train_flops_per_image
-from .loop import (Cadence, NonFiniteSteps, StepSettings, Task, check_drift, hold_output_dir, make_schedule,
-                   open_metrics, resume, run)
+from .loop import (LogAndSaveSteps, NonFiniteSteps, StepSettings, TrainingJob, check_drift, hold_output_dir,
+                   make_runtime, make_schedule, open_metrics, resume, run)
 from .metrics import MetricsLogger
-from .optim import build_eval_optimizer, keep_unless
+from .optim import build_optimizer, keep_unless
 from .pretrained import load_backbone_state
-from .pretrain import make_runtime
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 
 # --- models -------------------------------------------------------------------------------------
-def backbone_entry(cfg: EvalConfig):
+def backbone_entry(cfg: Config):
     try:
         backbone = BACKBONES.get(cfg.backbone.name)
         backbone.check(cfg.backbone)
@@ -40,7 +40,7 @@ def backbone_entry(cfg: EvalConfig):
     return backbone
 
 
-def build_encoder(cfg: EvalConfig, num_classes: int = 0, keep_head: bool = False):
+def build_encoder(cfg: Config, num_classes: int = 0, keep_head: bool = False):
     """The backbone's classifier, its weights from train.init (random when null); its head is
     new unless keep_head (then train.init must hold one of num_classes outputs)."""
     backbone = backbone_entry(cfg)
@@ -79,7 +79,7 @@ def state_mismatch(state: dict, own: dict, keep_head: bool) -> str | None:
     return "; ".join(found) or None
 
 
-def build_classifier(cfg: EvalConfig, mode: str, num_classes: int) -> torch.nn.Module:
+def build_classifier(cfg: Config, mode: str, num_classes: int) -> torch.nn.Module:
     if mode in ("train", "finetune"):
         return build_encoder(cfg, num_classes)
     encoder = build_encoder(cfg)
@@ -89,7 +89,7 @@ def build_classifier(cfg: EvalConfig, mode: str, num_classes: int) -> torch.nn.M
     return FrozenEncoderProbe(encoder, probe, cfg.probe.blocks)
 
 
-def make_ema(cfg: EvalConfig, classifier, runtime: Runtime):
+def make_ema(cfg: Config, classifier, runtime: Runtime):
     """timm's ModelEmaV3 of the classifier (train.ema: its decay, constant, no warmup, as DeiT's
     ModelEma), or None. Data-parallel only: an FSDP-wrapped model is not deep-copied."""
     if cfg.train.ema is None:
@@ -100,7 +100,7 @@ def make_ema(cfg: EvalConfig, classifier, runtime: Runtime):
     return ModelEmaV3(classifier, decay=cfg.train.ema)
 
 
-def check_probe_blocks(cfg: EvalConfig, encoder):
+def check_probe_blocks(cfg: Config, encoder):
     blocks = cfg.probe.blocks
     if blocks is None:
         return
@@ -111,7 +111,7 @@ def check_probe_blocks(cfg: EvalConfig, encoder):
                           f"(backbone {cfg.backbone.name!r}); null takes its final features")
 
 
-def example_batch(cfg: EvalConfig, num_classes: int) -> dict:
+def example_batch(cfg: Config, num_classes: int) -> dict:
     """One image's batch, as the step sees it (soft targets), for FLOP counting."""
     size = cfg.backbone.image_size
     return {"images": torch.zeros(1, 3, size, size), "targets": torch.zeros(1, num_classes)}
@@ -156,30 +156,31 @@ def evaluate(model, eval_fn, runtime: Runtime, data: EvalData) -> dict:
 
 
 # --- fine-tuning and probes ---------------------------------------------------------------------
-def check_eval_config(cfg: EvalConfig, mode: str = "knn"):
+def check_classifier_config(cfg: Config):
     t = cfg.train
     if t.epochs < 1 or t.log_every < 1 or t.eval_every < 1:
         raise ConfigError("train.epochs, train.log_every and train.eval_every must be >= 1")
     if t.ema is not None and not 0 < t.ema < 1:
         raise ConfigError(f"train.ema {t.ema} is a decay: it must lie in (0, 1) (DeiT's: 0.99996), or null for none")
-    if t.ema is not None and mode in ("linprobe", "attnprobe"):
+    if t.ema is not None and cfg.task in ("linprobe", "attnprobe"):
         raise ConfigError(f"train.ema averages trained weights: a probe's encoder is frozen; "
                           f"set train.ema=null")
-    if mode == "train" and t.init:
+    if cfg.task == "train" and t.init:
         raise ConfigError(f"`train` trains a classifier from scratch, but train.init is '{t.init}'; "
                           f"use `finetune` to start from those weights, or pass train.init=null")
     backbone_entry(cfg)
 
 
-def train_classifier(cfg: EvalConfig, mode: str) -> dict:
+def train_classifier(cfg: Config) -> dict:
     """train (a classifier from scratch), finetune (every weight, from train.init), linprobe or
     attnprobe (a probe on the frozen encoder): train on data train/, evaluate on val/ every
     train.eval_every epochs; keep the last and the best checkpoints; resume from the last one in
-    train.output_dir."""
-    check_eval_config(cfg, mode)
+    train.output_dir. cfg.task says which."""
+    check_classifier_config(cfg)
+    mode = cfg.task
     runtime = make_runtime(cfg)
     out = cfg.train.output_dir.rstrip("/")
-    data = open_eval_data(cfg, runtime)  # checked before the run directory is touched
+    data = open_data(cfg, runtime)  # checked before the run directory is touched
     with hold_output_dir(runtime, out, cfg.train.take_over) as lock, contextlib.ExitStack() as closing:
         last, best = runtime.checkpoints(out, cfg.train.keep_checkpoints), runtime.checkpoints(f"{out}/best", 1)
         for store in (last, best):
@@ -194,7 +195,7 @@ def train_classifier(cfg: EvalConfig, mode: str) -> dict:
             "metrics": str(logger.path), "compiles": runtime.compiles()}
 
 
-def _train_classifier(cfg: EvalConfig, mode: str, runtime: Runtime, data: EvalData, last, best, lock, closing):
+def _train_classifier(cfg: Config, mode: str, runtime: Runtime, data: EvalData, last, best, lock, closing):
     """train_classifier's body, inside its run lock: (the last evaluation, the best-so-far state,
     the metrics log)."""
     out = cfg.train.output_dir.rstrip("/")
@@ -207,20 +208,20 @@ def _train_classifier(cfg: EvalConfig, mode: str, runtime: Runtime, data: EvalDa
     ema = make_ema(cfg, classifier, runtime)  # a copy of the weights before any wrapper
     wrapped = runtime.wrap_model(objective, BACKBONES.get(cfg.backbone.name).blocks)
     o, t = cfg.optim, cfg.train
-    optimizer = build_eval_optimizer(
-        classifier, o.name, schedule.peak_lr, o.weight_decay, o.layer_decay if mode == "finetune" else 1.0,
-        o.betas, o.momentum, **(runtime.optimizer_options() if o.name == "adamw" else {}))
+    optimizer = build_optimizer(classifier, schedule.peak_lr, o.weight_decay, o.betas, o.name,
+                                o.layer_decay if mode == "finetune" else 1.0, o.momentum,
+                                **runtime.optimizer_options())
     runtime.init_optimizer_state(optimizer)
     if ema is not None:
         ema.module.to(runtime.device)
         runtime.shard_like(ema.module.state_dict().values(), classifier.state_dict().values())
-    task = Task(mode, classifier, wrapped, optimizer, schedule,
-                StepSettings(1, o.clip_grad, t.global_batch, t.seed), flops=flops,
-                ema=None if ema is None else lambda applied: update_ema(ema, classifier, applied))
+    job = TrainingJob(mode, classifier, wrapped, optimizer, schedule,
+                      StepSettings(1, o.clip_grad, t.global_batch, t.seed), flops=flops,
+                      ema=None if ema is None else lambda applied: update_ema(ema, classifier, applied))
 
     state = {"step": 0, "best_top1": -1.0, "best_epoch": 0, "config": cfg.to_dict()}
     with_ema = lambda extra: extra if ema is None else {**extra, "ema": ema.module.state_dict()}
-    start, extra = resume(last, task, with_ema(dict(state)), cfg.to_dict(), t.allow_resume_change, runtime)
+    start, extra = resume(last, job, with_ema(dict(state)), cfg.to_dict(), t.allow_resume_change, runtime)
     if extra and ema is not None:
         ema.module.load_state_dict(extra.pop("ema"))
     state = extra or state
@@ -246,8 +247,8 @@ def _train_classifier(cfg: EvalConfig, mode: str, runtime: Runtime, data: EvalDa
                     "best_top1": state["best_top1"]}, group="val")
 
     nonfinite = NonFiniteSteps(t.nonfinite, t.max_skipped_steps, state.get("skipped_steps", 0))
-    run(task, runtime, runtime.device_batches(data.train(start, total)), last, logger, start=start, end=total,
-        cadence=Cadence(t.log_every, schedule.steps_per_epoch, log_at_epoch_end=True),
+    run(job, runtime, runtime.device_batches(data.train(start, total)), last, logger, start=start, end=total,
+        log_and_save=LogAndSaveSteps(t.log_every, schedule.steps_per_epoch, log_at_epoch_end=True),
         extra_state=lambda done: with_ema(dict(state, step=done)), nonfinite=nonfinite,
         after_step=evaluate_at_epoch_end, output_dir=out, lock=lock)
     return result, state, logger
@@ -261,15 +262,15 @@ def update_ema(ema: ModelEmaV3, model: torch.nn.Module, applied: torch.Tensor):
     keep_unless(applied, tensors, old)
 
 
-def evaluate_checkpoint(cfg: EvalConfig) -> dict:
+def evaluate_checkpoint(cfg: Config) -> dict:
     """Top-1 / top-5 on data val/ of the classifier stored at train.init, its own head included
     (e.g. an official Adventurer checkpoint), under the eval transform: resize the short side to
     data.eval_resize, center-crop backbone.image_size (224 / 256: crop ratio 0.875)."""
-    check_eval_config(cfg)
+    check_classifier_config(cfg)
     if not cfg.train.init:
         raise ConfigError("evaluating a classifier needs its weights: set train.init")
     runtime = make_runtime(cfg)
-    data = open_eval_data(cfg, runtime)
+    data = open_data(cfg, runtime)
     classifier = build_encoder(cfg, data.num_classes, keep_head=True).to(runtime.device)
     result = evaluate(classifier, runtime.compile_fn(eval_step, "eval_step"), runtime, data)
     return {"mode": "eval", **{f"val_{k}": v for k, v in result.items()}, "compiles": runtime.compiles()}
@@ -300,12 +301,12 @@ def vote_step(best_sims, best_labels, labels, valid, totals, *, num_classes: int
     return {key: totals[key] + v for key, v in counts.items()}
 
 
-def knn(cfg: EvalConfig) -> dict:
+def knn(cfg: Config) -> dict:
     """Cosine k-NN on frozen pooled features (probe.k neighbours, votes weighted by
     exp(cos / probe.temperature)): the bank is the train split under the eval transform."""
-    check_eval_config(cfg)
+    check_classifier_config(cfg)
     runtime = make_runtime(cfg)
-    data = open_eval_data(cfg, runtime)
+    data = open_data(cfg, runtime)
     if cfg.probe.k > data.train_len:
         raise ConfigError(f"probe.k {cfg.probe.k} exceeds the {data.train_len} training images")
     # inference only: replicated on every device, no DDP wrapper

@@ -9,7 +9,7 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
@@ -22,10 +22,17 @@ from .flops import peak_flops
 from .metrics import MetricsLogger
 from .optim import clip_and_step, lr_at, lr_at_epoch, peak_lr, set_lr
 from .runlock import RunLock
-from .runtime import Runtime
+from .runtime import Runtime, create_runtime
 
 log = logging.getLogger(__name__)
 
+
+def make_runtime(cfg) -> Runtime:
+    """The runtime cfg.runtime asks for; a setting it refuses is a ConfigError."""
+    try:
+        return create_runtime(**asdict(cfg.runtime))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 @dataclass
 class Schedule:
@@ -205,7 +212,7 @@ class StepProfile:
             log.info("profile of steps %d-%d written to %s", self.steps[0], step, self.logdir)
 
 
-class Interval:
+class PendingMetrics:
     """Step metrics kept on the device until a log or checkpoint step reads them."""
 
     def __init__(self):
@@ -221,9 +228,9 @@ class Interval:
         return self.rows
 
     def summary(self, runtime: Runtime, global_batch: int) -> dict:
-        """Losses averaged over the interval's applied steps and the processes (None if none was
-        applied), the newest applied grad_norm, the interval's skipped images (if counted) summed,
-        and its throughput."""
+        """Losses averaged over the pending steps that were applied and over the processes (None if
+        none was), the newest applied grad_norm, the pending steps' skipped images (if counted)
+        summed, and their throughput."""
         rows = self.read()
         applied = [r for _, r in rows if r["applied"]]
         keys = [k for k in rows[-1][1] if k != "applied"]
@@ -239,13 +246,13 @@ class Interval:
 
 # --- the loop -----------------------------------------------------------------------------------
 @dataclass
-class Task:
-    """What the loop trains: `module` is what checkpoints hold, `model` its wrapped form the step
-    runs (an objective), `teacher` an optional frozen module the step feeds; `flops` per image
-    (student_forward, teacher_forward, train_step) where counted."""
+class TrainingJob:
+    """What the loop trains: `saved` is what checkpoints hold, `step_model` its wrapped form the
+    step runs (an objective), `teacher` an optional frozen module the step feeds; `flops` per
+    image (student_forward, teacher_forward, train_step) where counted. `name`: the task."""
     name: str
-    module: torch.nn.Module
-    model: torch.nn.Module
+    saved: torch.nn.Module
+    step_model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     schedule: Schedule
     settings: StepSettings
@@ -303,7 +310,7 @@ def check_drift(store, step: int, config: dict, allowed: list[str], task_name: s
                      identity(config, task_name, processes), allowed, store.location(step))
 
 
-def resume(store, task: Task, template: dict, config: dict, allowed: list[str],
+def resume(store, job: TrainingJob, template: dict, config: dict, allowed: list[str],
            runtime: Runtime) -> tuple[int, dict | None]:
     """(the step to start from, the saved extra state or None) from the newest intact checkpoint,
     if the run's `config` may resume it (check_drift; `allowed`: train.allow_resume_change). A
@@ -312,8 +319,8 @@ def resume(store, task: Task, template: dict, config: dict, allowed: list[str],
     for step in store.intact_steps():
         path = store.location(step)
         try:
-            check_drift(store, step, config, allowed, task.name, runtime)
-            extra, error = store.restore(step, task.module, task.optimizer, template), None
+            check_drift(store, step, config, allowed, job.name, runtime)
+            extra, error = store.restore(step, job.saved, job.optimizer, template), None
         except ConfigError:
             raise
         except READ_ERRORS as e:
@@ -332,54 +339,55 @@ def resume(store, task: Task, template: dict, config: dict, allowed: list[str],
 
 
 @dataclass
-class Cadence:
+class LogAndSaveSteps:
+    """Which steps write a metrics row and which save a checkpoint (the last step does both)."""
     log_every: int
     ckpt_every: int
     log_at_epoch_end: bool = False  # also a row at every epoch's last step (the evaluations)
 
 
-def run(task: Task, runtime: Runtime, batches, store, logger: MetricsLogger, *, start: int, end: int,
-        cadence: Cadence, extra_state: Callable[[int], dict], nonfinite: NonFiniteSteps,
+def run(job: TrainingJob, runtime: Runtime, batches, store, logger: MetricsLogger, *, start: int, end: int,
+        log_and_save: LogAndSaveSteps, extra_state: Callable[[int], dict], nonfinite: NonFiniteSteps,
         after_step: Callable[[int], None] | None = None, profile_steps=None, output_dir: str = "",
         lock=None) -> tuple[int, str | None]:
-    """Steps [start, end) of `task` on `batches` (device batches of those steps). Returns the
+    """Steps [start, end) of `job` on `batches` (device batches of those steps). Returns the
     step it stopped after (end, or earlier on SIGTERM) and the newest checkpoint's location;
     raises Interrupted after saving on SIGINT, TrainingDiverged on non-finite steps it may not
     go on past, RunLockLost when another launch took the run over."""
-    schedule, interval = task.schedule, Interval()
-    step_fn = runtime.compile_fn(train_step, f"{task.name}_step")
+    schedule, pending = job.schedule, PendingMetrics()
+    step_fn = runtime.compile_fn(train_step, f"{job.name}_step")
     peak = peak_flops(runtime.device_kind())
     last_ckpt = store.location(start) if start else None
     total_skipped = 0.0
-    bar = tqdm(total=end, initial=start, desc=task.name, disable=not runtime.is_main, dynamic_ncols=True)
-    signals = StopSignals(runtime, cadence.log_every)
+    bar = tqdm(total=end, initial=start, desc=job.name, disable=not runtime.is_main, dynamic_ncols=True)
+    signals = StopSignals(runtime, log_and_save.log_every)
     profile = StepProfile(runtime, profile_steps, output_dir)
-    task.model.train()
+    job.step_model.train()
     done, stop = start, False
     try:
         for step, batch in zip(range(start, end), batches):
             profile.before(step)
-            metrics = step_fn(task.model, task.teacher, task.optimizer, batch, schedule.lr(step), step,
-                              runtime=runtime, settings=task.settings, ema=task.ema)
+            metrics = step_fn(job.step_model, job.teacher, job.optimizer, batch, schedule.lr(step), step,
+                              runtime=runtime, settings=job.settings, ema=job.ema)
             profile.after(step)
             done = step + 1  # steps completed; the step number every log and message uses
-            interval.add(done, metrics)
+            pending.add(done, metrics)
             bar.update(1)
             stop = signals.agreed(done)
             is_last = done == end or stop
             epoch_end = done % schedule.steps_per_epoch == 0
-            if done % cadence.log_every == 0 or is_last or (cadence.log_at_epoch_end and epoch_end):
+            if done % log_and_save.log_every == 0 or is_last or (log_and_save.log_at_epoch_end and epoch_end):
                 if runtime.any_process(lock is not None and lock.lost):
                     raise RunLockLost(f"another launch took the run lock of {output_dir} over; this one stops "
                                       f"without saving")
-                nonfinite.check(interval.read(), last_ckpt)
-                record = interval.summary(runtime, task.settings.global_batch)
+                nonfinite.check(pending.read(), last_ckpt)
+                record = pending.summary(runtime, job.settings.global_batch)
                 skipped = record.pop("skipped_images", None)
                 images_per_sec = record.pop("images_per_sec")
                 row = {"step": done, "epoch": done / schedule.steps_per_epoch, **record,
                        "lr": schedule.lr(step), "images_per_sec": images_per_sec,
-                       "mfu": images_per_sec * task.flops["train_step"] / (peak * runtime.num_devices)
-                       if peak and task.flops else None,
+                       "mfu": images_per_sec * job.flops["train_step"] / (peak * runtime.num_devices)
+                       if peak and job.flops else None,
                        "compiles": runtime.compiles()}
                 if skipped is not None:
                     total_skipped += skipped
@@ -389,13 +397,13 @@ def run(task: Task, runtime: Runtime, batches, store, logger: MetricsLogger, *, 
                 logger.log(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}" if row["loss"] is not None else "skipped",
                                 img_s=f"{images_per_sec:.1f}")
-                interval = Interval()
+                pending = PendingMetrics()
             if after_step:
                 after_step(done)
-            if done % cadence.ckpt_every == 0 or is_last:
-                nonfinite.check(interval.read(), last_ckpt)
-                store.save(done, task.module, task.optimizer,
-                           {**extra_state(done), "skipped_steps": nonfinite.total, "task": task.name,
+            if done % log_and_save.ckpt_every == 0 or is_last:
+                nonfinite.check(pending.read(), last_ckpt)
+                store.save(done, job.saved, job.optimizer,
+                           {**extra_state(done), "skipped_steps": nonfinite.total, "task": job.name,
                             "processes": runtime.process_count})
                 last_ckpt = store.location(done)
                 logger.upload()

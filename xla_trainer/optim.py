@@ -15,20 +15,13 @@ def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dic
     return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=no_decay_names(model))
 
 
-def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas,
-                    **options) -> torch.optim.AdamW:
-    """AdamW over weight_decay_groups(model)."""
-    groups = weight_decay_groups(model, weight_decay)
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), **options)
-
-
-def build_eval_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: float,
-                         layer_decay: float = 1.0, betas=(0.9, 0.999), momentum: float = 0.9,
-                         **options) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999),
+                    name: str = "adamw", layer_decay: float = 1.0, momentum: float = 0.9,
+                    **options) -> torch.optim.Optimizer:
     """AdamW, SGD or LARS over the trainable parameters, without decay on biases, 1-D parameters
     and the model's no_weight_decay() names. layer_decay < 1 scales each ViT layer's lr by
     layer_decay^(depth - layer) (timm's grouping, BEiT / MAE fine-tuning); `options` are the
-    runtime's AdamW options (capturable on XLA)."""
+    runtime's AdamW options (capturable on XLA, fused on CUDA), for AdamW alone."""
     if layer_decay < 1.0:
         groups = param_groups_layer_decay(model, weight_decay, no_decay_names(model), layer_decay=layer_decay)
     else:

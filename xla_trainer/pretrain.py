@@ -1,33 +1,25 @@
 """Pre-training: the config's objective, backbone and teacher checked and built, then the loop
 every task shares (loop.py).
 
-Reading order: `pretrain` -> `build_task` (objective on a backbone's student, teacher, optimizer)
+Reading order: `pretrain` -> `build_job` (objective on a backbone's student, teacher, optimizer)
 -> loop.run and loop.train_step -> the objective's forward in models/objectives/ (the loss)."""
 import contextlib
 import random
-from dataclasses import asdict
 
 import torch
 
 from xla_trainer_models import BACKBONES, OBJECTIVES, TargetInfo, check_pairing
 from .config import Config, ConfigError
-from .data.pretrain import open_train_data
+from .data import open_data
 from .flops import peak_flops, train_flops_per_image
-from .loop import (Cadence, NonFiniteSteps, Schedule, StepSettings, Task, check_drift, hold_output_dir,
-                   make_schedule, open_metrics, resume, run)
+from .loop import (LogAndSaveSteps, NonFiniteSteps, Schedule, StepSettings, TrainingJob, check_drift,
+                   hold_output_dir, make_runtime, make_schedule, open_metrics, resume, run)
 from .optim import build_optimizer
-from .runtime import Runtime, create_runtime
+from .runtime import Runtime
 from .targets import TargetManifest, build_teacher
 
 
 # --- checks and construction ------------------------------------------------------------------
-def make_runtime(cfg: Config) -> Runtime:
-    try:
-        return create_runtime(**asdict(cfg.runtime))
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-
-
 def check_config(cfg: Config, runtime: Runtime, for_bench: bool = False):
     """Everything that can be wrong with the config, before data, models or compilation. `bench`
     needs no data, so neither data nor target locations."""
@@ -95,8 +87,8 @@ def example_batch(cfg: Config, info: TargetInfo | None) -> dict:
     return batch
 
 
-def build_task(cfg: Config, runtime: Runtime, schedule: Schedule, targets: TargetManifest | None = None,
-               count_flops: bool | None = None) -> Task:
+def build_job(cfg: Config, runtime: Runtime, schedule: Schedule, targets: TargetManifest | None = None,
+              count_flops: bool | None = None) -> TrainingJob:
     """The objective on the device (wrapped for the backend), its teacher and optimizer. FLOPs
     are counted (fvcore, on the CPU first) when the device's peak is known, or when asked."""
     method, teacher, info = build_models(cfg, targets)
@@ -112,22 +104,22 @@ def build_task(cfg: Config, runtime: Runtime, schedule: Schedule, targets: Targe
                                 **runtime.optimizer_options())
     runtime.init_optimizer_state(optimizer)
     t = cfg.train
-    return Task("pretrain", method, model, optimizer, schedule,
-                StepSettings(t.accum_steps, cfg.optim.clip_grad, t.global_batch, t.seed), teacher, flops, info)
+    return TrainingJob("pretrain", method, model, optimizer, schedule,
+                       StepSettings(t.accum_steps, cfg.optim.clip_grad, t.global_batch, t.seed), teacher, flops, info)
 
 
 def pretrain(cfg: Config, runtime: Runtime | None = None) -> dict:
     runtime = runtime or make_runtime(cfg)
     check_config(cfg, runtime)
     out = cfg.train.output_dir
-    data = open_train_data(cfg, runtime)  # checked before the run directory is touched
+    data = open_data(cfg, runtime)  # checked before the run directory is touched
     with hold_output_dir(runtime, out, cfg.train.take_over) as lock, contextlib.ExitStack() as closing:
         store = runtime.checkpoints(out, cfg.train.keep_checkpoints)
         closing.callback(store.close)
         if store.latest():  # a resume under another config fails before anything is built
             check_drift(store, store.latest(), cfg.to_dict(), cfg.train.allow_resume_change, "pretrain", runtime)
         schedule = make_schedule(cfg, data.num_samples)
-        task = build_task(cfg, runtime, schedule, data.targets)
+        job = build_job(cfg, runtime, schedule, data.targets)
 
         def extra_state(step: int) -> dict:
             return {"step": step, "data_position": {"epoch": step // schedule.steps_per_epoch,
@@ -135,7 +127,7 @@ def pretrain(cfg: Config, runtime: Runtime | None = None) -> dict:
                     "rng": {"python": random.getstate(), "torch": torch.get_rng_state()},
                     "config": cfg.to_dict()}
 
-        start, extra = resume(store, task, extra_state(0), cfg.to_dict(), cfg.train.allow_resume_change, runtime)
+        start, extra = resume(store, job, extra_state(0), cfg.to_dict(), cfg.train.allow_resume_change, runtime)
         if extra:
             random.setstate(extra["rng"]["python"])
             torch.set_rng_state(extra["rng"]["torch"])
@@ -145,9 +137,10 @@ def pretrain(cfg: Config, runtime: Runtime | None = None) -> dict:
         batches = runtime.device_batches(data.loader(start, end))
         nonfinite = NonFiniteSteps(cfg.train.nonfinite, cfg.train.max_skipped_steps,
                                    extra.get("skipped_steps", 0) if extra else 0)
-        done, last_ckpt = run(task, runtime, batches, store, logger, start=start, end=end,
-                              cadence=Cadence(cfg.train.log_every, cfg.train.ckpt_every), extra_state=extra_state,
-                              nonfinite=nonfinite, profile_steps=cfg.train.profile_steps, output_dir=out, lock=lock)
+        done, last_ckpt = run(job, runtime, batches, store, logger, start=start, end=end,
+                              log_and_save=LogAndSaveSteps(cfg.train.log_every, cfg.train.ckpt_every),
+                              extra_state=extra_state, nonfinite=nonfinite, profile_steps=cfg.train.profile_steps,
+                              output_dir=out, lock=lock)
     return {"output_dir": out, "metrics": str(logger.path), "tensorboard": str(logger.local_dir / "tb"),
             "checkpoint": last_ckpt, "steps": done, "compiles": runtime.compiles(),
-            "parameter_bytes_per_device": runtime.parameter_bytes_per_device(task.model)}
+            "parameter_bytes_per_device": runtime.parameter_bytes_per_device(job.step_model)}

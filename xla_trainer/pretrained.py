@@ -3,10 +3,9 @@ local paths or fsspec URLs (gs://) alike.
 
 read_state_dict understands: torch files (.pt/.pth/.bin) holding a state_dict bare or under
 "model" / "state_dict" / "module" (DDP's `module.` prefix stripped), which covers the official
-D-iGPT checkpoints and the checkpoint-<step>.pt files of our runs before one format; safetensors
-files; our checkpoint directories <output_dir>/checkpoints/<step>/ (their "model" entries only,
-read on the CPU in this process, no process group needed); and an output_dir, whose newest
-checkpoint it reads.
+pre-training checkpoints and timm / OpenCLIP files; safetensors files; our checkpoint directories
+<output_dir>/checkpoints/<step>/ (their "model" entries only, read on the CPU in this process, no
+process group needed); and an output_dir, whose newest checkpoint it reads.
 """
 import argparse
 import io
@@ -35,8 +34,7 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
         if newest is None:
             raise FileNotFoundError(
                 f"{path}: a directory without a checkpoint; expected a distributed checkpoint "
-                f"(<step>/ with .metadata), an output_dir with checkpoints/<step>/ or "
-                f"checkpoint-XXXXXXXX.pt files")
+                f"(<step>/ with .metadata) or an output_dir with checkpoints/<step>/")
         return read_state_dict(newest)
     if path.endswith(".safetensors"):
         return safetensors.torch.load(read_bytes(path))

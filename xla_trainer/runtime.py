@@ -222,6 +222,21 @@ class Runtime:
         if dist.is_initialized():
             dist.barrier()
 
+    # --- device memory and waiting (bench) -------------------------------------------------
+    def synchronize(self):
+        """Wait until the device has run all the work queued on it (CPU work has run already)."""
+
+    def free_memory(self):
+        """Hand the device memory the allocator keeps cached back to the device (none on the CPU)."""
+
+    def reset_peak_memory(self):
+        """peak_memory counts from the memory in use now."""
+
+    def peak_memory(self) -> int | None:
+        """The most device memory in use since reset_peak_memory, in bytes; None where the
+        backend does not count it."""
+        return None
+
     # --- profiling --------------------------------------------------------------------------
     def start_trace(self, logdir: str):
         from torch.profiler import ProfilerActivity, profile, tensorboard_trace_handler
@@ -246,10 +261,11 @@ def check_sdpa_backends(backends):
         raise ConfigError(f"runtime.sdpa_backends {list(backends)}: give one or more of {list(SDPA_BACKENDS)}")
 
 
-class DdpRuntime(Runtime):
-    """cpu (gloo) or cuda (nccl); DDP when launched by torchrun with WORLD_SIZE > 1 (one process
-    uses no wrapper). On cuda the step's levers are `options`, RuntimeConfig's keys of the CUDA
-    step (torch_compile, tf32, fused_optimizer, attention_masks, sdpa_backends, ddp_static_graph)."""
+class EagerRuntime(Runtime):
+    """The eager backends, cpu (gloo) or cuda (nccl): one process as it is, DDP when launched by
+    torchrun with WORLD_SIZE > 1. On cuda the step's levers are `options` (default: RuntimeConfig's),
+    its keys of the CUDA step (torch_compile, tf32, fused_optimizer, attention_masks, sdpa_backends,
+    ddp_static_graph)."""
 
     def __init__(self, backend: str, precision: str = "bf16", options: RuntimeConfig | None = None):
         super().__init__(precision)
@@ -266,7 +282,7 @@ class DdpRuntime(Runtime):
             self.process_index, self.process_count = dist.get_rank(), dist.get_world_size()
         self.num_devices = self.process_count
         if backend == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = options.tf32
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.options.tf32
 
     @property
     def cuda(self) -> bool:
@@ -292,6 +308,21 @@ class DdpRuntime(Runtime):
 
     def optimizer_options(self) -> dict:
         return {"fused": True} if self.cuda and self.options.fused_optimizer else {}
+
+    def synchronize(self):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def free_memory(self):
+        if self.cuda:
+            torch.cuda.empty_cache()
+
+    def reset_peak_memory(self):
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_memory(self) -> int | None:
+        return torch.cuda.max_memory_allocated(self.device) if self.cuda else None
 
     @contextlib.contextmanager
     def autocast(self):
@@ -400,6 +431,10 @@ class XlaRuntime(Runtime):
 
     def compile_fn(self, fn, name: str):
         return self._torch_xla.compile(fn, full_graph=True, name=name)
+
+    def synchronize(self):
+        self._torch_xla.sync()  # the pending graph runs only once cut here
+        self._xm.wait_device_ops()
 
     def optimizer_options(self) -> dict:
         # capturable keeps AdamW's step count on the device. Otherwise its bias corrections are
@@ -564,7 +599,7 @@ def mesh_shape(num_devices: int, mesh) -> tuple[int, int]:
 
 
 @dataclass
-class Visible:
+class MachineDevices:
     """What a machine shows the runtime: PJRT_DEVICE if the user set it, a TPU, CUDA GPUs, and
     whether torch_xla is installed."""
     pjrt_device: str | None
@@ -573,7 +608,7 @@ class Visible:
     torch_xla: bool
 
     @classmethod
-    def probe(cls) -> "Visible":
+    def probe(cls) -> "MachineDevices":
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         return cls(os.environ.get("PJRT_DEVICE"), _tpu_present(), gpus,
                    importlib.util.find_spec("torch_xla") is not None)
@@ -584,7 +619,7 @@ class Visible:
                 + (f", PJRT_DEVICE={self.pjrt_device}" if self.pjrt_device else ""))
 
 
-def choose_backend(requested: str, seen: Visible) -> tuple[str, str]:
+def choose_backend(requested: str, seen: MachineDevices) -> tuple[str, str]:
     """(backend, why). auto: PJRT_DEVICE set by the user, else a TPU, else a visible GPU, else
     XLA:CPU where torch_xla is installed, else the CPU. A backend that cannot run here is a
     ConfigError naming what was found and what to pass instead."""
@@ -612,17 +647,19 @@ def choose_backend(requested: str, seen: Visible) -> tuple[str, str]:
 
 
 def create_runtime(backend: str = "auto", precision: str = "bf16", compile_cache: str | None = None,
-                   mesh=(-1, 1), slices: int = 1, visible: Visible | None = None, **cuda_options) -> Runtime:
-    """`cuda_options`: RuntimeConfig's keys of the CUDA step (see DdpRuntime)."""
+                   mesh=(-1, 1), slices: int = 1, devices: MachineDevices | None = None,
+                   **cuda_options) -> Runtime:
+    """`devices`: what choose_backend sees (default: this machine's, probed); `cuda_options`:
+    RuntimeConfig's keys of the CUDA step (see EagerRuntime)."""
     options = RuntimeConfig(**cuda_options)
     check_sdpa_backends(options.sdpa_backends)
-    backend, why = choose_backend(backend, visible or Visible.probe())
+    backend, why = choose_backend(backend, devices or MachineDevices.probe())
     if backend == "xla":
         runtime = XlaRuntime(precision, compile_cache, mesh, slices)
     else:
         if tuple(mesh) not in ((-1, 1), (1, 1)) or slices != 1:
             raise ConfigError("runtime.mesh and runtime.slices are for the xla backend; cuda and cpu are "
                               "data-parallel: leave them at [-1, 1] and 1")
-        runtime = DdpRuntime(backend, precision, options)
+        runtime = EagerRuntime(backend, precision, options)
     runtime.backend_reason = why
     return runtime

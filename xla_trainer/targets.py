@@ -12,7 +12,7 @@ import io
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ class TargetManifest:
     crop_scale: list
     bytes_per_image: float
     shards: list
-    crop_ratio: list = field(default_factory=lambda: [3 / 4, 4 / 3])  # absent from older manifests
+    crop_ratio: list
 
     @classmethod
     def load(cls, prefix: str) -> "TargetManifest":

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.datasets.folder import default_loader
 
-from .config import ConfigError, EvalConfig, blocking_file
+from .config import Config, ConfigError, blocking_file
 from .data.eval import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from .data.pretrain import EMBEDDED_ROOT, read_image
 from .data.remote_io import exists, write_bytes_atomic
@@ -81,7 +81,7 @@ def panel(grid_rgb: torch.Tensor, grid: tuple[int, int], cell: int) -> torch.Ten
     return F.interpolate(image, size=(cell, cell), mode="nearest")[0]
 
 
-def visualize(cfg: EvalConfig, images: str, out: str, count: int = 4, cell: int = 128) -> dict:
+def visualize(cfg: Config, images: str, out: str, count: int = 4, cell: int = 128) -> dict:
     """Write the PNG grid to `out` (rows: images; columns: input, attention, PCA) and return
     {"out", "images", "columns", "size"}."""
     if not out.endswith(".png"):

@@ -31,6 +31,45 @@ ADVENTURER_SIZES = {"tiny": (256, 12), "small": (512, 12), "base": (768, 12), "l
 FLIPS = {"official": lambda n: n // 2 == 1, "alternate": lambda n: n % 2 == 1, "none": lambda n: False}
 
 
+@dataclass
+class AdventurerConfig:
+    name: str = "adventurer"
+    size: str = "base"  # tiny 256 / 12, small 512 / 12, base 768 / 12, large 1024 / 24 (width / depth)
+    image_size: int = 224
+    patch_size: int = 16  # the released models: 16, and base at 8
+    width: Optional[int] = None  # override the size's width / depth
+    depth: Optional[int] = None
+    d_state: int = 64  # the Mamba-2 mixer's (mamba_ssm's Mamba2 defaults but d_state)
+    headdim: int = 64
+    expand: int = 2
+    chunk_size: int = 256  # SSD chunk: 256 covers a 224/16 sequence (198 tokens) in one
+    drop_path: float = 0.1
+    # layers that reverse the patch order: official (the released code: n // 2 == 1, layers 2 and
+    # 3), alternate (every other layer, the intent), none
+    flip: str = "official"
+    kernels: str = "pure"  # pure (plain PyTorch, any device) | mamba_ssm (its Triton scan, CUDA only)
+    # loading weights of another resolution (the stage transitions): false resamples the patch grid
+    # and keeps the cls position (ours); true reproduces the official main.py, which takes the
+    # first row (patch (0, 0)'s position) as cls and resamples the other rows, the cls row among
+    # them, as the grid: for matching the released checkpoints' lineage exactly
+    official_stage_resample: bool = False
+    CHOICES: ClassVar[dict] = {"size": tuple(ADVENTURER_SIZES), "flip": tuple(FLIPS), "kernels": KERNELS}
+    BOUNDS: ClassVar[dict] = {"image_size": ">= 1", "patch_size": ">= 1", "width": ">= 1", "depth": ">= 1",
+                              "d_state": ">= 1", "headdim": ">= 1", "expand": ">= 1", "chunk_size": ">= 1",
+                              "drop_path": "[0, 1)"}
+
+
+def adventurer_dims(cfg: AdventurerConfig) -> tuple[int, int]:
+    w, d = ADVENTURER_SIZES[cfg.size]
+    return cfg.width or w, cfg.depth or d
+
+
+def mixer_kwargs(cfg: AdventurerConfig) -> dict:
+    """The settings of each block's Mamba2 mixer."""
+    return dict(d_state=cfg.d_state, headdim=cfg.headdim, expand=cfg.expand, chunk_size=cfg.chunk_size,
+                kernels=cfg.kernels)
+
+
 class SwiGLU(nn.Module):
     """w3(silu(w1 x) * w2 x), all with bias (the official MLP, hidden 2.5 x width)."""
 
@@ -48,7 +87,7 @@ def flip_patches(x: torch.Tensor) -> torch.Tensor:
 
 
 class AdventurerBlock(nn.Module):
-    def __init__(self, dim: int, drop_path: float = 0.0, **mixer):
+    def __init__(self, dim: int, drop_path: float, **mixer):
         super().__init__()
         self.norm = nn.RMSNorm(dim, eps=1e-5)
         self.mixer = Mamba2(dim, **mixer)
@@ -75,21 +114,20 @@ class Adventurer(nn.Module):
     extra_tokens = 1  # cls, after the patches (the official place: a causal scan reads it last)
     causal_only = True  # the student is a causal scan: objectives give it tokens in causal order, no mask
 
-    def __init__(self, image_size: int = 224, patch_size: int = 16, width: int = 768, depth: int = 12,
-                 num_classes: int = 0, drop_path: float = 0.0, flip: str = "official",
-                 official_stage_resample: bool = False, **mixer):
+    def __init__(self, cfg: AdventurerConfig, num_classes: int = 0):
         super().__init__()
+        width, depth = adventurer_dims(cfg)
         # adapt_state: resample another resolution's positions as the official stage transition does
-        self.official_stage_resample = official_stage_resample
-        self.patch_embed = PatchEmbed(image_size, patch_size, 3, width, bias=True)
+        self.official_stage_resample = cfg.official_stage_resample
+        self.patch_embed = PatchEmbed(cfg.image_size, cfg.patch_size, 3, width, bias=True)
         self.grid, self.patch_size = tuple(self.patch_embed.grid_size), tuple(self.patch_embed.patch_size)
         self.embed_dim = self.num_features = width
         self.num_classes = num_classes
-        self.flips = [FLIPS[flip](n) for n in range(depth)]
+        self.flips = [FLIPS[cfg.flip](n) for n in range(depth)]
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1] + 1, width))  # cls row last
-        rates = [0.0] + torch.linspace(0, drop_path, depth).tolist()  # the official rule: layer n gets rates[n]
-        self.layers = nn.ModuleList(AdventurerBlock(width, rates[n], **mixer) for n in range(depth))
+        rates = [0.0] + torch.linspace(0, cfg.drop_path, depth).tolist()  # the official rule: layer n gets rates[n]
+        self.layers = nn.ModuleList(AdventurerBlock(width, rates[n], **mixer_kwargs(cfg)) for n in range(depth))
         self.norm = nn.RMSNorm(width, eps=1e-5)
         self.head = nn.Linear(width, num_classes) if num_classes else nn.Identity()
         self._init_weights()
@@ -177,45 +215,9 @@ class Adventurer(nn.Module):
                 "blocks": [(r"^layers\.(\d+)", None), (r"^norm", (99999,))]}
 
 
-@dataclass
-class AdventurerConfig:
-    name: str = "adventurer"
-    size: str = "base"  # tiny 256 / 12, small 512 / 12, base 768 / 12, large 1024 / 24 (width / depth)
-    image_size: int = 224
-    patch_size: int = 16  # the released models: 16, and base at 8
-    width: Optional[int] = None  # override the size's width / depth
-    depth: Optional[int] = None
-    d_state: int = 64  # the Mamba-2 mixer's (mamba_ssm's Mamba2 defaults but d_state)
-    headdim: int = 64
-    expand: int = 2
-    chunk_size: int = 256  # SSD chunk: 256 covers a 224/16 sequence (198 tokens) in one
-    drop_path: float = 0.1
-    # layers that reverse the patch order: official (the released code: n // 2 == 1, layers 2 and
-    # 3), alternate (every other layer, the intent), none
-    flip: str = "official"
-    kernels: str = "pure"  # pure (plain PyTorch, any device) | mamba_ssm (its Triton scan, CUDA only)
-    # loading weights of another resolution (the stage transitions): false resamples the patch grid
-    # and keeps the cls position (ours); true reproduces the official main.py, which takes the
-    # first row (patch (0, 0)'s position) as cls and resamples the other rows, the cls row among
-    # them, as the grid: for matching the released checkpoints' lineage exactly
-    official_stage_resample: bool = False
-    CHOICES: ClassVar[dict] = {"size": tuple(ADVENTURER_SIZES), "flip": tuple(FLIPS), "kernels": KERNELS}
-    BOUNDS: ClassVar[dict] = {"image_size": ">= 1", "patch_size": ">= 1", "width": ">= 1", "depth": ">= 1",
-                              "d_state": ">= 1", "headdim": ">= 1", "expand": ">= 1", "chunk_size": ">= 1",
-                              "drop_path": "[0, 1)"}
-
-
-def adventurer_dims(cfg: AdventurerConfig) -> tuple[int, int]:
-    w, d = ADVENTURER_SIZES[cfg.size]
-    return cfg.width or w, cfg.depth or d
-
-
 @BACKBONES.register("adventurer")
 class AdventurerBackbone(Backbone):
     Config = AdventurerConfig
-    TINY = {"size": "tiny", "image_size": 32, "patch_size": 8, "width": 32, "depth": 2, "d_state": 8,
-            "headdim": 16, "chunk_size": 8, "drop_path": 0.0}
-    INVALID = {"headdim": 48}  # 2 x 32 = 64 inner channels do not split into heads of 48
     masks = ("causal",)  # a causal scan: no mask makes it see a later token, none hides an earlier one
     blocks = (AdventurerBlock,)
 
@@ -230,14 +232,11 @@ class AdventurerBackbone(Backbone):
 
     @staticmethod
     def student(cfg: AdventurerConfig) -> Adventurer:
-        return AdventurerBackbone.classifier(cfg, 0)
+        return Adventurer(cfg)
 
     @staticmethod
     def classifier(cfg: AdventurerConfig, num_classes: int = 0) -> Adventurer:
-        width, depth = adventurer_dims(cfg)
-        return Adventurer(cfg.image_size, cfg.patch_size, width, depth, num_classes, cfg.drop_path, cfg.flip,
-                          cfg.official_stage_resample, d_state=cfg.d_state, headdim=cfg.headdim, expand=cfg.expand,
-                          chunk_size=cfg.chunk_size, kernels=cfg.kernels)
+        return Adventurer(cfg, num_classes)
 
     @staticmethod
     def import_state(state: dict) -> dict:

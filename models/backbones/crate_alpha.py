@@ -27,6 +27,27 @@ from .crate_alpha_official import crate_from_official, is_official
 CRATE_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}
 
 
+@dataclass
+class CrateAlphaConfig:
+    name: str = "crate_alpha"
+    size: str = "base"  # tiny | small | base | large (B: 768 / 12 / 12 heads; L: 1024 / 24 / 16)
+    image_size: int = 224
+    patch_size: int = 16  # the official sizes: B/32, B/16, B/8, L/32, L/14, L/8
+    width: Optional[int] = None  # override the size's width / depth / heads
+    depth: Optional[int] = None
+    heads: Optional[int] = None
+    drop_path: float = 0.0  # the official recipes use none
+    norm_eps: float = 1e-6  # the final LayerNorm: JAX's 1e-6; the PyTorch port's mlp_head.0 has 1e-5
+    CHOICES: ClassVar[dict] = {"size": tuple(CRATE_SIZES)}
+    BOUNDS: ClassVar[dict] = {"image_size": ">= 1", "patch_size": ">= 1", "width": ">= 1", "depth": ">= 1",
+                              "heads": ">= 1", "drop_path": "[0, 1)", "norm_eps": "> 0"}
+
+
+def crate_dims(cfg: CrateAlphaConfig) -> tuple[int, int, int]:
+    w, d, h = CRATE_SIZES[cfg.size]
+    return cfg.width or w, cfg.depth or d, cfg.heads or h
+
+
 class MSSA(nn.Module):
     """softmax(U x (U x)^T / sqrt(d_head)) U x per head, U one bias-free projection; a bias-free
     output projection."""
@@ -66,7 +87,7 @@ class ODL(nn.Module):
 
 
 class CrateBlock(nn.Module):
-    def __init__(self, dim: int, heads: int, drop_path: float = 0.0):
+    def __init__(self, dim: int, heads: int, drop_path: float):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = MSSA(dim, heads)
@@ -82,18 +103,18 @@ class CrateBlock(nn.Module):
 class CrateAlpha(nn.Module):
     extra_tokens = 1  # the student's cls token, after the patches
 
-    def __init__(self, image_size: int = 224, patch_size: int = 16, width: int = 768, depth: int = 12,
-                 heads: int = 12, num_classes: int = 0, drop_path: float = 0.0, norm_eps: float = 1e-6):
+    def __init__(self, cfg: CrateAlphaConfig, num_classes: int = 0):
         super().__init__()
-        self.patch_embed = PatchEmbed(image_size, patch_size, 3, width, bias=True)
+        width, depth, heads = crate_dims(cfg)
+        self.patch_embed = PatchEmbed(cfg.image_size, cfg.patch_size, 3, width, bias=True)
         self.grid, self.patch_size = tuple(self.patch_embed.grid_size), tuple(self.patch_embed.patch_size)
         self.embed_dim = self.num_features = width
         self.num_classes = num_classes
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid[0] * self.grid[1], width))  # cls row first
-        rates = torch.linspace(0, drop_path, depth).tolist()
+        rates = torch.linspace(0, cfg.drop_path, depth).tolist()
         self.blocks = nn.ModuleList(CrateBlock(width, heads, r) for r in rates)
-        self.norm = nn.LayerNorm(width, eps=norm_eps)
+        self.norm = nn.LayerNorm(width, eps=cfg.norm_eps)
         self.head = nn.Linear(width, num_classes) if num_classes else nn.Identity()
         self._init_weights()
 
@@ -172,32 +193,9 @@ class CrateAlpha(nn.Module):
                                                                            (r"^norm", (99999,))]}
 
 
-@dataclass
-class CrateAlphaConfig:
-    name: str = "crate_alpha"
-    size: str = "base"  # tiny | small | base | large (B: 768 / 12 / 12 heads; L: 1024 / 24 / 16)
-    image_size: int = 224
-    patch_size: int = 16  # the official sizes: B/32, B/16, B/8, L/32, L/14, L/8
-    width: Optional[int] = None  # override the size's width / depth / heads
-    depth: Optional[int] = None
-    heads: Optional[int] = None
-    drop_path: float = 0.0  # the official recipes use none
-    norm_eps: float = 1e-6  # the final LayerNorm: JAX's 1e-6; the PyTorch port's mlp_head.0 has 1e-5
-    CHOICES: ClassVar[dict] = {"size": tuple(CRATE_SIZES)}
-    BOUNDS: ClassVar[dict] = {"image_size": ">= 1", "patch_size": ">= 1", "width": ">= 1", "depth": ">= 1",
-                              "heads": ">= 1", "drop_path": "[0, 1)", "norm_eps": "> 0"}
-
-
-def crate_dims(cfg: CrateAlphaConfig) -> tuple[int, int, int]:
-    w, d, h = CRATE_SIZES[cfg.size]
-    return cfg.width or w, cfg.depth or d, cfg.heads or h
-
-
 @BACKBONES.register("crate_alpha")
 class CrateAlphaBackbone(Backbone):
     Config = CrateAlphaConfig
-    TINY = {"size": "tiny", "image_size": 32, "patch_size": 8, "width": 32, "depth": 2, "heads": 2}
-    INVALID = {"patch_size": 5}
     masks = MASKS  # SDPA takes any boolean mask
     blocks = (CrateBlock,)
 
@@ -210,13 +208,11 @@ class CrateAlphaBackbone(Backbone):
 
     @staticmethod
     def student(cfg: CrateAlphaConfig) -> CrateAlpha:
-        return CrateAlphaBackbone.classifier(cfg, 0)
+        return CrateAlpha(cfg)
 
     @staticmethod
     def classifier(cfg: CrateAlphaConfig, num_classes: int = 0) -> CrateAlpha:
-        width, depth, heads = crate_dims(cfg)
-        return CrateAlpha(cfg.image_size, cfg.patch_size, width, depth, heads, num_classes, cfg.drop_path,
-                          cfg.norm_eps)
+        return CrateAlpha(cfg, num_classes)
 
     @staticmethod
     def import_state(state: dict) -> dict:

@@ -35,37 +35,80 @@ VIT_SIZES = {
 }
 
 
-def vit_dims(size: str, width: int | None = None, depth: int | None = None,
-             heads: int | None = None) -> tuple[int, int, int]:
-    """(width, depth, heads) of a standard size, each overridable."""
-    if size not in VIT_SIZES:
-        raise ValueError(f"unknown ViT size {size!r}; choose one of {sorted(VIT_SIZES)}")
-    w, d, h = VIT_SIZES[size]
-    return width or w, depth or d, heads or h
+def _init_xavier(model: VisionTransformer):
+    """MAE / D-iGPT: xavier-uniform Linear and patch conv (as a matrix), zero biases and cls.
+    The fused qkv (3d x d) is one xavier matrix, as in the official MAE and D-iGPT code (timm-style
+    fused qkv there too); SAIM, whose official q / k / v are separate, re-initialises it per third."""
+    init_linears(model, nn.init.xavier_uniform_)
+    proj = model.patch_embed.proj.weight
+    nn.init.xavier_uniform_(proj.view(proj.shape[0], -1))
+    if model.cls_token is not None:
+        nn.init.zeros_(model.cls_token)
+
+
+def _init_trunc_normal(model: VisionTransformer):
+    """XTRA: Linear ~ N(0, 0.02) (truncated at +-2, i.e. not at all), kaiming-normal patch conv
+    (fan in, relu gain), zero biases."""
+    init_linears(model, partial(trunc_normal_, std=0.02))
+    nn.init.kaiming_normal_(model.patch_embed.proj.weight, mode="fan_in", nonlinearity="relu")
+    nn.init.zeros_(model.patch_embed.proj.bias)
+
+
+INITS = {"xavier": _init_xavier, "trunc_normal": _init_trunc_normal}
+
+
+@dataclass
+class ViTConfig:
+    name: str = "vit"
+    size: str = "base"  # tiny | small | base | large | huge
+    image_size: int = 224
+    patch_size: int = 16
+    width: Optional[int] = None  # override the size's width / depth / heads
+    depth: Optional[int] = None
+    heads: Optional[int] = None
+    drop_path: float = 0.0  # stochastic depth, max rate (linear over the blocks)
+    # the student's flavour: D-iGPT's defaults; XTRA: learned, false, true, trunc_normal
+    pos_embed: str = "sincos"  # sincos (fixed 2-D) | learned
+    cls_token: bool = True  # a cls token (the student's last, the classifier's first)
+    final_norm: bool = False  # a LayerNorm over the last block's tokens
+    init: str = "xavier"  # xavier (MAE, D-iGPT) | trunc_normal (XTRA)
+    # the classifier attends block-causally over blocks of [rows, cols] patches, as an XTRA
+    # encoder was pre-trained (its probes keep the mask); null = full attention
+    causal_blocks: Optional[list] = None
+    pool: str = "avg"  # the classifier's features: avg (of the patch tokens) | token (cls: SAIM's)
+    CHOICES: ClassVar[dict] = {"size": tuple(VIT_SIZES), "pos_embed": ("sincos", "learned"),
+                               "init": tuple(INITS), "pool": ("avg", "token")}
+    BOUNDS: ClassVar[dict] = {"image_size": ">= 1", "patch_size": ">= 1", "width": ">= 1", "depth": ">= 1",
+                              "heads": ">= 1", "drop_path": "[0, 1)", "causal_blocks": ">= 1 pair"}
+
+
+def vit_dims(cfg: ViTConfig) -> tuple[int, int, int]:
+    """(width, depth, heads) of the config's standard size, each overridable."""
+    if cfg.size not in VIT_SIZES:
+        raise ValueError(f"unknown ViT size {cfg.size!r}; choose one of {sorted(VIT_SIZES)}")
+    w, d, h = VIT_SIZES[cfg.size]
+    return cfg.width or w, cfg.depth or d, cfg.heads or h
 
 
 class SegmentViT(VisionTransformer):
     """ViT run over a chosen subset of its patches in a chosen order, the extra (cls) token last.
 
-    Defaults: the MAE / D-iGPT student (fixed 2-D sin-cos positions, a zero cls token appended
-    last, no final norm, xavier-uniform Linear init). XTRA's: pos_embed="learned",
+    ViTConfig's defaults make the MAE / D-iGPT student (fixed 2-D sin-cos positions, a zero cls
+    token appended last, no final norm, xavier-uniform Linear init). XTRA's: pos_embed="learned",
     cls_token=False, final_norm=True, init="trunc_normal"."""
 
-    def __init__(self, size: str = "base", img_size: int = 224, patch_size: int = 16,
-                 width: int | None = None, depth: int | None = None, heads: int | None = None, *,
-                 cls_token: bool = True, pos_embed: str = "sincos", final_norm: bool = False,
-                 init: str = "xavier", drop_path: float = 0.0):
-        width, depth, heads = vit_dims(size, width, depth, heads)
+    def __init__(self, cfg: ViTConfig):
+        width, depth, heads = vit_dims(cfg)
         super().__init__(
-            img_size=img_size, patch_size=patch_size, embed_dim=width, depth=depth,
-            num_heads=heads, mlp_ratio=4.0, qkv_bias=True, class_token=cls_token,
-            no_embed_class=True, global_pool="token" if cls_token else "avg", fc_norm=False,
-            num_classes=0, final_norm=final_norm, drop_path_rate=drop_path,
+            img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=width, depth=depth,
+            num_heads=heads, mlp_ratio=4.0, qkv_bias=True, class_token=cfg.cls_token,
+            no_embed_class=True, global_pool="token" if cfg.cls_token else "avg", fc_norm=False,
+            num_classes=0, final_norm=cfg.final_norm, drop_path_rate=cfg.drop_path,
             norm_layer=partial(nn.LayerNorm, eps=1e-6))
-        self.extra_tokens = int(cls_token)  # the cls token, after the patch tokens
-        self.linear_init = init  # SAIM re-initialises the fused qkv per third under "xavier"
-        INITS[init](self)
-        if pos_embed == "sincos":
+        self.extra_tokens = int(cfg.cls_token)  # the cls token, after the patch tokens
+        self.linear_init = cfg.init  # SAIM re-initialises the fused qkv per third under "xavier"
+        INITS[cfg.init](self)
+        if cfg.pos_embed == "sincos":
             self.pos_embed.requires_grad_(False)
             with torch.no_grad():
                 self.pos_embed.copy_(sincos_2d(self.grid, self.embed_dim)[None])
@@ -95,38 +138,26 @@ class SegmentViT(VisionTransformer):
         return block_outputs(self.blocks, x, attn_mask, taps)
 
 
-def _init_xavier(model: VisionTransformer):
-    """MAE / D-iGPT: xavier-uniform Linear and patch conv (as a matrix), zero biases and cls.
-    The fused qkv (3d x d) is one xavier matrix, as in the official MAE and D-iGPT code (timm-style
-    fused qkv there too); SAIM, whose official q / k / v are separate, re-initialises it per third."""
-    init_linears(model, nn.init.xavier_uniform_)
-    proj = model.patch_embed.proj.weight
-    nn.init.xavier_uniform_(proj.view(proj.shape[0], -1))
-    if model.cls_token is not None:
-        nn.init.zeros_(model.cls_token)
-
-
-def _init_trunc_normal(model: VisionTransformer):
-    """XTRA: Linear ~ N(0, 0.02) (truncated at +-2, i.e. not at all), kaiming-normal patch conv
-    (fan in, relu gain), zero biases."""
-    init_linears(model, partial(trunc_normal_, std=0.02))
-    nn.init.kaiming_normal_(model.patch_embed.proj.weight, mode="fan_in", nonlinearity="relu")
-    nn.init.zeros_(model.patch_embed.proj.bias)
-
-
-INITS = {"xavier": _init_xavier, "trunc_normal": _init_trunc_normal}
-
-
 class ViTClassifier(VisionTransformer):
     """timm's VisionTransformer, optionally under a block-causal mask over blocks of
     `causal_blocks` patches (an XTRA encoder keeps its pre-training mask when probed); without one
-    it is timm's model exactly."""
+    it is timm's model exactly.
 
-    def __init__(self, causal_blocks: tuple[int, int] | None = None, **kwargs):
-        super().__init__(**kwargs)
+    Global average pool of the patch tokens (pool="avg") or the cls token (pool="token", SAIM's
+    fine-tuning and probe), then the head. A student without a final norm gets a fresh fc_norm
+    after the pool (MAE / D-iGPT; on cls it is the same LayerNorm as a final norm's); one with a
+    final norm keeps it over the tokens, before the pool (XTRA)."""
+
+    def __init__(self, cfg: ViTConfig, num_classes: int = 0):
+        width, depth, heads = vit_dims(cfg)
+        super().__init__(
+            img_size=cfg.image_size, patch_size=cfg.patch_size, num_classes=num_classes,
+            global_pool=cfg.pool, fc_norm=not cfg.final_norm, embed_dim=width, depth=depth, num_heads=heads,
+            mlp_ratio=4.0, qkv_bias=True, class_token=cfg.cls_token, drop_path_rate=cfg.drop_path,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6))
         mask = None
-        if causal_blocks:
-            mask = raster_block_causal_mask(tuple(self.patch_embed.grid_size), tuple(causal_blocks),
+        if cfg.causal_blocks:
+            mask = raster_block_causal_mask(tuple(self.patch_embed.grid_size), tuple(cfg.causal_blocks),
                                             prefix_tokens=self.num_prefix_tokens)
         self.register_buffer("attn_mask", mask, persistent=False)
 
@@ -149,59 +180,16 @@ class ViTClassifier(VisionTransformer):
         return query_attention(attn.q_norm(q), attn.k_norm(k), self.num_prefix_tokens, self.attn_mask)
 
 
-def vit_classifier(size: str = "base", img_size: int = 224, patch_size: int = 16, num_classes: int = 0,
-                   drop_path: float = 0.0, width: int | None = None, depth: int | None = None,
-                   heads: int | None = None, *, cls_token: bool = True, final_norm: bool = False,
-                   causal_blocks: tuple[int, int] | None = None, pool: str = "avg") -> ViTClassifier:
-    """Global average pool of the patch tokens (pool="avg") or the cls token (pool="token", SAIM's
-    fine-tuning and probe), then the head. A student without a final norm gets a fresh fc_norm
-    after the pool (MAE / D-iGPT; on cls it is the same LayerNorm as a final norm's); one with a
-    final norm keeps it over the tokens, before the pool (XTRA)."""
-    width, depth, heads = vit_dims(size, width, depth, heads)
-    return ViTClassifier(
-        causal_blocks, img_size=img_size, patch_size=patch_size, num_classes=num_classes,
-        global_pool=pool, fc_norm=not final_norm, embed_dim=width, depth=depth, num_heads=heads,
-        mlp_ratio=4.0, qkv_bias=True, class_token=cls_token, drop_path_rate=drop_path,
-        norm_layer=partial(nn.LayerNorm, eps=1e-6))
-
-
-@dataclass
-class ViTConfig:
-    name: str = "vit"
-    size: str = "base"  # tiny | small | base | large | huge
-    image_size: int = 224
-    patch_size: int = 16
-    width: Optional[int] = None  # override the size's width / depth / heads
-    depth: Optional[int] = None
-    heads: Optional[int] = None
-    drop_path: float = 0.0  # stochastic depth, max rate (linear over the blocks)
-    # the student's flavour: D-iGPT's defaults; XTRA: learned, false, true, trunc_normal
-    pos_embed: str = "sincos"  # sincos (fixed 2-D) | learned
-    cls_token: bool = True  # a cls token (the student's last, the classifier's first)
-    final_norm: bool = False  # a LayerNorm over the last block's tokens
-    init: str = "xavier"  # xavier (MAE, D-iGPT) | trunc_normal (XTRA)
-    # the classifier attends block-causally over blocks of [rows, cols] patches, as an XTRA
-    # encoder was pre-trained (its probes keep the mask); null = full attention
-    causal_blocks: Optional[list] = None
-    pool: str = "avg"  # the classifier's features: avg (of the patch tokens) | token (cls: SAIM's)
-    CHOICES: ClassVar[dict] = {"size": tuple(VIT_SIZES), "pos_embed": ("sincos", "learned"),
-                               "init": tuple(INITS), "pool": ("avg", "token")}
-    BOUNDS: ClassVar[dict] = {"image_size": ">= 1", "patch_size": ">= 1", "width": ">= 1", "depth": ">= 1",
-                              "heads": ">= 1", "drop_path": "[0, 1)", "causal_blocks": ">= 1 pair"}
-
-
 @BACKBONES.register("vit")
 class ViT(Backbone):
     Config = ViTConfig
-    TINY = {"size": "tiny", "image_size": 32, "patch_size": 8, "width": 32, "depth": 2, "heads": 2}
-    INVALID = {"patch_size": 5}
     masks = MASKS  # any boolean mask goes to timm's attention as it is
     blocks = (Block,)
 
     @staticmethod
     def check(cfg: ViTConfig):
         Backbone.check(cfg)
-        width, _, heads = vit_dims(cfg.size, cfg.width, cfg.depth, cfg.heads)
+        width, _, heads = vit_dims(cfg)
         if width % heads:
             raise ValueError(f"backbone.heads {heads} does not divide backbone.width {width}")
         if cfg.pool == "token" and not cfg.cls_token:
@@ -214,15 +202,11 @@ class ViT(Backbone):
 
     @staticmethod
     def student(cfg: ViTConfig) -> SegmentViT:
-        return SegmentViT(cfg.size, cfg.image_size, cfg.patch_size, cfg.width, cfg.depth, cfg.heads,
-                          cls_token=cfg.cls_token, pos_embed=cfg.pos_embed, final_norm=cfg.final_norm,
-                          init=cfg.init, drop_path=cfg.drop_path)
+        return SegmentViT(cfg)
 
     @staticmethod
     def classifier(cfg: ViTConfig, num_classes: int = 0) -> ViTClassifier:
-        return vit_classifier(cfg.size, cfg.image_size, cfg.patch_size, num_classes, cfg.drop_path,
-                              cfg.width, cfg.depth, cfg.heads, cls_token=cfg.cls_token,
-                              final_norm=cfg.final_norm, causal_blocks=cfg.causal_blocks, pool=cfg.pool)
+        return ViTClassifier(cfg, num_classes)
 
     import_state = staticmethod(encoder_to_timm)
 

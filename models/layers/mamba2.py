@@ -109,9 +109,10 @@ class Mamba2(nn.Module):
     dt = softplus(dt + dt_bias); A = -exp(A_log); y = SSD(x, dt, A, B, C) + D x;
     out_proj(RMSNorm(y * silu(z)))."""
 
-    def __init__(self, d_model: int, d_state: int = 64, d_conv: int = 4, expand: int = 2, headdim: int = 64,
-                 ngroups: int = 1, chunk_size: int = 256, A_init_range=(1, 16), dt_min: float = 1e-3,
-                 dt_max: float = 0.1, dt_init_floor: float = 1e-4, kernels: str = "pure"):
+    # d_state, expand, headdim, chunk_size and kernels have no defaults: a backbone's config holds them
+    def __init__(self, d_model: int, *, d_state: int, expand: int, headdim: int, chunk_size: int, kernels: str,
+                 d_conv: int = 4, ngroups: int = 1, A_init_range=(1, 16), dt_min: float = 1e-3,
+                 dt_max: float = 0.1, dt_init_floor: float = 1e-4):
         super().__init__()
         self.d_inner = expand * d_model
         if self.d_inner % headdim:

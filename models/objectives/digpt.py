@@ -33,34 +33,50 @@ def cosine_distance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (2 - 2 * (pred * target).sum(-1)).mean()
 
 
+@dataclass
+class DiGPTConfig:
+    name: str = "digpt"
+    segments: list = field(default_factory=lambda: [2, 2])  # segment rows, cols
+    taps: Optional[list] = None  # encoder blocks fed to the decoders; null = 6,8,10,12 of 12
+    decoder_width: int = 1024
+    decoder_depth: int = 2
+    decoder_heads: int = 32
+    shared_tap_norm: bool = True  # official: one LayerNorm shared by the taps
+    # True: the official mask (its reflect padding lets the last visible segment see cls, harmless:
+    # that segment sees every segment anyway). False: the clean form, no segment sees cls (cls,
+    # last, still sees all). Not "every segment sees cls": cls has seen all segments, so that would
+    # leak later segments into earlier ones, AR targets included (models/layers/segments.py).
+    cls_visible_to_last_segment: bool = True
+    BOUNDS: ClassVar[dict] = {"segments": ">= 1 pair", "taps": ">= 1", "decoder_width": ">= 1",
+                              "decoder_depth": ">= 1", "decoder_heads": ">= 1"}
+
+
 class DiGPT(nn.Module):
     # (name, first segment slot queried): "ar" predicts slots 1..S-1, "kd" slots 0..S-2.
     DECODERS = (("ar", 1), ("kd", 0))
     own_blocks = (DecoderBlock,)  # FSDP wraps these one by one, besides the encoder's blocks
 
-    def __init__(self, encoder: nn.Module, teacher_dim: int, teacher_grid: tuple[int, int],
-                 segments=(2, 2), taps=None, decoder_width=1024, decoder_depth=2,
-                 decoder_heads=32, shared_tap_norm=True, cls_visible_to_last_segment=True):
+    def __init__(self, cfg: DiGPTConfig, encoder: nn.Module, targets: TargetInfo):
         super().__init__()
         self.encoder = encoder
-        self.layout = SegmentLayout(encoder.grid, tuple(segments))
+        self.layout = SegmentLayout(encoder.grid, tuple(cfg.segments))
         try:
-            self.teacher_layout = SegmentLayout(tuple(teacher_grid), tuple(segments))
+            self.teacher_layout = SegmentLayout(tuple(targets.grid), tuple(cfg.segments))
         except ValueError as e:
             raise ValueError(f"teacher grid: {e}") from None
-        self.taps = tuple(taps) if taps else default_taps(encoder.depth)
+        self.taps = tuple(cfg.taps) if cfg.taps else default_taps(encoder.depth)
         if max(self.taps) > encoder.depth or min(self.taps) < 1:
             raise ValueError(f"objective.taps {self.taps} must lie in 1..{encoder.depth} (the encoder's depth)")
         S, T = self.layout.num_segments, self.layout.tokens_per_segment
         self.register_buffer("patch_index", self.layout.patch_index(), persistent=False)
         self.register_buffer("teacher_index", self.teacher_layout.patch_index() + 1, persistent=False)
-        self.register_buffer("attn_mask", block_causal_mask(S - 1, T, cls_visible_to_last_segment),
+        self.register_buffer("attn_mask", block_causal_mask(S - 1, T, cfg.cls_visible_to_last_segment),
                              persistent=False)
         # a causal-only student (a scan) takes the segments in order, causal inside each one, no mask
         self.causal_encoder = getattr(encoder, "causal_only", False)
         self.decoders = nn.ModuleDict({
-            name: FeaturePredictor(encoder.embed_dim, len(self.taps), encoder.grid, decoder_width,
-                                   decoder_depth, decoder_heads, teacher_dim, shared_tap_norm)
+            name: FeaturePredictor(encoder.embed_dim, len(self.taps), encoder.grid, cfg.decoder_width,
+                                   cfg.decoder_depth, cfg.decoder_heads, targets.dim, cfg.shared_tap_norm)
             for name, _ in self.DECODERS})
 
     @property
@@ -102,29 +118,9 @@ class DiGPT(nn.Module):
         return cosine_distance(pred_all, target_all)
 
 
-@dataclass
-class DiGPTConfig:
-    name: str = "digpt"
-    segments: list = field(default_factory=lambda: [2, 2])  # segment rows, cols
-    taps: Optional[list] = None  # encoder blocks fed to the decoders; null = 6,8,10,12 of 12
-    decoder_width: int = 1024
-    decoder_depth: int = 2
-    decoder_heads: int = 32
-    shared_tap_norm: bool = True  # official: one LayerNorm shared by the taps
-    # True: the official mask (its reflect padding lets the last visible segment see cls, harmless:
-    # that segment sees every segment anyway). False: the clean form, no segment sees cls (cls,
-    # last, still sees all). Not "every segment sees cls": cls has seen all segments, so that would
-    # leak later segments into earlier ones, AR targets included (models/layers/segments.py).
-    cls_visible_to_last_segment: bool = True
-    BOUNDS: ClassVar[dict] = {"segments": ">= 1 pair", "taps": ">= 1", "decoder_width": ">= 1",
-                              "decoder_depth": ">= 1", "decoder_heads": ">= 1"}
-
-
 @OBJECTIVES.register("digpt")
 class DiGPTObjective(Objective):
     Config = DiGPTConfig
-    TINY = {"decoder_width": 32, "decoder_depth": 1, "decoder_heads": 2}
-    INVALID = {"segments": [3, 3]}
     needs_teacher = True
     mask = "block-causal"
     causal_student = True  # its tokens are in segment order already
@@ -143,5 +139,4 @@ class DiGPTObjective(Objective):
 
     @staticmethod
     def build(cfg: DiGPTConfig, student: nn.Module, targets: TargetInfo) -> DiGPT:
-        return DiGPT(student, targets.dim, targets.grid, cfg.segments, cfg.taps, cfg.decoder_width,
-                     cfg.decoder_depth, cfg.decoder_heads, cfg.shared_tap_norm, cfg.cls_visible_to_last_segment)
+        return DiGPT(cfg, student, targets)

@@ -67,7 +67,7 @@ class FeaturePredictor(nn.Module):
     """
 
     def __init__(self, enc_dim: int, num_taps: int, grid: tuple[int, int], width: int, depth: int,
-                 heads: int, out_dim: int, shared_tap_norm: bool = True):
+                 heads: int, out_dim: int, shared_tap_norm: bool):
         super().__init__()
         self.depth, self.num_taps = depth, num_taps
         # eps 1e-5 (torch's default), unlike the 1e-6 elsewhere: the official tap norms

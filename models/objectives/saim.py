@@ -9,7 +9,7 @@ Two forms of the same model (objective.order):
   "mask":   the official one (the default): tokens in raster order, per-sample masks from the order;
   "gather": tokens gathered into the sampled order, so both masks are fixed (causal over the
             order) and built once, no per-sample (B, N, N) masks; the same loss and gradients
-            (tests/test_saim.py), but on XLA:CPU no faster (README "SAIM").
+            (tests/test_saim.py), but on XLA:CPU no faster (docs/methods/saim.md).
 The order comes from the trainer's per-sample noise on the device (one uniform value per
 patch): shapes stay static under XLA."""
 from dataclasses import dataclass
@@ -26,6 +26,22 @@ from ..layers.taps import gather_tokens
 from ..registry import OBJECTIVES, Objective, TargetInfo
 
 ORDERS = ("gather", "mask")
+
+
+@dataclass
+class SAIMConfig:
+    name: str = "saim"
+    order: str = "mask"  # mask (official: per-sample masks) | gather (tokens in the sampled order, fixed masks)
+    query_depth: Optional[int] = None  # query blocks; null = the encoder's depth (official: 12)
+    query_heads: Optional[int] = None  # null = the encoder's heads
+    blur_kernel: int = 9  # Gaussian blur of the targets: kernel side (0 = no blur) and sigma
+    blur_sigma: float = 1.0
+    norm_pix_loss: bool = True  # targets normalised per patch (the README's --norm_pix_loss)
+    target_eps: float = 1e-6
+    drop_path: float = 0.0  # the query blocks' stochastic depth (official pre-training: 0)
+    BOUNDS: ClassVar[dict] = {"query_depth": ">= 1; null: the encoder's", "query_heads": ">= 1; null: the encoder's",
+                              "blur_kernel": ">= 0; 0 = no blur", "blur_sigma": "> 0", "target_eps": "> 0",
+                              "drop_path": "[0, 1)"}
 
 
 def saim_masks(rank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,7 +80,7 @@ class QueryBlock(nn.Module):
     """A pre-norm block whose attention reads the content stream: one LayerNorm (norm1) serves
     the queries and the content tokens alike, as in the official code; then the MLP."""
 
-    def __init__(self, dim: int, heads: int, drop_path: float = 0.0):
+    def __init__(self, dim: int, heads: int, drop_path: float):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = CrossAttention(dim, heads)
@@ -87,27 +103,25 @@ def encoder_heads(encoder: nn.Module) -> int:
 class SAIM(nn.Module):
     own_blocks = (QueryBlock,)  # FSDP wraps the query blocks one by one too
 
-    def __init__(self, encoder: nn.Module, query_depth: int | None = None, query_heads: int | None = None,
-                 blur_kernel: int = 9, blur_sigma: float = 1.0, norm_pix_loss: bool = True,
-                 target_eps: float = 1e-6, order: str = "mask", drop_path: float = 0.0):
+    def __init__(self, cfg: SAIMConfig, encoder: nn.Module):
         super().__init__()
         if encoder.extra_tokens != 1:
             raise ValueError("SAIM's content stream needs exactly one extra (cls) token: set backbone.cls_token=true")
-        self.encoder, self.order = encoder, order
+        self.encoder, self.order = encoder, cfg.order
         depth, width = encoder.depth, encoder.embed_dim
-        query_depth = query_depth or depth
+        query_depth = cfg.query_depth or depth
         if depth % query_depth:
             raise ValueError(f"objective.query_depth {query_depth} does not divide the encoder depth {depth}")
         step = depth // query_depth
         self.taps = tuple(range(step, depth + 1, step))  # query block l reads content block l * step
-        heads = query_heads or encoder_heads(encoder)
-        rates = [drop_path * i / max(1, query_depth - 1) for i in range(query_depth)]  # linear, as the encoder's
+        heads = cfg.query_heads or encoder_heads(encoder)
+        rates = [cfg.drop_path * i / max(1, query_depth - 1) for i in range(query_depth)]  # linear, as the encoder's
         self.query_blocks = nn.ModuleList(QueryBlock(width, heads, r) for r in rates)
         self.norm = nn.LayerNorm(width, eps=1e-6)
         ph, pw = encoder.patch_size
         self.prediction_head = Mlp(width, 4 * width, ph * pw * 3)
-        self.norm_pix_loss, self.target_eps = norm_pix_loss, target_eps
-        self.register_buffer("blur", gaussian_kernel(blur_kernel, blur_sigma) if blur_kernel else None,
+        self.norm_pix_loss, self.target_eps = cfg.norm_pix_loss, cfg.target_eps
+        self.register_buffer("blur", gaussian_kernel(cfg.blur_kernel, cfg.blur_sigma) if cfg.blur_kernel else None,
                              persistent=False)
         n = encoder.grid[0] * encoder.grid[1]
         self.register_buffer("raster_index", torch.arange(n)[None], persistent=False)
@@ -173,27 +187,9 @@ class SAIM(nn.Module):
         return {"loss": F.mse_loss(pred.float(), target)}
 
 
-@dataclass
-class SAIMConfig:
-    name: str = "saim"
-    order: str = "mask"  # mask (official: per-sample masks) | gather (tokens in the sampled order, fixed masks)
-    query_depth: Optional[int] = None  # query blocks; null = the encoder's depth (official: 12)
-    query_heads: Optional[int] = None  # null = the encoder's heads
-    blur_kernel: int = 9  # Gaussian blur of the targets: kernel side (0 = no blur) and sigma
-    blur_sigma: float = 1.0
-    norm_pix_loss: bool = True  # targets normalised per patch (the README's --norm_pix_loss)
-    target_eps: float = 1e-6
-    drop_path: float = 0.0  # the query blocks' stochastic depth (official pre-training: 0)
-    BOUNDS: ClassVar[dict] = {"query_depth": ">= 1; null: the encoder's", "query_heads": ">= 1; null: the encoder's",
-                              "blur_kernel": ">= 0; 0 = no blur", "blur_sigma": "> 0", "target_eps": "> 0",
-                              "drop_path": "[0, 1)"}
-
-
 @OBJECTIVES.register("saim")
 class SAIMObjective(Objective):
     Config = SAIMConfig
-    TINY = {"query_depth": 1}
-    INVALID = {"order": "raster"}
     mask = "arbitrary"
 
     @staticmethod
@@ -205,5 +201,4 @@ class SAIMObjective(Objective):
 
     @staticmethod
     def build(cfg: SAIMConfig, student: nn.Module, targets: TargetInfo | None) -> SAIM:
-        return SAIM(student, cfg.query_depth, cfg.query_heads, cfg.blur_kernel, cfg.blur_sigma, cfg.norm_pix_loss,
-                    cfg.target_eps, cfg.order, cfg.drop_path)
+        return SAIM(cfg, student)

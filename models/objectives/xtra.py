@@ -21,6 +21,23 @@ from ..layers.segments import block_layout, raster_block_causal_mask
 from ..registry import OBJECTIVES, Objective, TargetInfo
 
 
+@dataclass
+class XTRAConfig:
+    name: str = "xtra"
+    block: list = field(default_factory=lambda: [4, 4])  # patches per block [rows, cols]: 64x64 px at patch 16
+    proj_hidden: int = 4096
+    predictor_width: Optional[int] = None  # null = the encoder's (B/16: 768; the H/14 checkpoint: 640)
+    predictor_depth: int = 8
+    predictor_heads: int = 6
+    head_hidden: Optional[int] = None  # null = half the head's input (B/16: 6144; the H/14 checkpoint: 9408)
+    predictor_fp32: bool = True  # official (its fp16 runs): the predictor outside autocast
+    decay_pos_embed: bool = True  # official: weight decay on both position embeddings
+    target_eps: float = 1e-6  # per-block target normalisation
+    BOUNDS: ClassVar[dict] = {"block": ">= 1 pair", "proj_hidden": ">= 1", "predictor_width": ">= 1",
+                              "predictor_depth": ">= 1", "predictor_heads": ">= 1", "head_hidden": ">= 1",
+                              "target_eps": "> 0"}
+
+
 class MLPHead(nn.Module):
     """Linear, GELU, Linear (the official MLPHead: `mlp.0`, `mlp.2`)."""
 
@@ -64,17 +81,15 @@ class XTRA(nn.Module):
     own_blocks = (Block,)  # FSDP wraps the predictor's blocks one by one too
     noise_shape = None  # no randomness: the order is fixed
 
-    def __init__(self, encoder: nn.Module, block=(4, 4), proj_hidden=4096, predictor_width=None,
-                 predictor_depth=8, predictor_heads=6, head_hidden=None, predictor_fp32=True,
-                 decay_pos_embed=True, target_eps=1e-6):
+    def __init__(self, cfg: XTRAConfig, encoder: nn.Module):
         super().__init__()
         self.encoder = encoder
-        grid = tuple(encoder.grid)
-        self.layout = block_layout(grid, tuple(block))
+        grid, block = tuple(encoder.grid), tuple(cfg.block)
+        self.layout = block_layout(grid, block)
         n, extra = grid[0] * grid[1], encoder.extra_tokens
-        self.register_buffer("encoder_mask", raster_block_causal_mask(grid, tuple(block), suffix_tokens=extra),
+        self.register_buffer("encoder_mask", raster_block_causal_mask(grid, block, suffix_tokens=extra),
                              persistent=False)
-        self.register_buffer("predictor_mask", raster_block_causal_mask(grid, tuple(block)), persistent=False)
+        self.register_buffer("predictor_mask", raster_block_causal_mask(grid, block), persistent=False)
         self.register_buffer("block_index", self.layout.patch_index(), persistent=False)  # (S, T)
         # a causal-only student (a scan) reads the patches in block order, so that a block sees
         # only itself and the blocks before it, then its outputs go back to raster order
@@ -82,13 +97,14 @@ class XTRA(nn.Module):
         order = self.block_index.flatten() if self.causal_encoder else torch.arange(n)
         self.register_buffer("encoder_index", order[None], persistent=False)
         self.register_buffer("raster_of_encoder", order.argsort(), persistent=False)
-        width = predictor_width or encoder.embed_dim
-        self.proj = MLPHead(encoder.embed_dim, proj_hidden, width, out_bias=False)
-        self.predictor = Predictor(n, width, predictor_depth, predictor_heads)
+        width = cfg.predictor_width or encoder.embed_dim
+        self.proj = MLPHead(encoder.embed_dim, cfg.proj_hidden, width, out_bias=False)
+        self.predictor = Predictor(n, width, cfg.predictor_depth, cfg.predictor_heads)
         head_in = width * self.layout.tokens_per_segment
-        self.head = MLPHead(head_in, head_hidden or head_in // 2, 3 * self.block_pixels_shape[0] *
+        self.head = MLPHead(head_in, cfg.head_hidden or head_in // 2, 3 * self.block_pixels_shape[0] *
                             self.block_pixels_shape[1], out_bias=True)
-        self.predictor_fp32, self.decay_pos_embed, self.target_eps = predictor_fp32, decay_pos_embed, target_eps
+        self.predictor_fp32, self.decay_pos_embed = cfg.predictor_fp32, cfg.decay_pos_embed
+        self.target_eps = cfg.target_eps
         self._init_weights()
 
     @property
@@ -135,28 +151,9 @@ class XTRA(nn.Module):
         return {"loss": F.mse_loss(pred[:, :-1].float(), self.targets(images)[:, 1:])}
 
 
-@dataclass
-class XTRAConfig:
-    name: str = "xtra"
-    block: list = field(default_factory=lambda: [4, 4])  # patches per block [rows, cols]: 64x64 px at patch 16
-    proj_hidden: int = 4096
-    predictor_width: Optional[int] = None  # null = the encoder's (B/16: 768; the H/14 checkpoint: 640)
-    predictor_depth: int = 8
-    predictor_heads: int = 6
-    head_hidden: Optional[int] = None  # null = half the head's input (B/16: 6144; the H/14 checkpoint: 9408)
-    predictor_fp32: bool = True  # official (its fp16 runs): the predictor outside autocast
-    decay_pos_embed: bool = True  # official: weight decay on both position embeddings
-    target_eps: float = 1e-6  # per-block target normalisation
-    BOUNDS: ClassVar[dict] = {"block": ">= 1 pair", "proj_hidden": ">= 1", "predictor_width": ">= 1",
-                              "predictor_depth": ">= 1", "predictor_heads": ">= 1", "head_hidden": ">= 1",
-                              "target_eps": "> 0"}
-
-
 @OBJECTIVES.register("xtra")
 class XTRAObjective(Objective):
     Config = XTRAConfig
-    TINY = {"block": [2, 2], "proj_hidden": 64, "predictor_depth": 1, "predictor_heads": 2, "head_hidden": 64}
-    INVALID = {"block": [3, 3]}
     mask = "block-causal"
     causal_student = True  # with the patches in block order (XTRA.encoder_index)
 
@@ -172,6 +169,4 @@ class XTRAObjective(Objective):
 
     @staticmethod
     def build(cfg: XTRAConfig, student: nn.Module, targets: TargetInfo | None) -> XTRA:
-        return XTRA(student, cfg.block, cfg.proj_hidden, cfg.predictor_width, cfg.predictor_depth,
-                    cfg.predictor_heads, cfg.head_hidden, cfg.predictor_fp32, cfg.decay_pos_embed,
-                    cfg.target_eps)
+        return XTRA(cfg, student)

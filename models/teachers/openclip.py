@@ -13,7 +13,6 @@ import safetensors.torch
 import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.model import resize_pos_embed
-from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN, IMAGENET_DEFAULT_STD as IMAGENET_STD
 from torch import nn
 
 from ..registry import TEACHERS, Teacher
@@ -87,23 +86,29 @@ def load_visual_state(clip: nn.Module, state: dict, what: str):
         raise ValueError(f"{what}: not an OpenCLIP visual tower of this arch: {e}") from None
 
 
+@dataclass
+class OpenClipConfig:
+    name: str = "openclip"
+    arch: str = "ViT-H-14"  # an open_clip architecture
+    pretrained: Optional[str] = None  # open_clip tag, local file or gs:// URL; null = random init
+    cache_dir: str = "~/.cache/xla-trainer/teachers"
+
+
 class ClipTeacher(FrozenTeacher):
-    def __init__(self, arch: str = "ViT-H-14", pretrained: str | None = None, image_size: int = 224,
-                 input_mean=IMAGENET_MEAN, input_std=IMAGENET_STD,
-                 cache_dir: str = "~/.cache/xla-trainer/teachers"):
+    def __init__(self, cfg: OpenClipConfig, image_size: int):
         super().__init__()
-        if arch not in open_clip.list_models():
-            raise ValueError(f"unknown teacher arch {arch!r}; see open_clip.list_models()")
-        weights = resolve_weights(pretrained, os.path.expanduser(cache_dir))
+        if cfg.arch not in open_clip.list_models():
+            raise ValueError(f"unknown teacher arch {cfg.arch!r}; see open_clip.list_models()")
+        weights = resolve_weights(cfg.pretrained, os.path.expanduser(cfg.cache_dir))
         visual_state = read_visual_state(weights) if weights and os.path.isfile(weights) else None
-        clip = open_clip.create_model(arch, pretrained=None if visual_state is not None else weights,
+        clip = open_clip.create_model(cfg.arch, pretrained=None if visual_state is not None else weights,
                                       force_image_size=image_size)
         if visual_state is not None:
-            load_visual_state(clip, visual_state, f"teacher {arch!r} from {pretrained}")
+            load_visual_state(clip, visual_state, f"teacher {cfg.arch!r} from {cfg.pretrained}")
         self.visual = clip.visual
         if self.visual.attn_pool is not None or self.visual.proj is None:
-            raise ValueError(f"teacher {arch!r}: only plain ViT towers with a projection are supported")
-        self.freeze(OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, input_mean, input_std)
+            raise ValueError(f"teacher {cfg.arch!r}: only plain ViT towers with a projection are supported")
+        self.freeze(OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)
 
     def cast_weights(self, dtype: torch.dtype):
         """The tower's weights in `dtype`; the input normalisation stays float32."""
@@ -125,19 +130,10 @@ class ClipTeacher(FrozenTeacher):
         return x @ self.visual.proj
 
 
-@dataclass
-class OpenClipConfig:
-    name: str = "openclip"
-    arch: str = "ViT-H-14"  # an open_clip architecture
-    pretrained: Optional[str] = None  # open_clip tag, local file or gs:// URL; null = random init
-    cache_dir: str = "~/.cache/xla-trainer/teachers"
-
-
 @TEACHERS.register("openclip")
 class OpenClip(Teacher):
     Config = OpenClipConfig
-    TINY = {"arch": "demo-ViT-T-8"}
 
     @staticmethod
     def build(cfg: OpenClipConfig, image_size: int) -> ClipTeacher:
-        return ClipTeacher(cfg.arch, cfg.pretrained, image_size, cache_dir=cfg.cache_dir)
+        return ClipTeacher(cfg, image_size)

@@ -16,18 +16,26 @@ from .openclip import resolve_weights
 TIMM_WEIGHTS = "timm"  # teacher.pretrained: timm's own weights for the arch (timm downloads them)
 
 
+@dataclass
+class TimmTeacherConfig:
+    name: str = "timm"
+    arch: str = "vit_base_patch14_dinov2"  # a timm ViT with a cls token
+    pretrained: Optional[str] = None  # null = random init; "timm" = timm's weights; or a local file / gs:// URL
+    cache_dir: str = "~/.cache/xla-trainer/teachers"
+
+
 class TimmViTTeacher(FrozenTeacher):
-    def __init__(self, arch: str, pretrained: str | None = None, image_size: int = 224,
-                 cache_dir: str = "~/.cache/xla-trainer/teachers"):
+    def __init__(self, cfg: TimmTeacherConfig, image_size: int):
         super().__init__()
-        if arch not in timm.list_models(pretrained=False):
-            raise ValueError(f"unknown timm teacher arch {arch!r}; see timm.list_models()")
-        file = None if pretrained in (None, TIMM_WEIGHTS) else resolve_weights(pretrained, os.path.expanduser(cache_dir))
+        if cfg.arch not in timm.list_models(pretrained=False):
+            raise ValueError(f"unknown timm teacher arch {cfg.arch!r}; see timm.list_models()")
+        file = (None if cfg.pretrained in (None, TIMM_WEIGHTS)
+                else resolve_weights(cfg.pretrained, os.path.expanduser(cfg.cache_dir)))
         overlay = dict(file=file) if file else None
-        self.model = timm.create_model(arch, pretrained=pretrained is not None, img_size=image_size,
+        self.model = timm.create_model(cfg.arch, pretrained=cfg.pretrained is not None, img_size=image_size,
                                        num_classes=0, pretrained_cfg_overlay=overlay)
         if getattr(self.model, "cls_token", None) is None or not hasattr(self.model, "patch_embed"):
-            raise ValueError(f"teacher {arch!r}: only timm ViTs with a cls token are supported")
+            raise ValueError(f"teacher {cfg.arch!r}: only timm ViTs with a cls token are supported")
         own = self.model.pretrained_cfg
         self.freeze(own.get("mean", IMAGENET_MEAN), own.get("std", IMAGENET_STD))
 
@@ -49,19 +57,10 @@ class TimmViTTeacher(FrozenTeacher):
         return torch.cat([x[:, :1], x[:, self.model.num_prefix_tokens:]], dim=1)
 
 
-@dataclass
-class TimmTeacherConfig:
-    name: str = "timm"
-    arch: str = "vit_base_patch14_dinov2"  # a timm ViT with a cls token
-    pretrained: Optional[str] = None  # null = random init; "timm" = timm's weights; or a local file / gs:// URL
-    cache_dir: str = "~/.cache/xla-trainer/teachers"
-
-
 @TEACHERS.register("timm")
 class TimmTeacher(Teacher):
     Config = TimmTeacherConfig
-    TINY = {"arch": "vit_tiny_patch16_224"}
 
     @staticmethod
     def build(cfg: TimmTeacherConfig, image_size: int) -> TimmViTTeacher:
-        return TimmViTTeacher(cfg.arch, cfg.pretrained, image_size, cfg.cache_dir)
+        return TimmViTTeacher(cfg, image_size)

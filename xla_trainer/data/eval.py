@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from torchvision import datasets, transforms
 
 from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN, IMAGENET_DEFAULT_STD as IMAGENET_STD
-from ..config import ConfigError, EvalConfig
+from ..config import Config, ConfigError
 from .pretrain import GlobalBatchSampler, build_loader, check_readable, read_image
 from .stream import ignore_stop_signals
 from .generated import generated_root_fix, prepare_digits
@@ -69,7 +69,7 @@ def three_augment(image_size: int, crop_scale, color_jitter: float | None) -> tr
         *jitter, transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-def train_transform(cfg: EvalConfig):
+def train_transform(cfg: Config):
     """RandomResizedCrop, flip, then RandAugment and random erasing where augment.* asks (timm),
     or ThreeAugment (augment.three_augment)."""
     a = cfg.augment
@@ -83,7 +83,7 @@ def train_transform(cfg: EvalConfig):
                             interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
-def eval_transform(cfg: EvalConfig):
+def eval_transform(cfg: Config):
     return create_transform(cfg.backbone.image_size, is_training=False, interpolation="bicubic",
                             crop_pct=cfg.backbone.image_size / cfg.data.eval_resize,
                             mean=IMAGENET_MEAN, std=IMAGENET_STD)
@@ -191,7 +191,7 @@ class PaddedShardSplit(IterableDataset):
 class MixCollate:
     """Stacks a training batch; soft targets from mixup/cutmix (timm) or label smoothing alone."""
 
-    def __init__(self, cfg: EvalConfig, num_classes: int):
+    def __init__(self, cfg: Config, num_classes: int):
         a = cfg.augment
         self.num_classes, self.smoothing = num_classes, a.label_smoothing
         self.mixup = Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, label_smoothing=a.label_smoothing,
@@ -245,7 +245,7 @@ class EvalData:
         return len(self.classes)
 
 
-def split_root(cfg: EvalConfig) -> Path:
+def split_root(cfg: Config) -> Path:
     if cfg.data.source == "digits":
         return prepare_digits(cfg.data.root or DIGITS_ROOT, fix=generated_root_fix("digits"))
     if not cfg.data.root:
@@ -259,7 +259,7 @@ def split_root(cfg: EvalConfig) -> Path:
     return root
 
 
-def open_eval_data(cfg: EvalConfig, runtime) -> EvalData:
+def classifier_data(cfg: Config, runtime) -> EvalData:
     """The labelled splits, checked before any model is built."""
     t = cfg.train
     if cfg.data.repeated_aug < 1:
@@ -271,7 +271,7 @@ def open_eval_data(cfg: EvalConfig, runtime) -> EvalData:
     return shard_data(cfg, runtime) if cfg.data.source == "shards" else folder_data(cfg, runtime)
 
 
-def folder_data(cfg: EvalConfig, runtime) -> EvalData:
+def folder_data(cfg: Config, runtime) -> EvalData:
     root = split_root(cfg)
     train_folder, val_folder = datasets.ImageFolder(root / "train"), datasets.ImageFolder(root / "val")
     if train_folder.classes != val_folder.classes:
@@ -295,7 +295,7 @@ def folder_data(cfg: EvalConfig, runtime) -> EvalData:
         val=lambda: in_order(val_folder))
 
 
-def shard_data(cfg: EvalConfig, runtime) -> EvalData:
+def shard_data(cfg: Config, runtime) -> EvalData:
     """data.shards/train and data.shards/val, each written by make-shards from an ImageFolder
     split (labels in <key>.cls, class names in the manifest)."""
     if not cfg.data.shards:

@@ -22,7 +22,6 @@ PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "retina", "hubble_deep_fie
           "immunohistochemistry", "stereo_motorcycle")
 SIZE = 96
 MARKER = ".xla-trainer-dataset.json"  # {"kind": ...}: the tree is this program's own
-LEGACY_MARKER = ".complete"  # the marker of earlier versions
 FIX_OUT = "Pass another --out (a new or empty directory)."
 
 
@@ -92,14 +91,12 @@ def generated_root_fix(source: str) -> str:
 
 
 def generated_kind(root: Path) -> str | None:
-    """Which generated tree `root` is ("embedded", "digits"; "legacy" for a tree of an earlier
-    version, marked `.complete`), or None when it carries no marker of this project."""
-    if (root / MARKER).is_file():
-        try:
-            return json.loads((root / MARKER).read_text()).get("kind")
-        except (OSError, ValueError, AttributeError):
-            return None
-    return "legacy" if (root / LEGACY_MARKER).is_file() else None
+    """Which generated tree `root` is ("embedded", "digits"), or None when it carries no marker
+    of this project."""
+    try:
+        return json.loads((root / MARKER).read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _write_once(root: str | os.PathLike, kind: str, write, fix: str) -> Path:
@@ -108,7 +105,7 @@ def _write_once(root: str | os.PathLike, kind: str, write, fix: str) -> Path:
     touched. Safe to call again (returns at once), atomic (written beside root, then renamed onto
     it: a crash leaves no half tree under root), and safe for several processes at once."""
     root = Path(root).expanduser()
-    if generated_kind(root) in (kind, "legacy"):
+    if generated_kind(root) == kind:
         return root
     _refuse_foreign(root, kind, fix)
     root.parent.mkdir(parents=True, exist_ok=True)

@@ -170,7 +170,7 @@ class TrainData:
     targets: TargetManifest | None = None  # precomputed targets, checked against the config
 
 
-def open_train_data(cfg: Config, runtime) -> TrainData:
+def pretrain_data(cfg: Config, runtime) -> TrainData:
     """The training input named by the config, checked before any model is built."""
     seed, workers, pin = cfg.train.seed, runtime.loader_workers(cfg.data.num_workers), runtime.pin_memory
     local_batch = cfg.train.global_batch // runtime.process_count

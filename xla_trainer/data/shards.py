@@ -121,8 +121,7 @@ class ImageManifest:
         if not remote_io.exists(url):
             raise FileNotFoundError(f"no shard manifest at {url}; write shards with `xla-trainer make-shards`")
         meta = json.loads(remote_io.read_bytes(url))
-        return cls([ShardInfo(**s) for s in meta["shards"]], meta.get("classes", []),
-                   meta.get("max_side"), meta.get("quality"))
+        return cls([ShardInfo(**s) for s in meta["shards"]], meta["classes"], meta["max_side"], meta["quality"])
 
     def check_sizes(self, prefix: str):
         """A ConfigError naming the first shard under `prefix` that is missing or not the size the
