@@ -269,9 +269,10 @@ def test_describe_gives_the_official_base_count():
         return mixer + 2 * w + 2 * (w * hidden + hidden) + hidden * w + w
     official = 768 * 3 * 16 * 16 + 768 + 768 + 197 * 768 + 12 * layer(768) + 768 + 1000 * 768 + 1000
     cfg = load_config("configs/adventurer/stage3_b16_224_finetune.yaml")
-    result = describe(cfg, 1000)
+    result = describe(cfg, 1000, with_flops=False)
     assert result["parameters_total"]["trainable"] == official == 98_657_608  # the paper: 99M
-    digpt = describe(load_config("configs/digpt/adventurer_b16_in1k.yaml", ["teacher.arch=demo-ViT-T-8"]))
+    digpt = describe(load_config("configs/digpt/adventurer_b16_in1k.yaml", ["teacher.arch=demo-ViT-T-8"]),
+                     with_flops=False)
     assert digpt["backbone"] == "adventurer" and digpt["parameters"]["encoder"]["trainable"] == official - 769_000
 
 
@@ -367,22 +368,7 @@ def test_ema_is_refused_for_a_probe():
         check_classifier_config(dataclasses.replace(cfg, task="linprobe"))
 
 
-# --- the trainer: XLA and the digits -------------------------------------------------------------
-@pytest.mark.slow
-def test_xla_spmd_four_devices_match_one(embedded_root, tmp_path):
-    """D-iGPT on a tiny Adventurer student on the real XLA path: a 4-device FSDP mesh gives one
-    device's losses over steps of different images, and the step compiles once."""
-    from conftest import check_four_devices_match_one, tiny_overrides
-    adventurer = {"backbone.name": "adventurer", **{f"backbone.{k}": v for k, v in TINY["backbone"]["adventurer"].items()},
-                  "runtime.backend": "xla", "train.stop_at_step": 4}
-
-    def args(out, **extra):
-        values = [a for a in tiny_overrides(embedded_root, out) if not a.startswith("backbone.")]
-        return ["--config", "configs/digpt/demo.yaml", *values,
-                *[f"{k}={v}" for k, v in {**adventurer, **extra}.items()]]
-    check_four_devices_match_one(args, tmp_path)
-
-
+# --- the trainer: the digits ---------------------------------------------------------------------
 MARGIN_TRAIN = 40.0  # top-1 points above the 10% chance of the digits; measured 82.25 on a 2-core CPU VM
 
 

@@ -21,6 +21,7 @@ def tiny_config(tmp_path, **extra):
     return load_config(None, tiny_overrides(tmp_path, tmp_path / "out", **extra))
 
 
+@pytest.mark.slow  # a subprocess or a whole training: not in the edit loop
 def test_cli_prints_both_rates_and_their_ratio(tmp_path, capsys):
     assert main(["bench", "--baseline", "official", "--steps", "2", "--warmup", "1",
                  *tiny_overrides(tmp_path, tmp_path / "out")]) == 0

@@ -209,6 +209,7 @@ def test_info_reports_backend_and_versions():
     assert info["versions"]["torch"]
 
 
+@pytest.mark.slow  # a subprocess or a whole training: not in the edit loop
 def test_info_xla_mesh():
     result = run_cli(["info", "--backend", "xla"], env={"PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "4"})
     assert result.returncode == 0, result.stderr[-2000:]
@@ -216,6 +217,7 @@ def test_info_xla_mesh():
     assert info["num_devices"] == 4 and info["mesh"] == {"shape": [4, 1], "axes": ["data", "fsdp"]}
 
 
+@pytest.mark.slow  # a subprocess or a whole training: not in the edit loop
 def test_bench_prints_throughput(embedded_root, tmp_path):
     result = run_cli(["bench", "--steps", "3", "--warmup", "2", *toy_overrides(embedded_root, tmp_path)])
     assert result.returncode == 0, result.stderr[-2000:]

@@ -191,8 +191,9 @@ def test_pretrained_student_round_trips_into_the_classifier_and_export(name, tmp
             p.add_(torch.randn(p.shape))  # no weight of the fresh classifier can match by chance
     # a pre-training checkpoint: the objective's encoder.* beside parts of its own
     saved = {**{f"encoder.{k}": v for k, v in student.state_dict().items()}, "decoders.x.weight": torch.ones(3)}
-    torch.save({"model": saved, "step": 1}, tmp_path / "checkpoint-00000001.pt")
-    state = load_backbone_state(str(tmp_path / "checkpoint-00000001.pt"), backbone)
+    checkpoint = str(tmp_path / "pretrained.pt")
+    torch.save({"model": saved, "step": 1}, checkpoint)
+    state = load_backbone_state(checkpoint, backbone)
     classifier = backbone.classifier(cfg, 10)
     fitted = backbone.adapt_state(state, classifier)
     missing, unexpected = classifier.load_state_dict(fitted, strict=False)
@@ -205,7 +206,7 @@ def test_pretrained_student_round_trips_into_the_classifier_and_export(name, tmp
     assert all(w in loaded for w in weights)
 
     out = tmp_path / "backbone.safetensors"
-    exported = export_backbone(str(tmp_path), str(out), backbone)
+    exported = export_backbone(checkpoint, str(out), backbone)
     written = safetensors.torch.load_file(str(out))
     assert sorted(written) == sorted(exported) and all(torch.equal(written[k], exported[k]) for k in written)
 

@@ -1,6 +1,7 @@
 """Input pipeline: per-host split of the global batch, determinism, unreadable images."""
 import shutil
 
+import pytest
 import torch
 
 from conftest import read_metrics, run_cli, tiny_overrides
@@ -44,6 +45,7 @@ def test_loader_batches_and_workers_agree(embedded_root):
         assert torch.equal(x["images"], y["images"])
 
 
+@pytest.mark.slow  # a subprocess or a whole training: not in the edit loop
 def test_unreadable_image_is_skipped_counted_and_named(embedded_root, tmp_path):
     root = tmp_path / "data"
     (root / "train" / "a").mkdir(parents=True)

@@ -29,8 +29,9 @@ def installed(tmp_path_factory):
     venv = root / "venv"
     # without pip: the borrowed pip and setuptools (the test extra's, new enough to build wheels) install
     subprocess.run([sys._base_executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    purelib = Path(subprocess.run([venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                  check=True, capture_output=True, text=True).stdout.strip())
+    where = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    purelib = Path(subprocess.run([venv / "bin" / "python", "-c", where], check=True, capture_output=True,
+                                  text=True).stdout.strip())
     (purelib / "borrowed.pth").write_text("\n".join(site_packages()) + "\n")
     unrelated = purelib / "models"  # an unrelated package of that common name, installed first
     unrelated.mkdir()

@@ -26,6 +26,7 @@ def eval_args(digits_root, out, **extra):
     return [f"{k}={v}" for k, v in {**values, **TOY}.items()]
 
 
+@pytest.mark.slow  # a subprocess or a whole training: not in the edit loop
 def test_toy_backbone_pretrains_finetunes_probes_and_exports(embedded_root, digits_root, tmp_path, capsys):
     run = tmp_path / "pretrain"
     assert main(["pretrain", "--config", str(TOY_CONFIG), f"data.root={embedded_root}", f"train.output_dir={run}",

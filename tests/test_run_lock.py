@@ -145,7 +145,7 @@ def test_two_launches_at_once_one_runs_one_exits_2(where, embedded_root, tmp_pat
     out = tmp_path / "run" if where == "local" else f"{request.getfixturevalue('gcs_bucket')}/run"
     monkeypatch.setenv("HOME", str(tmp_path))  # the gs:// run's local metrics mirror
     args = [sys.executable, "-m", "xla_trainer", "pretrain", *toy_overrides(embedded_root, out, **{
-        "train.stop_at_step": 6})]
+        "train.stop_at_step": 6, "objective.seconds_per_step": 2})]  # the winner trains >= 12 s
     procs = [subprocess.Popen(args, cwd=REPO, env=dict(os.environ), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [(p, *p.communicate(timeout=600)) for p in procs]

@@ -5,10 +5,8 @@ import argparse
 import dataclasses
 import math
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 
 from xla_trainer_models import BACKBONES, OBJECTIVES
@@ -184,7 +182,7 @@ def _block(w: int) -> int:  # norm1, q, k, v, proj, norm2, fc1, fc2 of the offic
 
 def test_describe_gives_the_official_part_counts_of_vit_b16():
     """qiy20/SAIM models_saim.saim_base: 12 + 12 blocks of width 768, head 768-3072-768."""
-    result = describe(load_config("configs/saim/vit_b16_in1k.yaml"))
+    result = describe(load_config("configs/saim/vit_b16_in1k.yaml"), with_flops=False)
     w = 768
     encoder = 3 * 16 * 16 * w + w + w + 12 * _block(w)  # patch_embed, cls_token, blocks
     assert result["parameters"] == {
@@ -269,67 +267,6 @@ def test_visualize_refuses_to_overwrite_and_names_bad_input(tmp_path):
         visualize(cfg, "embedded", str(tmp_path / "out.jpg"))
     with pytest.raises(FileNotFoundError, match="--images .*: not a directory"):
         visualize(cfg, str(tmp_path / "nowhere"), str(tmp_path / "out.png"))
-
-
-# --- the XLA path and the demo -------------------------------------------------------------------
-def saim_overrides(data_root, output_dir, **extra) -> list[str]:
-    """configs/saim/demo.yaml shrunk for 2 CPU cores: 32 px, 4x4 patches, 2 blocks, fp32."""
-    values = {
-        "backbone.image_size": 32, "backbone.width": 32, "backbone.depth": 2, "backbone.heads": 2,
-        "data.root": str(data_root), "data.num_workers": 0, "train.global_batch": 8, "train.log_every": 1,
-        "train.stop_at_step": 4, "optim.base_lr": 0.05, "optim.warmup_epochs": 0,
-        "train.output_dir": str(output_dir), "runtime.backend": "xla", "runtime.precision": "fp32",
-    }
-    values.update(extra)
-    return ["--config", "configs/saim/demo.yaml", *[f"{k}={v}" for k, v in values.items()]]
-
-
-@pytest.mark.slow
-def test_xla_spmd_four_devices_match_one(embedded_root, tmp_path):
-    """SAIM on the real XLA path: a 4-device FSDP mesh gives one device's losses, and the step,
-    whose per-sample order comes from device noise, compiles once."""
-    from conftest import check_four_devices_match_one
-    check_four_devices_match_one(lambda out, **extra: saim_overrides(embedded_root, out, **extra), tmp_path)
-
-
-MARGIN = 25.0  # top-1 points; measured 84.8 (pre-trained) vs 38.9 (random init) on a 2-core CPU VM
-
-
-@pytest.fixture(scope="module")
-def demo_run(embedded_root, digits_root, tmp_path_factory):
-    from conftest import pretrain_then_probe
-    out = tmp_path_factory.mktemp("saim-demo")
-    return out, pretrain_then_probe("configs/saim/demo.yaml", "configs/saim/linprobe_demo.yaml",
-                                    embedded_root, digits_root, out)
-
-
-@pytest.mark.slow
-def test_demo_pretraining_beats_random_init_on_the_linear_probe(demo_run):
-    """configs/saim/demo.yaml as shipped, then configs/saim/linprobe_demo.yaml on the digits from
-    its output and from random init, side by side."""
-    _, (rows, pretrained_top1, random_top1) = demo_run
-    assert rows[-1]["step"] == 300 and rows[-1]["loss"] < 0.8 * rows[0]["loss"]
-    assert rows[-1]["compiles"] == rows[1]["compiles"]
-    assert pretrained_top1 > random_top1 + MARGIN, (pretrained_top1, random_top1)
-
-
-@pytest.mark.slow
-def test_visualize_draws_the_demo_checkpoint(demo_run, embedded_root, tmp_path):
-    from conftest import run_cli
-    out, _ = demo_run
-    panels = {}
-    for name, init in (("trained", out), ("random", "null")):
-        png = tmp_path / f"{name}.png"
-        result = run_cli(["visualize", "--config", "configs/saim/linprobe_demo.yaml", f"train.init={init}",
-                          "--images", str(embedded_root), "--out", str(png), "--count", "3", "--cell", "64"])
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert "(input, attention, pca)" in result.stdout
-        picture = np.asarray(Image.open(png).convert("RGB")).astype(np.float32)
-        assert picture.shape == (3 * 64, 3 * 64, 3)
-        panels[name] = [picture[:, 64 * i:64 * (i + 1)] for i in range(3)]
-    assert np.array_equal(panels["trained"][0], panels["random"][0])  # the same inputs
-    for column in (1, 2):  # attention, PCA: the trained encoder draws other maps
-        assert np.abs(panels["trained"][column] - panels["random"][column]).mean() > 10
 
 
 # --- init ---------------------------------------------------------------------------------------

@@ -1,76 +1,134 @@
-"""The real XLA SPMD path on CPU: PJRT_DEVICE=CPU with 1 and 4 devices in separate processes."""
+"""The real XLA SPMD path on CPU: every objective/backbone pair that has XLA coverage gives the
+same losses on a 4-device mesh as on 1 device, and compiles its step once. Each device count is
+one process (PJRT_DEVICE=CPU, CPU_NUM_DEVICES=1 or 4) running every case in turn (xla_runs.py)."""
+import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 
-from conftest import read_metrics, run_cli, toy_overrides
+from conftest import REPO, read_metrics, toy_overrides
+from plugin_sizes import TINY
 
 pytestmark = pytest.mark.slow  # make test-fast leaves it out
 
-STEPS = 6
+STEPS = 4
+XLA = {"runtime.backend": "xla", "runtime.precision": "fp32", "train.stop_at_step": STEPS, "train.log_every": 1,
+       "data.num_workers": 0}
 
 
-def xla_run(data_root, output_dir, devices: int, *extra):
-    """The metrics rows of a short run, and the parameter MiB per device it reports."""
-    args = ["pretrain", *toy_overrides(data_root, output_dir, **{"runtime.backend": "xla"}),
-            f"train.stop_at_step={STEPS}", *extra]
-    result = run_cli(args, env={"PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": str(devices)})
-    assert result.returncode == 0, result.stderr[-3000:]
-    mib = float(re.search(r"parameters:\s+([\d.]+) MiB per device", result.stdout).group(1))
-    return read_metrics(output_dir), mib
+def sized(kind: str, name: str) -> dict:
+    return {f"{kind}.name": name, **{f"{kind}.{k}": v for k, v in TINY[kind][name].items()}}
+
+
+TINY_DIGPT = {"objective.decoder_width": 32, "objective.decoder_depth": 1, "objective.decoder_heads": 2,
+              "train.global_batch": 8, "optim.base_lr": 0.02, "optim.warmup_epochs": 0.1}
+
+# pair -> (--config, overrides): the shipped demo shrunk to the tiny sizes of tests/plugin_sizes.py
+PAIRS = {
+    "toy/vit": (None, {}),  # tests/toy.yaml, below
+    "toy/crate_alpha": (None, sized("backbone", "crate_alpha")),
+    "xtra/vit": ("configs/xtra/demo.yaml", {
+        "backbone.image_size": 32, "backbone.width": 32, "backbone.depth": 2, "backbone.heads": 2,
+        "objective.proj_hidden": 64, "objective.predictor_width": 32, "objective.predictor_depth": 1,
+        "objective.predictor_heads": 2, "objective.head_hidden": 64, "train.global_batch": 8, "optim.lr": 0.01,
+        "optim.warmup_epochs": 0}),
+    "saim/vit": ("configs/saim/demo.yaml", {
+        "backbone.image_size": 32, "backbone.width": 32, "backbone.depth": 2, "backbone.heads": 2,
+        "train.global_batch": 8, "optim.base_lr": 0.05, "optim.warmup_epochs": 0}),
+    "digpt/adventurer": ("configs/adventurer/digpt_demo.yaml", {**TINY_DIGPT, **sized("backbone", "adventurer")}),
+}
+# the toy pair also on the other meshes: accumulated micro-batches, FSDP alone, 2 (data) x 2 (fsdp)
+TOY_MESHES = {"4, accum 2": {"train.accum_steps": 2}, "4, dp": {"runtime.mesh": "[-1,1]"}, "2x2": {"runtime.mesh": "[2,2]"}}
+
+
+def pretrain_args(pair: str, out, data_root, **extra) -> list[str]:
+    config, values = PAIRS[pair]
+    values = {**values, **XLA, **extra}
+    if config is None:
+        return ["pretrain", *toy_overrides(data_root, out, **values)]
+    values.update({"data.root": data_root, "train.output_dir": out})
+    return ["pretrain", "--config", config, *[f"{k}={v}" for k, v in values.items()]]
+
+
+def run_all(devices: int, cases: dict, tmp_path) -> subprocess.Popen:
+    spec = tmp_path / f"dev{devices}.json"
+    spec.write_text(json.dumps(list(cases.values())))
+    env = {**os.environ, "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": str(devices)}
+    return subprocess.Popen([sys.executable, str(REPO / "tests" / "xla_runs.py"), str(spec)], cwd=REPO, env=env)
 
 
 @pytest.fixture(scope="module")
 def runs(embedded_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("xla")
-    runs = {n: xla_run(embedded_root, out / f"dev{n}", n) for n in (1, 4)}
-    runs["4, accum 2"] = xla_run(embedded_root, out / "accum", 4, "train.accum_steps=2")
-    runs["4, fsdp"] = xla_run(embedded_root, out / "fsdp", 4, "runtime.mesh=[1,-1]")
-    runs["2x2"] = xla_run(embedded_root, out / "2x2", 4, "runtime.mesh=[2,2]")
-    return {name: rows for name, (rows, _) in runs.items()}, {name: mib for name, (_, mib) in runs.items()}
+    """(case -> metrics rows, case -> parameter MiB per device, case -> stderr of the refused ones)."""
+    tmp = tmp_path_factory.mktemp("xla")
+    one = {pair: pretrain_args(pair, tmp / f"1-{i}", embedded_root) for i, pair in enumerate(PAIRS)}
+    four = {pair: pretrain_args(pair, tmp / f"4-{i}", embedded_root, **{"runtime.mesh": "[1,-1]"})
+            for i, pair in enumerate(PAIRS)}  # FSDP: parameters and optimizer state sharded too
+    four.update({f"toy/vit {mesh}": pretrain_args("toy/vit", tmp / f"mesh-{i}", embedded_root, **extra)
+                 for i, (mesh, extra) in enumerate(TOY_MESHES.items())})
+    refused = {  # fail before compiling: exit 2, nothing written
+        "batch 6": pretrain_args("toy/vit", tmp / "batch6", embedded_root, **{"train.global_batch": 6}),
+        "mesh [3,-1]": pretrain_args("toy/vit", tmp / "mesh3", embedded_root, **{"runtime.mesh": "[3,-1]"})}
+    four.update(refused)
+    procs = {1: run_all(1, one, tmp), 4: run_all(4, four, tmp)}
+    rows, mib, errors = {}, {}, {}
+    for devices, cases in ((1, one), (4, four)):
+        assert procs[devices].wait(timeout=1500) == 0
+        results = json.loads((tmp / f"dev{devices}.json.out").read_text())
+        for (case, args), result in zip(cases.items(), results):
+            key = (devices, case)
+            if case in refused:
+                assert result["code"] == 2, result["stderr"][-3000:]
+                errors[case] = result["stderr"]
+                continue
+            assert result["code"] == 0, (key, result["stderr"][-3000:])
+            rows[key] = read_metrics(output_dir(args))
+            mib[key] = float(re.search(r"parameters:\s+([\d.]+) MiB per device", result["stdout"]).group(1))
+    return rows, mib, errors
 
 
-@pytest.mark.parametrize("other", [4, "4, accum 2", "4, fsdp", "2x2"])
-def test_four_devices_match_one_device(runs, other):
-    runs, _ = runs
-    """Same global batch, same samples, same segment orders: the same losses on a 4-device mesh,
-    also when each step is two accumulated micro-batches, with FSDP (parameters and optimizer state
-    sharded over 4 devices) and on a 2 (data) x 2 (fsdp) mesh."""
-    one, four = runs[1], runs[other]
+def output_dir(args: list[str]) -> str:
+    return next(a.split("=", 1)[1] for a in args if a.startswith("train.output_dir="))
+
+
+@pytest.mark.parametrize("pair", PAIRS)
+def test_four_devices_match_one_and_compile_once(runs, pair):
+    """Same global batch, same samples, same noise: the same losses and gradient norms on a
+    4-device FSDP mesh (parameters sharded) as on one device; the step compiles once."""
+    rows = runs[0]
+    one, four = rows[(1, pair)], rows[(4, pair)]
     assert [r["step"] for r in one] == [r["step"] for r in four] == list(range(1, STEPS + 1))
     for a, b in zip(one, four):
         for key in ("loss", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=2e-3, abs=2e-3), (a["step"], key)
-    # and the run moves: identical losses from a frozen model would also "match"
-    assert one[0]["loss"] != pytest.approx(one[-1]["loss"], abs=1e-3)
+    assert one[0]["loss"] != pytest.approx(one[-1]["loss"], abs=1e-4)  # frozen models would "match" too
+    for r in (one, four):
+        assert 0 < r[0]["compiles"] == r[-1]["compiles"], [x["compiles"] for x in r]
 
 
-def test_the_step_compiles_once(runs):
-    """The optimizer state is made before the first step, with the shardings the step gives it:
-    step 1 is already the graph of every later step (on every mesh, FSDP included)."""
-    for n, rows in runs[0].items():
-        compiles = [r["compiles"] for r in rows]
-        assert 0 < compiles[0] == compiles[-1], (n, compiles)
-
-
-def test_batch_not_divisible_by_mesh_fails_before_compiling(embedded_root, tmp_path):
-    args = ["pretrain", *toy_overrides(embedded_root, tmp_path, **{"runtime.backend": "xla"}),
-            "train.global_batch=6"]
-    result = run_cli(args, env={"PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "4"})
-    assert result.returncode == 2
-    assert "train.global_batch 6 is not divisible by data-parallel size 4" in result.stderr
-    assert not (tmp_path / "metrics.jsonl").exists()
+@pytest.mark.parametrize("mesh", TOY_MESHES)
+def test_the_toy_pair_matches_on_every_mesh(runs, mesh):
+    """Two accumulated micro-batches per step, a data-parallel mesh and a 2 x 2 mesh: one device's
+    losses, one compilation."""
+    rows = runs[0]
+    one, other = rows[(1, "toy/vit")], rows[(4, f"toy/vit {mesh}")]
+    for a, b in zip(one, other, strict=True):
+        for key in ("loss", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=2e-3, abs=2e-3), (a["step"], key)
+    assert 0 < other[0]["compiles"] == other[-1]["compiles"]
 
 
 def test_fsdp_shrinks_parameter_bytes_per_device(runs):
-    _, mib = runs
-    assert mib["2x2"] < 0.6 * mib[4] and mib["4, fsdp"] < 0.6 * mib["2x2"]
-    assert mib[4] == mib[1]  # data-parallel: every device holds every parameter
+    mib = runs[1]
+    dp, mixed, fsdp = mib[(4, "toy/vit 4, dp")], mib[(4, "toy/vit 2x2")], mib[(4, "toy/vit")]
+    assert mixed < 0.6 * dp and fsdp < 0.6 * mixed
+    assert dp == mib[(1, "toy/vit")]  # data-parallel: every device holds every parameter
 
 
-def test_mesh_that_does_not_fit_the_devices(embedded_root, tmp_path):
-    result = run_cli(["pretrain", *toy_overrides(embedded_root, tmp_path, **{"runtime.backend": "xla",
-                                                                              "runtime.mesh": "[3,-1]"})],
-                     env={"PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "4"})
-    assert result.returncode == 2
-    assert "runtime.mesh [3, -1] does not fit 4 devices" in result.stderr
+def test_refused_before_compiling(runs):
+    errors = runs[2]
+    assert "train.global_batch 6 is not divisible by data-parallel size 4" in errors["batch 6"]
+    assert "runtime.mesh [3, -1] does not fit 4 devices" in errors["mesh [3,-1]"]

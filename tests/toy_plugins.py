@@ -6,6 +6,7 @@ toy objective: encode a random `keep` fraction of the patches (the noise picks w
 each encoded patch's mean colour. No teacher; any mask-taking backbone.
 toy backbone: patch embedding, learned positions, blocks that mix tokens by a masked mean (any
 boolean mask) then apply an MLP; a timm-style classifier over the mean token."""
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -121,12 +122,15 @@ class ToyConfig:
     # fault injection: the loss of this forward call (1-based, over the whole run, resumes
     # included: the count is a buffer, saved in the checkpoints) is NaN
     nan_at_forward: Optional[int] = None
+    # eager backends: sleep this long in each forward, so that a run is still training when a second
+    # launch meets its run lock (tests/test_run_lock.py), however fast the machine
+    seconds_per_step: float = 0.0
 
 
 class Toy(nn.Module):
     def __init__(self, cfg: ToyConfig, encoder: nn.Module):
         super().__init__()
-        self.nan_at_forward = cfg.nan_at_forward
+        self.nan_at_forward, self.seconds_per_step = cfg.nan_at_forward, cfg.seconds_per_step
         if cfg.nan_at_forward is not None:
             self.register_buffer("forwards", torch.zeros((), dtype=torch.long))
         self.encoder = encoder
@@ -136,6 +140,7 @@ class Toy(nn.Module):
         self.head = nn.Linear(encoder.embed_dim, 3)
 
     def forward(self, batch: dict, noise: torch.Tensor) -> dict:
+        time.sleep(self.seconds_per_step)
         images = batch["images"]
         visible = noise.argsort(dim=-1)[:, :self.keep]
         x = self.encoder.forward_taps(images, visible, None, (self.encoder.depth,))[-1][:, :self.keep]

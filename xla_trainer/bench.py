@@ -37,17 +37,17 @@ def time_our_step(cfg: Config, runtime: Runtime, steps: int, warmup: int) -> tup
     """(the report of our compiled step, the host batch it ran on)."""
     lr = peak_lr(cfg.optim.base_lr, cfg.train.global_batch, cfg.optim.lr)
     schedule = Schedule(1, warmup + steps, 0, lr, lr)  # the peak lr throughout
-    task = build_job(cfg, runtime, schedule, count_flops=True)
-    flops = task.flops
-    if task.teacher is not None and cfg.targets.source == "precomputed":  # the teacher leaves the step
-        task.teacher = None
+    job = build_job(cfg, runtime, schedule, count_flops=True)
+    flops = job.flops
+    if job.teacher is not None and cfg.targets.source == "precomputed":  # the teacher leaves the step
+        job.teacher = None
         flops = step_flops(flops["student_forward"])
-    batch = bench_batch(cfg, cfg.train.global_batch // runtime.process_count, task.target_info)
+    batch = bench_batch(cfg, cfg.train.global_batch // runtime.process_count, job.target_info)
     step_fn = runtime.compile_fn(train_step, "train_step")
     start = None
     for step, device_batch in enumerate(runtime.device_batches([batch] * (warmup + steps))):
-        metrics = step_fn(task.step_model, task.teacher, task.optimizer, device_batch, lr, step, runtime=runtime,
-                          settings=task.settings)
+        metrics = step_fn(job.step_model, job.teacher, job.optimizer, device_batch, lr, step, runtime=runtime,
+                          settings=job.settings)
         if step == warmup - 1:
             float(metrics["loss"])  # wait for the warm-up steps before the clock starts
             compiles_after_warmup = runtime.compiles()
@@ -63,7 +63,7 @@ def time_our_step(cfg: Config, runtime: Runtime, steps: int, warmup: int) -> tup
             "gflops_per_image": flops["train_step"] / 1e9, "achieved_tflops": achieved / 1e12,
             "mfu": achieved / (peak * runtime.num_devices) if peak else None,
             "compiles": runtime.compiles(), "compiles_after_warmup": compiles_after_warmup,
-            "parameter_bytes_per_device": runtime.parameter_bytes_per_device(task.step_model)}, batch
+            "parameter_bytes_per_device": runtime.parameter_bytes_per_device(job.step_model)}, batch
 
 
 def bench_data(cfg: Config, batches: int = 20, warmup: int = 2) -> dict:

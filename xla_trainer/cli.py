@@ -78,7 +78,7 @@ def cmd_export_timm(args):
 
 def cmd_describe(args):
     from .describe import describe, table
-    result = describe(load_config(args.config, args.overrides), args.num_classes)
+    result = describe(load_config(args.config, args.overrides), args.num_classes, with_flops=not args.no_flops)
     print(table(result) if args.table else json.dumps(result))
 
 
@@ -195,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--table", action="store_true", help="a readable table instead of JSON")
     p.add_argument("--num-classes", type=bounded_int(0), default=1000, help="for a classifier config (default 1000)")
+    p.add_argument("--no-flops", action="store_true",
+                   help="parameters only, the model built on the meta device: instant at any size")
     p.set_defaults(func=cmd_describe)
     p = sub.add_parser("bench", help="time N train steps after warm-up on a fixed device batch")
     _config_args(p)

@@ -1,8 +1,9 @@
 """docs/configs.md, generated from the config dataclasses: every key with its type, default and
 meaning. The meaning is the field's own comment in the source (the trailing `# ...` on its line
 and the comment lines right above it); the sections come from `dataclasses.fields` of
-`xla_trainer.config.Config` (and of any other top-level schema config.py still has), the plug-in
-sections from every registered entry's `Config`.
+`xla_trainer.config.Config` (the one schema, for every task), the per-task defaults from
+`TASK_DEFAULTS`, the tasks that read a key from `ONLY_FOR`, the plug-in sections from every
+registered entry's `Config`.
 
     python -m xla_trainer.config_docs > docs/configs.md
     python -m xla_trainer.config_docs --write        # the same, into docs/configs.md of the checkout
@@ -125,21 +126,20 @@ def code(text: str) -> str:
 
 
 def extras(cls, name: str, top_choices: dict, key: str) -> str:
-    """The allowed values (CHOICES), bounds (BOUNDS) and, where config.py says, the tasks that
-    read the key, as a note."""
+    """The allowed values (CHOICES), bounds (BOUNDS) and the tasks that read the key (ONLY_FOR,
+    where it names the key), as a note."""
     from xla_trainer import config as config_module
     notes = []
     choices = top_choices.get(key) or getattr(cls, "CHOICES", {}).get(name)
     if key == "task" and not choices:
-        choices = getattr(config_module, "TASKS", None)
+        choices = config_module.TASKS
     if choices:
         notes.append("one of " + ", ".join(f"`{c}`" for c in choices))
     bound = getattr(cls, "BOUNDS", {}).get(name)
     if bound:
         notes.append(f"bounds: `{bound}`")
-    only = getattr(config_module, "ONLY_FOR", None)
-    if isinstance(only, dict) and only.get(key):
-        notes.append(f"read by {tasks_text(config_module, only[key])} only")
+    if config_module.ONLY_FOR.get(key):
+        notes.append(f"read by {tasks_text(config_module, config_module.ONLY_FOR[key])} only")
     return f" ({'; '.join(notes)})" if notes else ""
 
 
@@ -173,29 +173,10 @@ def builtin_names(registry) -> list[str]:
     return [n for n in registry.names() if registry.get(n).__module__.startswith("xla_trainer_models.")]
 
 
-def schemas(config_module) -> list:
-    """The top-level config dataclasses: `Config`, and any other one config.py still defines
-    (an evaluation schema beside it)."""
-    found = [config_module.Config]
-    for name in ("EvalConfig",):
-        cls = getattr(config_module, name, None)
-        if cls is not None and dataclasses.is_dataclass(cls) and cls not in found:
-            found.append(cls)
-    return found
-
-
-def schema_title(cls) -> str:
-    own = cls.__dict__.get("__doc__") or ""  # a dataclass without a docstring gets its signature
-    first = "" if own.startswith(cls.__name__ + "(") else " ".join(own.strip().split("\n\n")[0].split())
-    return f"`{cls.__name__}`" + (f": {first}" if first else "")
-
-
 def task_defaults_section(config_module) -> list[str]:
-    """The per-task defaults table, when config.py has one (TASK_DEFAULTS: task -> overrides,
-    nested or dotted): one column per group of tasks with the same defaults."""
-    table = getattr(config_module, "TASK_DEFAULTS", None)
-    if not isinstance(table, dict) or not table:
-        return []
+    """The per-task defaults table (config.TASK_DEFAULTS: task -> overrides, nested or dotted):
+    one column per group of tasks with the same defaults."""
+    table = config_module.TASK_DEFAULTS
 
     def flat(d, prefix=""):
         if dataclasses.is_dataclass(d) and not isinstance(d, type):
@@ -233,14 +214,13 @@ def task_defaults_section(config_module) -> list[str]:
 
 
 def section_note(config_module, section: str) -> str:
-    """Which tasks read a whole section, when config.py says (ONLY_FOR: key or section -> tasks)."""
-    only = getattr(config_module, "ONLY_FOR", None)
-    tasks = only.get(section) if isinstance(only, dict) else None
+    """Which tasks read a whole section (config.ONLY_FOR: key or section -> tasks)."""
+    tasks = config_module.ONLY_FOR.get(section)
     return f"Read by {tasks_text(config_module, tasks)} only." if tasks else ""
 
 
 def tasks_text(config_module, tasks) -> str:
-    if tuple(tasks) == tuple(getattr(config_module, "CLASSIFIERS", ())) and len(tasks) > 1:
+    if tuple(tasks) == tuple(config_module.CLASSIFIERS) and len(tasks) > 1:
         return "the classifier tasks (" + ", ".join(tasks) + ")"
     return ", ".join(tasks)
 
@@ -250,45 +230,41 @@ def generate() -> str:
     regs = registries()
     out = [HEADER]
     out += task_defaults_section(config_module)
-    several = len(schemas(config_module)) > 1
-    for schema in schemas(config_module):
-        level = "###" if several else "##"
-        if several:
-            out += [f"## {schema_title(schema)}", ""]
-        top_choices = getattr(schema, "CHOICES", {})
-        top = [f for f in dataclasses.fields(schema)]
-        plain_top = [f for f in top if not f.metadata.get("registry") and
-                     not dataclasses.is_dataclass(default_of(f))]
-        if plain_top:
-            out += [f"{level} (top level)", "", *TABLE_HEAD]
-            for f in plain_top:
-                meaning = comment(schema, f.name) + extras(schema, f.name, top_choices, f.name)
-                d = default_of(f)
-                shown = "" if d is dataclasses.MISSING else code(value_text(d))
-                out.append(f"| (top level) | `{f.name}` | {cell(type_name(f.type))} | {cell(shown)} | "
-                           f"{cell(meaning.strip())} |")
-            out.append("")
-        for f in top:
-            if f in plain_top:
-                continue
-            kind = f.metadata.get("registry")
-            note = comment(schema, f.name)
-            note = " ".join(x for x in ((note[:1].upper() + note[1:] + ".") if note else "",
-                                        section_note(config_module, f.name)) if x)
-            if kind:
-                default_name = default_of(f).name
-                out += [f"{level} `{f.name}` (plug-in: `{f.name}.name` picks the entry; default `{default_name}`)", ""]
-                if note:
-                    out += [note, ""]
-                for name in builtin_names(regs[kind]):
-                    entry = regs[kind].get(name).Config
-                    out += [f"{level}# `{f.name}.name: {name}`", "", *TABLE_HEAD,
-                            *rows(f.name, entry, entry(), top_choices), ""]
-            else:
-                out += [f"{level} `{f.name}`", ""]
-                if note:
-                    out += [note, ""]
-                out += [*TABLE_HEAD, *rows(f.name, type(default_of(f)), default_of(f), top_choices), ""]
+    schema = config_module.Config
+    top_choices = getattr(schema, "CHOICES", {})
+    top = [f for f in dataclasses.fields(schema)]
+    plain_top = [f for f in top if not f.metadata.get("registry") and
+                 not dataclasses.is_dataclass(default_of(f))]
+    if plain_top:
+        out += ["## (top level)", "", *TABLE_HEAD]
+        for f in plain_top:
+            meaning = comment(schema, f.name) + extras(schema, f.name, top_choices, f.name)
+            d = default_of(f)
+            shown = "" if d is dataclasses.MISSING else code(value_text(d))
+            out.append(f"| (top level) | `{f.name}` | {cell(type_name(f.type))} | {cell(shown)} | "
+                       f"{cell(meaning.strip())} |")
+        out.append("")
+    for f in top:
+        if f in plain_top:
+            continue
+        kind = f.metadata.get("registry")
+        note = comment(schema, f.name)
+        note = " ".join(x for x in ((note[:1].upper() + note[1:] + ".") if note else "",
+                                    section_note(config_module, f.name)) if x)
+        if kind:
+            default_name = default_of(f).name
+            out += [f"## `{f.name}` (plug-in: `{f.name}.name` picks the entry; default `{default_name}`)", ""]
+            if note:
+                out += [note, ""]
+            for name in builtin_names(regs[kind]):
+                entry = regs[kind].get(name).Config
+                out += [f"### `{f.name}.name: {name}`", "", *TABLE_HEAD,
+                        *rows(f.name, entry, entry(), top_choices), ""]
+        else:
+            out += [f"## `{f.name}`", ""]
+            if note:
+                out += [note, ""]
+            out += [*TABLE_HEAD, *rows(f.name, type(default_of(f)), default_of(f), top_choices), ""]
     return "\n".join(out).rstrip("\n") + "\n"
 
 

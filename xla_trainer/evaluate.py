@@ -163,8 +163,7 @@ def check_classifier_config(cfg: Config):
     if t.ema is not None and not 0 < t.ema < 1:
         raise ConfigError(f"train.ema {t.ema} is a decay: it must lie in (0, 1) (DeiT's: 0.99996), or null for none")
     if t.ema is not None and cfg.task in ("linprobe", "attnprobe"):
-        raise ConfigError(f"train.ema averages trained weights: a probe's encoder is frozen; "
-                          f"set train.ema=null")
+        raise ConfigError("train.ema averages trained weights: a probe's encoder is frozen; set train.ema=null")
     if cfg.task == "train" and t.init:
         raise ConfigError(f"`train` trains a classifier from scratch, but train.init is '{t.init}'; "
                           f"use `finetune` to start from those weights, or pass train.init=null")

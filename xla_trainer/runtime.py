@@ -532,7 +532,7 @@ class XlaRuntime(Runtime):
         return super().checkpoint_group()
 
     def stage_state(self, state):
-        # the sharded host copy torch_xla's CheckpointManager makes: each host keeps its shards
+        # the sharded host copy torch_xla's own checkpointing makes (_sharded_cpu_state_dict): each host keeps its shards
         from torch_xla.experimental.distributed_checkpoint._helpers import _sharded_cpu_state_dict
         self._torch_xla.sync()
         self._xm.wait_device_ops()

@@ -126,7 +126,7 @@ class Adventurer(nn.Module):
         self.flips = [FLIPS[cfg.flip](n) for n in range(depth)]
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1] + 1, width))  # cls row last
-        rates = [0.0] + torch.linspace(0, cfg.drop_path, depth).tolist()  # the official rule: layer n gets rates[n]
+        rates = [0.0] + torch.linspace(0, cfg.drop_path, depth, device="cpu").tolist()  # the official rule: layer n gets rates[n]
         self.layers = nn.ModuleList(AdventurerBlock(width, rates[n], **mixer_kwargs(cfg)) for n in range(depth))
         self.norm = nn.RMSNorm(width, eps=1e-5)
         self.head = nn.Linear(width, num_classes) if num_classes else nn.Identity()

@@ -112,7 +112,7 @@ class CrateAlpha(nn.Module):
         self.num_classes = num_classes
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid[0] * self.grid[1], width))  # cls row first
-        rates = torch.linspace(0, cfg.drop_path, depth).tolist()
+        rates = torch.linspace(0, cfg.drop_path, depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(CrateBlock(width, heads, r) for r in rates)
         self.norm = nn.LayerNorm(width, eps=cfg.norm_eps)
         self.head = nn.Linear(width, num_classes) if num_classes else nn.Identity()

@@ -102,7 +102,7 @@ class ClipTeacher(FrozenTeacher):
         weights = resolve_weights(cfg.pretrained, os.path.expanduser(cfg.cache_dir))
         visual_state = read_visual_state(weights) if weights and os.path.isfile(weights) else None
         clip = open_clip.create_model(cfg.arch, pretrained=None if visual_state is not None else weights,
-                                      force_image_size=image_size)
+                                      force_image_size=image_size, device=torch.get_default_device())
         if visual_state is not None:
             load_visual_state(clip, visual_state, f"teacher {cfg.arch!r} from {cfg.pretrained}")
         self.visual = clip.visual
