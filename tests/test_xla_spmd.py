@@ -69,7 +69,7 @@ def runs(embedded_root, tmp_path_factory):
             for i, pair in enumerate(PAIRS)}  # FSDP: parameters and optimizer state sharded too
     four.update({f"toy/vit {mesh}": pretrain_args("toy/vit", tmp / f"mesh-{i}", embedded_root, **extra)
                  for i, (mesh, extra) in enumerate(TOY_MESHES.items())})
-    refused = {  # fail before compiling: exit 2, nothing written
+    refused = {  # fail before compiling: exit 2, no metrics written
         "batch 6": pretrain_args("toy/vit", tmp / "batch6", embedded_root, **{"train.global_batch": 6}),
         "mesh [3,-1]": pretrain_args("toy/vit", tmp / "mesh3", embedded_root, **{"runtime.mesh": "[3,-1]"})}
     four.update(refused)
@@ -82,6 +82,7 @@ def runs(embedded_root, tmp_path_factory):
             key = (devices, case)
             if case in refused:
                 assert result["code"] == 2, result["stderr"][-3000:]
+                assert not os.path.exists(os.path.join(output_dir(args), "metrics.jsonl")), case
                 errors[case] = result["stderr"]
                 continue
             assert result["code"] == 0, (key, result["stderr"][-3000:])
