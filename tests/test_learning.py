@@ -7,11 +7,12 @@ The runs are the shipped demo configs at 32 px (16 patches) and half their sched
 and D-iGPT on a CRATE-alpha student eager in fp32 on the CPU backend, D-iGPT itself as shipped
 through the XLA path. That is the smallest size at which every margin still holds on 2 cores.
 Margins are about half of what was measured (in the comments: pre-trained vs random top-1 on the
-2-core VM, one torch thread)."""
+2-core VM, one torch thread unless marked)."""
 import io
 import re
 from contextlib import redirect_stdout
 from functools import cache
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -27,23 +28,29 @@ SIZE = "backbone.image_size=32"  # the probes see the digits at 32 px too
 SMALL = [SIZE, "train.epochs=10"]
 
 
-# name: (pre-training demo, the probe config of its encoder, probe, k-NN or linear-probe margin,
-# loss ratio last/first row, overrides of the demo)
+class Demo(NamedTuple):
+    config: str  # the shipped pre-training demo
+    probe_config: str  # the probe config of its encoder
+    probe: str  # knn | linprobe
+    margin: float  # top-1 points over random init
+    loss_ratio: float  # the last logged loss below this fraction of the first
+    overrides: list  # of the demo (backbone.* reach the probe too)
+
+
 PRETRAINING = {
-    # at 32 px the demo's 2x2-patch blocks would leave four: blocks of one patch
-    "xtra": ("configs/xtra/demo.yaml", "configs/xtra/linprobe_demo.yaml", "knn", 4.0, 0.8,
-             [*SMALL, "objective.block=[1,1]"]),  # 62.0 vs 53.2 (two threads)
+    # at 32 px the demo's 2x2-patch blocks would leave four: blocks of one patch; 62.0 vs 53.2 (two threads)
+    "xtra": Demo("configs/xtra/demo.yaml", "configs/xtra/linprobe_demo.yaml", "knn", 4.0, 0.8,
+                 [*SMALL, "objective.block=[1,1]"]),
     # 77.5 vs 44.2 (two threads)
-    "saim": ("configs/saim/demo.yaml", "configs/saim/linprobe_demo.yaml", "knn", 15.0, 0.9, SMALL),
+    "saim": Demo("configs/saim/demo.yaml", "configs/saim/linprobe_demo.yaml", "knn", 15.0, 0.9, SMALL),
     # CRATE-alpha's random init is a strong k-NN feature (62.8 at 32 px, above the pre-trained 60.6):
     # the linear probe instead, after the demo's full schedule (54.4 vs 50.7; the weakest margin here)
-    "digpt-crate_alpha": ("configs/crate_alpha/digpt_demo.yaml", "configs/crate_alpha/linprobe_demo.yaml",
-                          "linprobe", 1.5, 0.6, [SIZE]),
+    "digpt-crate_alpha": Demo("configs/crate_alpha/digpt_demo.yaml", "configs/crate_alpha/linprobe_demo.yaml",
+                              "linprobe", 1.5, 0.6, [SIZE]),
 }
 
-# D-iGPT as shipped, through the XLA path (its eager run gave 58.3 vs 48.7 at two threads)
-DIGPT_XLA = ("configs/digpt/demo.yaml", "configs/linprobe/demo.yaml", "knn", 5.0, 0.6, SMALL)  # 59.2 vs 48.7
-RUNS = {**PRETRAINING, "digpt": DIGPT_XLA}
+# D-iGPT as shipped, through the XLA path (its eager run gave 58.3 vs 48.7 at two threads); 59.2 vs 48.7
+DIGPT_XLA = Demo("configs/digpt/demo.yaml", "configs/linprobe/demo.yaml", "knn", 5.0, 0.6, SMALL)
 
 
 def top1(out: str, command: str) -> float:
@@ -60,17 +67,19 @@ def run(*argv: str) -> str:
 
 @pytest.fixture(scope="module")
 def probe(digits_root, tmp_path_factory):
-    """Top-1 on the digits of `name`'s probe (k-NN or linear) from `init` (null: random init; the
-    random-init baselines are shared by every run with the same probe)."""
+    """Top-1 on the digits of `demo`'s probe (k-NN or linear) from `init` (null: random init). Runs
+    are cached by their arguments: demos with the same probe share one random-init baseline."""
     @cache
-    def top1_of(name: str, init: str) -> float:
-        _, probe_config, command, _, _, overrides = RUNS[name]
-        sizes = [f"data.eval_resize={o.split('=')[1]}" for o in overrides if o.startswith("backbone.image_size")]
+    def top1_of(command: str, probe_config: str, backbone: tuple, init: str) -> float:
+        sizes = [f"data.eval_resize={o.split('=')[1]}" for o in backbone if o.startswith("backbone.image_size")]
         out = run(command, "--config", probe_config, f"train.init={init}", f"data.root={digits_root}",
-                  f"train.output_dir={tmp_path_factory.mktemp('probe')}", *sizes, *EAGER,
-                  *[o for o in overrides if o.startswith("backbone.")])
+                  f"train.output_dir={tmp_path_factory.mktemp('probe')}", *sizes, *EAGER, *backbone)
         return top1(out, command)
-    return top1_of
+
+    def probe_of(demo: Demo, init: str) -> float:
+        backbone = tuple(o for o in demo.overrides if o.startswith("backbone."))
+        return top1_of(demo.probe, demo.probe_config, backbone, init)
+    return probe_of
 
 
 @pytest.fixture(scope="module")
@@ -78,22 +87,21 @@ def pretrained(embedded_root, tmp_path_factory):
     """name -> the output_dir of its pre-training demo, run once."""
     @cache
     def pretrain(name: str):
-        config, *_, overrides = PRETRAINING[name]
+        demo = PRETRAINING[name]
         out = tmp_path_factory.mktemp(name)
-        run("pretrain", "--config", config, f"data.root={embedded_root}", f"train.output_dir={out}",
-            *overrides, *EAGER)
+        run("pretrain", "--config", demo.config, f"data.root={embedded_root}", f"train.output_dir={out}",
+            *demo.overrides, *EAGER)
         return out
     return pretrain
 
 
 @pytest.mark.parametrize("name", PRETRAINING)
 def test_pretraining_beats_random_init_on_a_probe(name, pretrained, probe):
-    *_, margin, loss_ratio, _ = PRETRAINING[name]
-    out = pretrained(name)
+    demo, out = PRETRAINING[name], pretrained(name)
     rows = read_metrics(out)
-    assert rows[-1]["loss"] < loss_ratio * rows[0]["loss"], [r["loss"] for r in rows]
-    trained, random_init = probe(name, str(out)), probe(name, "null")
-    assert trained > random_init + margin, (trained, random_init)
+    assert rows[-1]["loss"] < demo.loss_ratio * rows[0]["loss"], [r["loss"] for r in rows]
+    trained, random_init = probe(demo, str(out)), probe(demo, "null")
+    assert trained > random_init + demo.margin, (trained, random_init)
 
 
 
@@ -101,15 +109,15 @@ def test_pretraining_beats_random_init_on_a_probe(name, pretrained, probe):
 def test_the_digpt_demo_learns_through_xla(embedded_root, probe, tmp_path):
     """The shipped D-iGPT demo through the XLA path (PJRT_DEVICE=CPU: backend auto, bf16), at the
     size above: its loss falls, the step compiles once, and k-NN beats random init by a margin."""
-    result = run_cli(["pretrain", "--config", DIGPT_XLA[0], f"data.root={embedded_root}",
+    result = run_cli(["pretrain", "--config", DIGPT_XLA.config, f"data.root={embedded_root}",
                       f"train.output_dir={tmp_path}", "data.num_workers=0", *SMALL],
                      env={"PJRT_DEVICE": "CPU"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"checkpoint:  {tmp_path}/checkpoints/150" in result.stdout
     rows = read_metrics(tmp_path)
-    assert rows[-1]["loss"] < DIGPT_XLA[4] * rows[0]["loss"] and rows[-1]["compiles"] == rows[1]["compiles"]
-    trained, random_init = probe("digpt", str(tmp_path)), probe("digpt", "null")
-    assert trained > random_init + DIGPT_XLA[3], (trained, random_init)
+    assert rows[-1]["loss"] < DIGPT_XLA.loss_ratio * rows[0]["loss"] and rows[-1]["compiles"] == rows[1]["compiles"]
+    trained, random_init = probe(DIGPT_XLA, str(tmp_path)), probe(DIGPT_XLA, "null")
+    assert trained > random_init + DIGPT_XLA.margin, (trained, random_init)
 
 
 def test_visualize_draws_what_saim_learned(pretrained, embedded_root, tmp_path):
