@@ -1,4 +1,6 @@
+import io
 import json
+import logging
 import os
 import re
 import subprocess
@@ -48,6 +50,25 @@ def run_cli(args: list[str], env: dict | None = None, timeout: int = 600) -> sub
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "xla_trainer", *args], cwd=REPO, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def run_here(args: list[str]) -> subprocess.CompletedProcess:
+    """`xla-trainer args` in this test process, as run_cli reports it (exit code, stdout, stderr
+    with the log): a new process first spends about 5 s importing torch and timm. For runs on the
+    CPU backend whose process boundary is not what the test is about (no signals, no torchrun,
+    no XLA device count, no loader workers sharing a run directory's lock with the next run)."""
+    from contextlib import redirect_stderr, redirect_stdout
+    from xla_trainer.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    log = logging.StreamHandler(err)
+    log.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("xla_trainer").addHandler(log)
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            code = main(args)
+    finally:
+        logging.getLogger("xla_trainer").removeHandler(log)
+    return subprocess.CompletedProcess(["xla-trainer", *args], code, out.getvalue(), err.getvalue())
 
 
 def linprobe(digits_root, output_dir, init, *args: str) -> subprocess.Popen:

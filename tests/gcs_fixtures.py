@@ -192,9 +192,14 @@ def gcs_server(tmp_path_factory):
                 os.environ[k] = v
 
 
+def new_bucket(server: "FakeGcsServer") -> str:
+    """A new empty bucket on `server`, as "gs://<name>"."""
+    name = f"test-{uuid.uuid4().hex[:16]}"
+    server.create_bucket(name)
+    return f"gs://{name}"
+
+
 @pytest.fixture
 def gcs_bucket(gcs_server) -> str:
     """A new empty bucket on the session's server, as "gs://<name>"."""
-    name = f"test-{uuid.uuid4().hex[:16]}"
-    gcs_server.create_bucket(name)
-    return f"gs://{name}"
+    return new_bucket(gcs_server)

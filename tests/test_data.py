@@ -4,7 +4,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import read_metrics, run_cli, tiny_overrides
+from conftest import read_metrics, run_here, tiny_overrides
 from xla_trainer.data.pretrain import GlobalBatchSampler, build_dataset, build_loader
 
 
@@ -54,7 +54,7 @@ def test_unreadable_image_is_skipped_counted_and_named(embedded_root, tmp_path):
     bad = root / "train" / "a" / "07.jpg"
     bad.write_bytes(b"not a jpeg at all")
     extra = {"data.source": "imagefolder", "data.root": str(root), "train.epochs": 1}
-    result = run_cli(["pretrain", *tiny_overrides(root, tmp_path / "out", **extra)])
+    result = run_here(["pretrain", *tiny_overrides(root, tmp_path / "out", **extra)])
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"skipping unreadable image {bad}" in result.stderr
     rows = read_metrics(tmp_path / "out")

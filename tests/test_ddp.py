@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, read_metrics, run_cli, toy_overrides
+from conftest import REPO, read_metrics, run_here, toy_overrides
 
 pytestmark = pytest.mark.slow  # make test-fast leaves it out
 
@@ -16,7 +16,7 @@ def test_two_process_ddp_matches_one_process(embedded_root, tmp_path, accum):
     """Each process loads half the global batch; with accum 2 the first micro-batch runs under
     no_sync. Losses and gradient norms must equal the single process's."""
     args = toy_overrides(embedded_root, tmp_path / "one", **{"train.stop_at_step": STEPS})
-    single = run_cli(["pretrain", *args])
+    single = run_here(["pretrain", *args])
     assert single.returncode == 0, single.stderr[-3000:]
 
     args = toy_overrides(embedded_root, tmp_path / "two", **{"train.stop_at_step": STEPS,

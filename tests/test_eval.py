@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, read_metrics, run_cli, tiny_eval_overrides
+from conftest import REPO, read_metrics, run_cli, run_here, tiny_eval_overrides
 from xla_trainer_models.backbones.vit import ViTClassifier, ViTConfig
 from xla_trainer.config import load_config
 from xla_trainer.data.eval import MixCollate
@@ -80,7 +80,7 @@ def test_knn_two_processes_match_one(digits_root, tmp_path):
     """k-NN under DDP: each process encodes its half of every padded batch and the bank is
     gathered, so 2 gloo processes find exactly the single process's neighbours."""
     args = tiny_eval_overrides(digits_root, tmp_path / "one", **{"runtime.backend": "cpu", "train.eval_batch": 64})
-    one = run_cli(["knn", *args])
+    one = run_here(["knn", *args])
     assert one.returncode == 0, one.stderr[-3000:]
     args = tiny_eval_overrides(digits_root, tmp_path / "two", **{"runtime.backend": "cpu", "train.eval_batch": 64})
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -131,7 +131,7 @@ def test_mixup_targets_are_soft_and_sum_to_one():
 
 def test_bad_init_fails_before_any_work(digits_root, tmp_path):
     args = tiny_eval_overrides(digits_root, tmp_path, **{"runtime.backend": "cpu"})
-    result = run_cli(["finetune", *args, "train.init=/no/such/run"])
+    result = run_here(["finetune", *args, "train.init=/no/such/run"])
     assert result.returncode == 2
     assert "train.init: /no/such/run: no such file or directory" in result.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
@@ -152,7 +152,7 @@ def test_labelled_shards_feed_probe_and_knn(digits_root, digit_shards, tmp_path)
     padded to the same batch count, still counts every val image once."""
     shards = {"data.source": "shards", "data.shards": digit_shards, "runtime.backend": "cpu"}
     args = tiny_eval_overrides(digits_root, tmp_path / "probe", **shards, **{"data.num_workers": 2})
-    probe = run_cli(["linprobe", "--config", "configs/linprobe/demo.yaml", *args])
+    probe = run_here(["linprobe", "--config", "configs/linprobe/demo.yaml", *args])
     assert probe.returncode == 0, probe.stderr[-3000:]
     rows = read_metrics(tmp_path / "probe")
     train_images = sum(1 for _ in Path(digits_root, "train").rglob("*.png"))

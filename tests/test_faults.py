@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, read_metrics, run_cli, tiny_eval_overrides, toy_overrides
+from conftest import REPO, read_metrics, run_cli, run_here, tiny_eval_overrides, toy_overrides
 from xla_trainer.checkpoint import committed_steps, damage, read_checkpoint
 from xla_trainer.cli import main
 from xla_trainer_models.backbones.vit import ViTClassifier, ViTConfig
@@ -27,9 +27,8 @@ XLA4 = {"PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "4"}
 
 
 def pretrain(backend: str, data_root, out, **extra) -> subprocess.CompletedProcess:
-    """The toy pre-training on `backend`: cpu, ddp (2 gloo processes) or xla (4 CPU devices, a
-    2 x 2 data x fsdp mesh)."""
-    env = XLA4 if backend == "xla" else {}
+    """The toy pre-training on `backend`: cpu (in this process), ddp (2 gloo processes) or xla (4 CPU
+    devices, a 2 x 2 data x fsdp mesh)."""
     if backend == "xla":  # FSDP x data-parallel: parameters and optimizer state sharded too
         extra = {"runtime.backend": "xla", "runtime.mesh": "[2,2]", **extra}
     args = toy_overrides(data_root, out, **extra)
@@ -37,7 +36,9 @@ def pretrain(backend: str, data_root, out, **extra) -> subprocess.CompletedProce
         return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                                "-m", "xla_trainer", "pretrain", *args], cwd=REPO, capture_output=True, text=True,
                               timeout=600)
-    return run_cli(["pretrain", *args], env=env)
+    if backend == "xla":
+        return run_cli(["pretrain", *args], env=XLA4)
+    return run_here(["pretrain", *args])
 
 
 def checkpoint_tensors(out, step) -> dict:
@@ -133,7 +134,7 @@ def test_kill_9_during_saves_loses_nothing(embedded_root, tmp_path):
         time.sleep(rng.random() * 0.05)  # somewhere inside the next steps and their saves
         proc.kill()
         proc.wait()
-    last = run_cli(["pretrain", *args])
+    last = run_here(["pretrain", *args])
     assert last.returncode == 0, last.stderr[-3000:]
     for step in committed_steps(str(out / "checkpoints")):
         assert damage(str(out / "checkpoints" / str(step))) is None, step
@@ -314,7 +315,7 @@ def test_ctrl_c_saves_exits_130_and_resumes(embedded_root, tmp_path):
     stopped = read_metrics(out)[-1]["step"]
     assert 5 <= stopped < 20 and "Traceback" not in err
     assert f"Ctrl-C: saved step {stopped} to {out}/checkpoints/{stopped}" in err
-    again = run_cli(["pretrain", *args])
+    again = run_here(["pretrain", *args])
     assert again.returncode == 0, again.stderr[-3000:]
     assert_same_losses(read_metrics(tmp_path / "full"), read_metrics(out), tol=1e-4)
 

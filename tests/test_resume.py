@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, read_metrics, run_cli, toy_overrides
+from conftest import REPO, read_metrics, run_cli, run_here, toy_overrides
 from xla_trainer.checkpoint import newest_checkpoint, read_checkpoint
 
 pytestmark = pytest.mark.slow  # make test-fast leaves it out
@@ -23,20 +23,20 @@ def assert_same_curve(reference, rows, tol):
 
 
 def test_resumed_run_matches_uninterrupted(embedded_root, tmp_path):
-    full = run_cli(["pretrain", *toy_overrides(embedded_root, tmp_path / "full",
+    full = run_here(["pretrain", *toy_overrides(embedded_root, tmp_path / "full",
                                                 **{"train.stop_at_step": STEPS})])
     assert full.returncode == 0, full.stderr[-3000:]
 
     resumed_dir = tmp_path / "resumed"
     common = toy_overrides(embedded_root, resumed_dir, **{"train.ckpt_every": 2})
-    first = run_cli(["pretrain", *common, "train.stop_at_step=3"])
+    first = run_here(["pretrain", *common, "train.stop_at_step=3"])
     assert first.returncode == 0, first.stderr[-3000:]
     extra = read_checkpoint(newest_checkpoint(str(resumed_dir)))["extra"]
     assert extra["step"] == 3 and extra["data_position"] == {"epoch": 0, "batch_in_epoch": 3}
     # as if the run had logged two more steps and died before checkpointing them
     with open(resumed_dir / "metrics.jsonl", "a") as f:
         f.write('{"step": 4, "loss": 99.0}\n{"step": 5, "loss": 99.0}\n')
-    second = run_cli(["pretrain", *common, f"train.stop_at_step={STEPS}"])
+    second = run_here(["pretrain", *common, f"train.stop_at_step={STEPS}"])
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"resumed from {resumed_dir}/checkpoints/3 at step 3" in second.stderr
 
@@ -61,7 +61,7 @@ def pretrain_on(backend: str, data_root, out, stop: int):
                                  "--nproc_per_node=2", "-m", "xla_trainer", "pretrain", *args],
                                 cwd=REPO, capture_output=True, text=True, timeout=600)
     else:
-        result = run_cli(["pretrain", *args])
+        result = run_here(["pretrain", *args])
     assert result.returncode == 0, (backend, result.stderr[-3000:])
     return result
 

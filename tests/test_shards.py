@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, read_metrics, run_cli, tiny_overrides
+from conftest import REPO, read_metrics, run_cli, run_here, tiny_overrides
 from xla_trainer.config import load_config
 from xla_trainer.data.stream import ShardStream, real_batches
 from xla_trainer.data.shards import ImageManifest, iter_samples, make_shards, tar_bytes
@@ -36,7 +36,7 @@ def shard_overrides(data_root, out, shards, targets=None, **extra):
 
 def precompute(data_root, shards, targets, **extra):
     args = shard_overrides(data_root, "unused", shards, **{"targets.prefix": str(targets), **extra})
-    return run_cli(["precompute-targets", *args])
+    return run_here(["precompute-targets", *args])
 
 
 @pytest.fixture(scope="module")
@@ -166,11 +166,11 @@ def test_streams_split_shards_per_host_and_keep_lockstep(image_shards):
 
 def test_pretrain_on_precomputed_targets_resumes_exactly(embedded_root, image_shards, fp16_targets, tmp_path):
     common = shard_overrides(embedded_root, tmp_path / "a", image_shards, fp16_targets)
-    full = run_cli(["pretrain", *common, "train.stop_at_step=6"])
+    full = run_here(["pretrain", *common, "train.stop_at_step=6"])
     assert full.returncode == 0, full.stderr[-3000:]
     resumed = shard_overrides(embedded_root, tmp_path / "b", image_shards, fp16_targets)
-    assert run_cli(["pretrain", *resumed, "train.stop_at_step=3"]).returncode == 0
-    second = run_cli(["pretrain", *resumed, "train.stop_at_step=6"])
+    assert run_here(["pretrain", *resumed, "train.stop_at_step=3"]).returncode == 0
+    second = run_here(["pretrain", *resumed, "train.stop_at_step=6"])
     assert second.returncode == 0, second.stderr[-3000:]
     a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
     assert [r["step"] for r in b] == list(range(1, 7))
@@ -180,7 +180,7 @@ def test_pretrain_on_precomputed_targets_resumes_exactly(embedded_root, image_sh
 
 
 def test_pretrain_online_teacher_on_shards(embedded_root, image_shards, tmp_path):
-    result = run_cli(["pretrain", *shard_overrides(embedded_root, tmp_path, image_shards), "train.stop_at_step=3"])
+    result = run_here(["pretrain", *shard_overrides(embedded_root, tmp_path, image_shards), "train.stop_at_step=3"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(read_metrics(tmp_path)) == 3
 
@@ -207,7 +207,7 @@ def test_corrupt_jpeg_in_a_shard_is_skipped_counted_and_named(embedded_root, ima
     out = tmp_path / "out"
     # one epoch through a 1-sample shuffle buffer reads every sample once
     extra = {"train.epochs": 1, "data.shuffle_buffer": 1}
-    result = run_cli(["pretrain", *shard_overrides(embedded_root, out, shards, **extra)])
+    result = run_here(["pretrain", *shard_overrides(embedded_root, out, shards, **extra)])
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"skipping unreadable image {key} in shard shard-000000.tar" in result.stderr
     assert read_metrics(out)[-1]["skipped_images"] == 1
@@ -218,14 +218,14 @@ def test_truncated_shard_ends_with_a_warning(embedded_root, image_shards, tmp_pa
     victim = shards / "shard-000003.tar"
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2 + 100])
     out = tmp_path / "out"
-    result = run_cli(["pretrain", *shard_overrides(embedded_root, out, shards, **{"train.epochs": 1})])
+    result = run_here(["pretrain", *shard_overrides(embedded_root, out, shards, **{"train.epochs": 1})])
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"shard {victim} is truncated or corrupt" in result.stderr
     assert len(read_metrics(out)) == ImageManifest.load(str(shards)).num_samples // 8
 
 
 def bad_targets_run(embedded_root, image_shards, targets, tmp_path, **extra):
-    result = run_cli(["pretrain", *shard_overrides(embedded_root, tmp_path / "out", image_shards, targets, **extra)])
+    result = run_here(["pretrain", *shard_overrides(embedded_root, tmp_path / "out", image_shards, targets, **extra)])
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr and not (tmp_path / "out" / "metrics.jsonl").exists()
     return result.stderr

@@ -6,7 +6,7 @@ import torch
 
 import pytest
 
-from conftest import run_cli, tiny_overrides
+from conftest import run_here, tiny_overrides
 from xla_trainer.data.stream import ShardStream
 from xla_trainer.data.shards import ImageManifest, make_shards
 
@@ -15,16 +15,16 @@ pytestmark = pytest.mark.slow  # make test-fast leaves it out
 
 def test_make_shards_precompute_and_pretrain_on_gs(embedded_root, gcs_bucket, tmp_path):
     images, targets, out = f"{gcs_bucket}/images", f"{gcs_bucket}/targets", f"{gcs_bucket}/run"
-    made = run_cli(["make-shards", str(embedded_root / "train"), images, "--shard-size", "100", "--max-side", "64"])
+    made = run_here(["make-shards", str(embedded_root / "train"), images, "--shard-size", "100", "--max-side", "64"])
     assert made.returncode == 0, made.stderr[-3000:]
     assert "504 images in 6 shards" in made.stdout
 
     config = tiny_overrides(embedded_root, out, **{
         "data.source": "shards", "data.shards": images, "targets.prefix": targets, "data.shuffle_buffer": 16})
-    pre = run_cli(["precompute-targets", *config])
+    pre = run_here(["precompute-targets", *config])
     assert pre.returncode == 0, pre.stderr[-3000:]
 
-    train = run_cli(["pretrain", *config, "targets.source=precomputed", "train.stop_at_step=4",
+    train = run_here(["pretrain", *config, "targets.source=precomputed", "train.stop_at_step=4",
                      "train.ckpt_every=2", "data.num_workers=2"])
     assert train.returncode == 0, train.stderr[-3000:]
     fs = fsspec.filesystem("gs")

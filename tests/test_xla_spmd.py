@@ -1,15 +1,13 @@
 """The real XLA SPMD path on CPU: every objective/backbone pair that has XLA coverage gives the
 same losses on a 4-device mesh as on 1 device, and compiles its step once. Each device count is
 one process (PJRT_DEVICE=CPU, CPU_NUM_DEVICES=1 or 4) running every case in turn (xla_runs.py)."""
-import json
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO, read_metrics, toy_overrides
+import xla_runs
+from conftest import read_metrics, toy_overrides
 from plugin_sizes import TINY
 
 pytestmark = pytest.mark.slow  # make test-fast leaves it out
@@ -53,13 +51,6 @@ def pretrain_args(pair: str, out, data_root, **extra) -> list[str]:
     return ["pretrain", "--config", config, *[f"{k}={v}" for k, v in values.items()]]
 
 
-def run_all(devices: int, cases: dict, tmp_path) -> subprocess.Popen:
-    spec = tmp_path / f"dev{devices}.json"
-    spec.write_text(json.dumps(list(cases.values())))
-    env = {**os.environ, "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": str(devices)}
-    return subprocess.Popen([sys.executable, str(REPO / "tests" / "xla_runs.py"), str(spec)], cwd=REPO, env=env)
-
-
 @pytest.fixture(scope="module")
 def runs(embedded_root, tmp_path_factory):
     """(case -> metrics rows, case -> parameter MiB per device, case -> stderr of the refused ones)."""
@@ -73,21 +64,21 @@ def runs(embedded_root, tmp_path_factory):
         "batch 6": pretrain_args("toy/vit", tmp / "batch6", embedded_root, **{"train.global_batch": 6}),
         "mesh [3,-1]": pretrain_args("toy/vit", tmp / "mesh3", embedded_root, **{"runtime.mesh": "[3,-1]"})}
     four.update(refused)
-    procs = {1: run_all(1, one, tmp), 4: run_all(4, four, tmp)}
+    procs = {devices: xla_runs.start(devices, list(cases.values()), tmp / f"dev{devices}.json")
+             for devices, cases in ((1, one), (4, four))}
     rows, mib, errors = {}, {}, {}
     for devices, cases in ((1, one), (4, four)):
-        assert procs[devices].wait(timeout=1500) == 0
-        results = json.loads((tmp / f"dev{devices}.json.out").read_text())
+        results = xla_runs.results(procs[devices], tmp / f"dev{devices}.json", timeout=1500)
         for (case, args), result in zip(cases.items(), results):
             key = (devices, case)
             if case in refused:
-                assert result["code"] == 2, result["stderr"][-3000:]
+                assert result.returncode == 2, result.stderr[-3000:]
                 assert not os.path.exists(os.path.join(output_dir(args), "metrics.jsonl")), case
-                errors[case] = result["stderr"]
+                errors[case] = result.stderr
                 continue
-            assert result["code"] == 0, (key, result["stderr"][-3000:])
+            assert result.returncode == 0, (key, result.stderr[-3000:])
             rows[key] = read_metrics(output_dir(args))
-            mib[key] = float(re.search(r"parameters:\s+([\d.]+) MiB per device", result["stdout"]).group(1))
+            mib[key] = float(re.search(r"parameters:\s+([\d.]+) MiB per device", result.stdout).group(1))
     return rows, mib, errors
 
 

@@ -1,20 +1,36 @@
-"""Several `xla-trainer pretrain` runs in ONE process (PJRT_DEVICE=CPU, CPU_NUM_DEVICES as set),
-one after the other: python xla_runs.py SPEC.json writes, for each run of the spec (a JSON list of
-argument lists), its exit code, stdout and stderr into SPEC.json.out. One process per device
-count saves the XLA start-up of every run but the first (tests/test_xla_spmd.py)."""
-import io
+"""Several `xla-trainer` runs in ONE process (PJRT_DEVICE=CPU, CPU_NUM_DEVICES as set), one after
+the other: a new process spends seconds importing torch_xla and starting PJRT, here once per
+device count instead of once per run. Tests call `start` and then `results`; the process itself
+is `python xla_runs.py SPEC.json`, which writes each run's exit code, stdout and stderr (the log
+included) into SPEC.json.out."""
 import json
+import logging
+import os
+import subprocess
 import sys
-from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
 
-from xla_trainer.cli import main
+from conftest import REPO, run_here
 
-results = []
-spec = sys.argv[1]
-for args in json.load(open(spec)):
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        code = main(args)
-    results.append({"code": code, "stdout": out.getvalue(), "stderr": err.getvalue()})
-with open(spec + ".out", "w") as f:
-    json.dump(results, f)
+
+def start(devices: int, runs: list[list[str]], spec: Path) -> subprocess.Popen:
+    """The runs (each the arguments of one `xla-trainer` command) on `devices` XLA CPU devices, in
+    a process of their own started now."""
+    spec.write_text(json.dumps(runs))
+    env = {**os.environ, "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": str(devices)}
+    return subprocess.Popen([sys.executable, __file__, str(spec)], cwd=REPO, env=env)
+
+
+def results(proc: subprocess.Popen, spec: Path, timeout: float = 900) -> list[subprocess.CompletedProcess]:
+    """What each run of `start` gave, once its process has ended."""
+    assert proc.wait(timeout=timeout) == 0, f"xla_runs.py {spec} failed"
+    done = json.loads(Path(f"{spec}.out").read_text())
+    return [subprocess.CompletedProcess(r["args"], r["code"], r["stdout"], r["stderr"]) for r in done]
+
+
+if __name__ == "__main__":
+    logging.basicConfig(handlers=[logging.NullHandler()])  # each run's log goes to its own stderr only
+    spec = sys.argv[1]
+    done = [run_here(args) for args in json.load(open(spec))]
+    with open(f"{spec}.out", "w") as f:
+        json.dump([{"args": r.args, "code": r.returncode, "stdout": r.stdout, "stderr": r.stderr} for r in done], f)
