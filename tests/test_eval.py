@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, read_metrics, run_cli, run_here, tiny_eval_overrides
+import xla_runs
+from conftest import REPO, read_metrics, run_here, tiny_eval_overrides
 from xla_trainer_models.backbones.vit import ViTClassifier, ViTConfig
 from xla_trainer.config import load_config
 from xla_trainer.data.eval import MixCollate
@@ -16,8 +17,6 @@ from xla_trainer.evaluate import neighbours_step, vote_step
 from xla_trainer.pretrained import read_state_dict
 
 pytestmark = pytest.mark.slow  # make test-fast leaves it out
-
-XLA4 = {"PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "4"}
 
 
 def val_images(root) -> int:
@@ -30,16 +29,33 @@ def summary(stdout: str, mode: str) -> dict:
     return {"top1": float(m.group(1)), "top5": float(m.group(2)), "images": int(m.group(3))}
 
 
-def test_finetune_on_four_xla_devices(digits_root, tmp_path):
+@pytest.fixture(scope="module")
+def on_four_xla_devices(digits_root, tmp_path_factory):
+    """The XLA evaluations of this file in one process on 4 CPU devices (tests/xla_runs.py): the
+    fine-tuning, and each probe on a frozen random encoder saved as a timm state_dict.
+    name -> (output_dir, what the run gave); and the encoder's weights."""
+    tmp = tmp_path_factory.mktemp("xla_evals")
+    torch.manual_seed(1)
+    encoder = ViTClassifier(ViTConfig(size="tiny", image_size=32, patch_size=8, width=32, depth=2, heads=2)).state_dict()
+    torch.save(encoder, tmp / "encoder.pth")
+    xla = {"runtime.backend": "xla"}
+    runs = {"finetune": ["finetune", *tiny_eval_overrides(digits_root, tmp / "finetune", **xla, **{
+        "train.epochs": 3, "optim.base_lr": 1e-2, "optim.warmup_epochs": 0.5})]}
+    for mode in ("linprobe", "attnprobe"):
+        runs[mode] = [mode, "--config", f"configs/{mode}/demo.yaml", *tiny_eval_overrides(digits_root, tmp / mode, **xla, **{
+            "train.init": tmp / "encoder.pth", "train.epochs": 2, "probe.heads": 2})]
+    done = xla_runs.results(xla_runs.start(4, list(runs.values()), tmp / "spec.json"), tmp / "spec.json")
+    return {name: (tmp / name, result) for name, result in zip(runs, done)}, encoder
+
+
+def test_finetune_on_four_xla_devices(digits_root, on_four_xla_devices):
     """Three epochs on a 4-device mesh with the demo recipe (RandAugment, erasing, mixup, cutmix,
     layer decay): every val image is counted once (the last val batch is padded), nothing
     recompiles after the first epoch, the best epoch's checkpoint is kept apart from the last."""
-    args = tiny_eval_overrides(digits_root, tmp_path, **{"train.epochs": 3, "runtime.backend": "xla",
-                                                         "optim.base_lr": 1e-2, "optim.warmup_epochs": 0.5})
-    result = run_cli(["finetune", *args], env=XLA4)
+    out, result = on_four_xla_devices[0]["finetune"]
     assert result.returncode == 0, result.stderr[-3000:]
     final = summary(result.stdout, "finetune")
-    rows = read_metrics(tmp_path)
+    rows = read_metrics(out)
     val = [r for r in rows if r.get("group") == "val"]
     train = [r for r in rows if "group" not in r]
     steps_per_epoch = val[0]["step"]
@@ -48,30 +64,23 @@ def test_finetune_on_four_xla_devices(digits_root, tmp_path):
     assert final["top1"] == pytest.approx(val[-1]["val_top1"], abs=0.01)
     best = max(val, key=lambda r: r["val_top1"])
     assert val[-1]["best_top1"] == best["val_top1"]
-    assert f"checkpoint {tmp_path}/best/checkpoints/{best['step']})" in result.stdout
-    assert (tmp_path / "checkpoints" / str(3 * steps_per_epoch)).is_dir()  # the last one
+    assert f"checkpoint {out}/best/checkpoints/{best['step']})" in result.stdout
+    assert (out / "checkpoints" / str(3 * steps_per_epoch)).is_dir()  # the last one
     after_first_eval = [r["compiles"] for r in train if r["step"] > steps_per_epoch]
     assert len(set(after_first_eval)) == 1, after_first_eval
     assert val[-1]["val_loss"] < val[0]["val_loss"] < 2.4  # a tiny ViT from scratch: slow, but learning
 
 
 @pytest.mark.parametrize("mode", ["linprobe", "attnprobe"])
-def test_probe_trains_on_frozen_encoder(digits_root, tmp_path, mode):
+def test_probe_trains_on_frozen_encoder(on_four_xla_devices, mode):
     """A probe on 4 XLA devices trains on a frozen random encoder loaded from a timm state_dict:
     the encoder's weights come out of the run unchanged, the probe's val loss falls."""
-    torch.manual_seed(1)
-    cfg = ViTConfig(size="tiny", image_size=32, patch_size=8, width=32, depth=2, heads=2)
-    encoder = ViTClassifier(cfg).state_dict()
-    torch.save(encoder, tmp_path / "encoder.pth")
-    args = tiny_eval_overrides(digits_root, tmp_path / "run", **{
-        "train.init": tmp_path / "encoder.pth", "train.epochs": 2, "runtime.backend": "xla",
-        "probe.heads": 2})
-    result = run_cli([mode, "--config", f"configs/{mode}/demo.yaml", *args], env=XLA4)
+    (out, result), encoder = on_four_xla_devices[0][mode], on_four_xla_devices[1]
     assert result.returncode == 0, result.stderr[-3000:]
     summary(result.stdout, mode)
-    val = [r for r in read_metrics(tmp_path / "run") if r.get("group") == "val"]
+    val = [r for r in read_metrics(out) if r.get("group") == "val"]
     assert len(val) == 2 and val[1]["val_loss"] < val[0]["val_loss"]
-    saved = read_state_dict(str(tmp_path / "run"))
+    saved = read_state_dict(str(out))
     for key, value in encoder.items():
         assert torch.equal(saved[f"encoder.{key}"], value), key
 

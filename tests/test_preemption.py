@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import REPO, read_metrics, run_cli, toy_overrides
+from conftest import REPO, read_metrics, run_cli, run_here, toy_overrides
 
 pytestmark = pytest.mark.slow  # make test-fast leaves it out
 
@@ -16,7 +16,8 @@ pytestmark = pytest.mark.slow  # make test-fast leaves it out
 @pytest.mark.parametrize("backend,env", [("cpu", {}), ("xla", {"PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "4"})])
 def test_sigterm_saves_exits_zero_and_resumes(embedded_root, tmp_path, backend, env):
     steps = {"train.stop_at_step": 20, "data.num_workers": 2, "runtime.backend": backend}
-    full = run_cli(["pretrain", *toy_overrides(embedded_root, tmp_path / "full", **steps)], env=env)
+    launch = (lambda args: run_cli(args, env=env)) if backend == "xla" else run_here
+    full = launch(["pretrain", *toy_overrides(embedded_root, tmp_path / "full", **steps)])
     assert full.returncode == 0, full.stderr[-3000:]
 
     out = tmp_path / "run"
@@ -36,7 +37,7 @@ def test_sigterm_saves_exits_zero_and_resumes(embedded_root, tmp_path, backend, 
     assert (out / "checkpoints" / str(stopped) / "commit.json").exists()  # saved although ckpt_every is 1000
     assert f"SIGTERM: saved step {stopped}" in err
 
-    again = run_cli(["pretrain", *args], env=env)
+    again = launch(["pretrain", *args])
     assert again.returncode == 0, again.stderr[-3000:]
     a, b = read_metrics(tmp_path / "full"), read_metrics(out)
     assert [r["step"] for r in b] == list(range(1, 21))
