@@ -10,6 +10,7 @@ set -u
 status_file=$1
 shift
 rm -f "$status_file"
+echo "job.sh: $(date -u +%FT%TZ) started on $(hostname): $*"  # also restarts the log's silence clock
 "$@" &
 child=$!
 trap 'kill -TERM "$child" 2>/dev/null' TERM

@@ -1,0 +1,191 @@
+"""tpu_scripts/supervise.sh (xla_trainer/supervise.py) keeps a spot job alive: the preemption
+simulation. A fake gcloud (tests/fake_gcloud.py) stands for the cloud: its slice's one worker is this
+machine, it reclaims the slice and makes the job hang at injected steps and refuses a create; the
+scripts and the trainer (the real `xla-trainer pretrain`, toy objective, CPU) run as they are."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, read_metrics, run_cli, toy_overrides
+from xla_trainer import supervise
+from xla_trainer.loop import forget_completion, record_completion
+
+SUPERVISE = REPO / "tpu_scripts" / "supervise.sh"
+STEPS = 30  # the toy at global_batch 32: 15 steps an epoch, 2 epochs
+RUN = {"train.global_batch": 32, "train.ckpt_every": 2}
+
+
+class Cloud:
+    """$FAKE_TPU_DIR of the fake gcloud, the environment that puts it first on PATH, and its records."""
+
+    def __init__(self, tmp: Path, faults: list[dict], metrics: Path):
+        self.dir = tmp / "cloud"
+        (self.dir / "shims").mkdir(parents=True)
+        (self.dir / "bin").mkdir()
+        (self.dir / "faults.json").write_text(json.dumps(faults))
+        venv_bin = Path(sys.executable).parent
+        # the worker image's python3: setup.sh's venv is the test's own xla-trainer, its pip a no-op
+        write_exe(self.dir / "shims" / "python3", f"""case "$1 $2" in
+  "-m venv") mkdir -p "$3/bin" && ln -sf {venv_bin}/xla-trainer "$3/bin/xla-trainer" &&
+             printf '#!/bin/sh\\n' > "$3/bin/pip" && chmod +x "$3/bin/pip" ;;
+  "-c import ensurepip") ;;
+  *) exec {sys.executable} "$@" ;;
+esac
+""")
+        write_exe(self.dir / "bin" / "gcloud", f'exec {sys.executable} -S {REPO}/tests/fake_gcloud.py "$@"\n')
+        self.env = {**os.environ, "PATH": f"{self.dir / 'bin'}:{os.environ['PATH']}", "FAKE_TPU_DIR": str(self.dir),
+                    "FAKE_TPU_METRICS": str(metrics), "FAKE_TPU_GRACE": "5", "PYTHON": sys.executable}
+
+    def lines(self, name: str) -> list[str]:
+        path = self.dir / name
+        return path.read_text().splitlines() if path.exists() else []
+
+    def slice(self) -> dict | None:
+        path = self.dir / "cloud.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def tear_down(self):
+        """Whatever a failed test left on the fake worker: SIGKILL to the jobs' process groups."""
+        for pid_file in (self.dir / "home" / "xla-trainer-logs").glob("*.pid"):
+            try:
+                os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+
+
+def write_exe(path: Path, body: str):
+    path.write_text("#!/usr/bin/env bash\n" + body)
+    path.chmod(0o755)
+
+
+def supervise_cmd(state_dir: Path, *trainer_args: str) -> list[str]:
+    return [str(SUPERVISE), "--name", "night", "--zone", "z", "--type", "v4-8", "--spot",
+            "--poll-seconds", "1", "--stall-minutes", "0.25", "--stop-grace", "1", "--ssh-retries", "3",
+            "--create-backoff-seconds", "0.1", "--state-dir", str(state_dir), "pretrain", *trainer_args]
+
+
+@pytest.mark.slow
+def test_a_spot_run_survives_preemptions_a_stockout_and_a_hang(embedded_root, tmp_path):
+    out = tmp_path / "bucket" / "run"  # outside the worker's disk, as a gs:// bucket is
+    faults = [{"kind": "preempt", "at_step": 4}, {"kind": "stockout"}, {"kind": "hang", "at_step": 10},
+              {"kind": "preempt", "at_step": 16}, {"kind": "preempt", "at_step": 22}]
+    cloud = Cloud(tmp_path, faults, out / "metrics.jsonl")
+    reference = subprocess.Popen([sys.executable, "-m", "xla_trainer", "pretrain",
+                                  *toy_overrides(embedded_root, tmp_path / "uninterrupted", **RUN)],
+                                 cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    state = tmp_path / "supervisor"
+    try:
+        proc = subprocess.Popen(supervise_cmd(state, *toy_overrides(embedded_root, out, **RUN)), env=cloud.env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        while not (state / "status.json").exists() and proc.poll() is None:
+            time.sleep(0.1)
+        twice = subprocess.run(supervise_cmd(state, *toy_overrides(embedded_root, out, **RUN)), env=cloud.env,
+                               capture_output=True, text=True, timeout=60)
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-5000:]
+        assert reference.wait(timeout=600) == 0, reference.stderr.read()[-3000:]
+    finally:
+        cloud.tear_down()
+    assert twice.returncode == 2 and "another supervisor" in twice.stderr, twice.stderr  # safe to run twice
+
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, STEPS + 1))  # every step, each once
+    for a, b in zip(read_metrics(tmp_path / "uninterrupted"), read_metrics(out)):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-4), a["step"]
+    for run in (out, tmp_path / "uninterrupted"):
+        assert json.loads((run / "done.json").read_text())["step"] == STEPS
+    assert json.loads((cloud.dir / "faults.json").read_text()) == []  # every fault was injected
+    assert [e.split()[0] for e in cloud.lines("events.log")] == ["preempt", "stockout", "hang", "preempt", "preempt"]
+    status = json.loads((state / "status.json").read_text())
+    assert (status["restarts"], status["failed_creates"]) == (4, 1)  # 3 preemptions + 1 hang; 1 stock-out
+    assert status["state"] == "finished, slice deleted" and status["last_progress"] == f"{STEPS}/{STEPS}"
+    assert cloud.slice() is None and cloud.lines("calls.log")[-1].startswith("compute tpus queued-resources delete")
+    log = (state / "supervise.log").read_text()
+    assert log.count("hung on") == 1 and log.count("slice SUSPENDED") == 3, log
+
+
+@pytest.mark.slow
+def test_a_config_error_is_not_relaunched(embedded_root, tmp_path):
+    out = tmp_path / "bucket" / "run"
+    cloud = Cloud(tmp_path, [], out / "metrics.jsonl")
+    state = tmp_path / "supervisor"
+    bad = toy_overrides(embedded_root, out, **{"train.global_batch": 100000})  # more than the dataset holds
+    try:
+        p = subprocess.run(supervise_cmd(state, *bad), env=cloud.env, capture_output=True, text=True, timeout=300)
+    finally:
+        cloud.tear_down()
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert "not relaunched" in p.stderr and "fewer than train.global_batch" in p.stderr  # the worker's last lines
+    assert "tpu_scripts/delete.sh --spot --name night" in p.stderr  # how to delete the kept slice
+    assert sum("job.sh" in c for c in cloud.lines("calls.log")) == 1  # launched once
+    assert cloud.slice()["state"] == "ACTIVE"  # kept for inspection
+    assert json.loads((state / "status.json").read_text())["restarts"] == 0
+
+
+# --- without a trainer: bad input, the verdicts, the completion record ---------------------------------
+@pytest.mark.parametrize("command, message", [
+    (["info"], "must be pretrain or precompute-targets"),
+    (["pretrain", "--config", "c.yaml"], "give train.output_dir="),
+    (["pretrain", "train.output_dir=runs/a"], "relative to a worker's disk"),
+    (["precompute-targets", "targets.prefix=targets/x"], "relative to a worker's disk"),
+])
+def test_bad_commands_are_refused_before_anything_runs(tmp_path, capsys, command, message):
+    argv = ["--name", "t", "--zone", "z", "--type", "v4-8", "--state-dir", str(tmp_path / "s"), *command]
+    assert supervise.main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
+def test_dry_run_prints_the_first_start(tmp_path):
+    p = subprocess.run([str(SUPERVISE), "--dry-run", "--name", "t", "--zone", "z", "--type", "v4-8", "--spot",
+                        "pretrain", "train.output_dir=gs://b/r"], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"})  # no gcloud runs
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert all(line.startswith("+ ") for line in lines)
+    assert "queued-resources create t" in lines[0] and "scp" in p.stdout and "job.sh" in lines[-1]
+
+
+@pytest.fixture
+def no_gcloud(tmp_path, monkeypatch):
+    """A gcloud on PATH that must not run (the supervisor checks for one before it starts)."""
+    write_exe(tmp_path / "gcloud", "exit 97\n")
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+
+
+def verdict(tmp_path, *workers, done=False):
+    args = supervise.parse_args(["--name", "t", "--zone", "z", "--type", "v4-8", "--stall-minutes", "1",
+                                 "pretrain", f"train.output_dir={tmp_path}"])
+    if done:
+        (tmp_path / "done.json").write_text("{}")
+    status = supervise.Status("t", "pretrain")
+    records = supervise.Records(tmp_path, status)
+    rows = [{"host": f"w{i}", "log_age": age, "progress": "5/9", "state": state, "rc": rc}
+            for i, (state, rc, age) in enumerate(workers)]
+    return supervise.Supervisor(args, records).judge(rows)
+
+
+def test_verdicts(tmp_path, monkeypatch, no_gcloud):
+    monkeypatch.setattr(supervise.Slice, "last_lines", lambda self: "(the log)")  # the slow tests read a real one
+    assert verdict(tmp_path, ("running", None, 59), ("running", None, 3)) == "running"
+    assert verdict(tmp_path, ("running", None, 61), ("running", None, 3)).startswith("hung on w0")
+    assert verdict(tmp_path, ("exited", 0, 0), ("exited", 0, 0)).startswith("exited 0 before")
+    assert verdict(tmp_path, ("exited", 0, 0), ("exited", 0, 0), done=True) == "finished"
+    assert verdict(tmp_path, ("exited", 1, 0), ("vanished", None, 0)).startswith("job ended")
+    with pytest.raises(supervise.GiveUp) as stop:
+        verdict(tmp_path, ("exited", 3, 0), ("exited", 0, 0))
+    assert stop.value.code == 3
+
+
+def test_completion_record_is_written_whole_and_forgotten_when_steps_remain(tmp_path):
+    record_completion(str(tmp_path), "pretrain", 30, 30)
+    assert json.loads((tmp_path / "done.json").read_text())["step"] == 30
+    assert [p.name for p in tmp_path.iterdir()] == ["done.json"]  # no temporary left
+    forget_completion(str(tmp_path))
+    assert not (tmp_path / "done.json").exists()
+    forget_completion(str(tmp_path))  # nothing to forget: no error
