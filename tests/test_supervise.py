@@ -179,7 +179,13 @@ def test_verdicts(tmp_path, monkeypatch, no_gcloud):
     assert verdict(tmp_path, ("exited", 1, 0), ("vanished", None, 0)).startswith("job ended")
     with pytest.raises(supervise.GiveUp) as stop:
         verdict(tmp_path, ("exited", 3, 0), ("exited", 0, 0))
-    assert stop.value.code == 3
+    assert stop.value.code == 3 and "(the log)" in str(stop.value)
+    with pytest.raises(supervise.GiveUp) as stop:
+        verdict(tmp_path, ("exited", 2, 0))
+    assert stop.value.code == 2
+    # a gs:// run lock the killed job left: waited out, not a config error
+    monkeypatch.setattr(supervise.Slice, "last_lines", lambda self: "xla-trainer: error: gs://b/r is in use by another run")
+    assert verdict(tmp_path, ("exited", 2, 0)) == "run lock held"
 
 
 def test_completion_record_is_written_whole_and_forgotten_when_steps_remain(tmp_path):

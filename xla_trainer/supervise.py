@@ -35,6 +35,10 @@ NOT_RETRIED = {2: "a configuration or input error", 3: "the run diverged (non-fi
 GONE_STATES = {"SUSPENDED", "FAILED", "PREEMPTED", "TERMINATED", "STOPPED", "DELETING"}
 GOING_STATES = {"SUSPENDING", "STOPPING"}  # the workers are saving: wait for the end of it
 PROBE_TAG = "xla-trainer-job"
+# The trainer's exit 2 for a run lock still held: a job killed on a lost slice (no time to release
+# it) leaves a gs:// lease that stays live for up to 10 minutes (runlock.py). That one is waited out.
+LOCK_HELD = ("is in use by another run", "has a stale run lock")
+LOCK_WAIT_SECONDS, LOCK_WAITS = 60, 12
 
 
 class SupervisorError(Exception):
@@ -260,7 +264,7 @@ class Supervisor:
         self.args, self.rec = args, records
         self.tpu = Slice(args, records)
         self.ssh_failures = 0
-        self.stalled_since_launch = False
+        self.lock_waits = 0
 
     # one pass of the loop: look, then act --------------------------------------------------------
     def run(self) -> int:
@@ -270,7 +274,9 @@ class Supervisor:
             verdict = self.look()
             if verdict == "finished":
                 return self.finish()
-            if verdict != "running":
+            if verdict == "run lock held":
+                self.relaunch_after_lock_wait()
+            elif verdict != "running":
                 self.restart(verdict)
             time.sleep(self.args.poll_seconds)
 
@@ -304,8 +310,11 @@ class Supervisor:
         codes = [w["rc"] for w in workers if w["state"] == "exited"]
         for code, why in NOT_RETRIED.items():
             if code in codes:
+                lines = self.tpu.last_lines()
+                if code == 2 and any(m in lines for m in LOCK_HELD) and self.lock_waits < LOCK_WAITS:
+                    return "run lock held"
                 raise GiveUp(f"the job exited {code}: {why}; not relaunched (a relaunch would fail the same "
-                             f"way). Its last lines on worker 0:\n{self.tpu.last_lines()}", code)
+                             f"way). Its last lines on worker 0:\n{lines}", code)
         if codes and all(c == 0 for c in codes) and len(codes) == len(workers):
             if read_url(self.args.done_url) is not None:
                 return "finished"
@@ -345,6 +354,18 @@ class Supervisor:
             self.create()
         self.set_up_and_launch()
 
+    def relaunch_after_lock_wait(self):
+        """Relaunch (not a restart: nothing failed) once the lease of the killed job may be stale, taking
+        it over then (train.take_over takes only a stale lease, never a live one)."""
+        self.lock_waits += 1
+        self.rec.event(f"the run lock in {override(self.args.command, 'train.output_dir')} is still held (by the job "
+                       f"killed before, or by another run); relaunching with train.take_over=true in "
+                       f"{LOCK_WAIT_SECONDS} s (wait {self.lock_waits} of {LOCK_WAITS})", state="waiting for the run lock")
+        time.sleep(LOCK_WAIT_SECONDS)
+        if override(self.args.command, "train.take_over") != "true":
+            self.args.command.append("train.take_over=true")
+        self.launch()
+
     def stop_job(self):
         p = self.tpu.script("stop.sh", "--job", self.args.job, "--grace", str(self.args.stop_grace))
         if p.returncode != 0:
@@ -376,15 +397,22 @@ class Supervisor:
             wait = min(wait * 2, a.max_backoff_minutes * 60)
 
     def set_up_and_launch(self):
-        a = self.args
-        for script, extra in first_start(a)[1:]:
-            p = self.tpu.script(script, *extra)
-            if p.returncode != 0:  # a slice lost meanwhile shows at the next look; anything else: a person
-                if self.tpu.state() in ("ACTIVE", "READY"):
-                    raise GiveUp(f"{script} failed on a live slice:\n{p.stderr.strip()[-2000:]}")
-                self.rec.event(f"{script} failed; the slice is no longer ACTIVE")
-                return
-        self.rec.event(f"launched {a.job}", state="running")
+        if self.run_script(*first_start(self.args)[1]):
+            self.launch()
+
+    def launch(self):
+        if self.run_script(*first_start(self.args)[2]):
+            self.rec.event(f"launched {self.args.job}", state="running")
+
+    def run_script(self, script: str, extra: list[str]) -> bool:
+        """True if it succeeded; False if the slice was lost meanwhile (the next look sees that)."""
+        p = self.tpu.script(script, *extra)
+        if p.returncode == 0:
+            return True
+        if self.tpu.state() in ("ACTIVE", "READY"):  # not a lost slice: a person must look
+            raise GiveUp(f"{script} failed on a live slice:\n{p.stderr.strip()[-2000:]}")
+        self.rec.event(f"{script} failed; the slice is no longer ACTIVE")
+        return False
 
     def finish(self) -> int:
         self.rec.event(f"finished: {self.args.done_url} exists", state="finished")
