@@ -4,7 +4,6 @@ machine, it reclaims the slice and makes the job hang at injected steps and refu
 scripts and the trainer (the real `xla-trainer pretrain`, toy objective, CPU) run as they are."""
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,62 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, read_metrics, run_cli, toy_overrides
+from conftest import REPO, read_metrics, toy_overrides
+from fake_cloud import SUPERVISE, Cloud, supervise_cmd, write_exe
 from xla_trainer import supervise
 from xla_trainer.loop import forget_completion, record_completion
 
-SUPERVISE = REPO / "tpu_scripts" / "supervise.sh"
 STEPS = 30  # the toy at global_batch 32: 15 steps an epoch, 2 epochs
 RUN = {"train.global_batch": 32, "train.ckpt_every": 2}
-
-
-class Cloud:
-    """$FAKE_TPU_DIR of the fake gcloud, the environment that puts it first on PATH, and its records."""
-
-    def __init__(self, tmp: Path, faults: list[dict], metrics: Path):
-        self.dir = tmp / "cloud"
-        (self.dir / "shims").mkdir(parents=True)
-        (self.dir / "bin").mkdir()
-        (self.dir / "faults.json").write_text(json.dumps(faults))
-        venv_bin = Path(sys.executable).parent
-        # the worker image's python3: setup.sh's venv is the test's own xla-trainer, its pip a no-op
-        write_exe(self.dir / "shims" / "python3", f"""case "$1 $2" in
-  "-m venv") mkdir -p "$3/bin" && ln -sf {venv_bin}/xla-trainer "$3/bin/xla-trainer" &&
-             printf '#!/bin/sh\\n' > "$3/bin/pip" && chmod +x "$3/bin/pip" ;;
-  "-c import ensurepip") ;;
-  *) exec {sys.executable} "$@" ;;
-esac
-""")
-        write_exe(self.dir / "bin" / "gcloud", f'exec {sys.executable} -S {REPO}/tests/fake_gcloud.py "$@"\n')
-        self.env = {**os.environ, "PATH": f"{self.dir / 'bin'}:{os.environ['PATH']}", "FAKE_TPU_DIR": str(self.dir),
-                    "FAKE_TPU_METRICS": str(metrics), "FAKE_TPU_GRACE": "5", "PYTHON": sys.executable}
-
-    def lines(self, name: str) -> list[str]:
-        path = self.dir / name
-        return path.read_text().splitlines() if path.exists() else []
-
-    def slice(self) -> dict | None:
-        path = self.dir / "cloud.json"
-        return json.loads(path.read_text()) if path.exists() else None
-
-    def tear_down(self):
-        """Whatever a failed test left on the fake worker: SIGKILL to the jobs' process groups."""
-        for pid_file in (self.dir / "home" / "xla-trainer-logs").glob("*.pid"):
-            try:
-                os.killpg(int(pid_file.read_text()), signal.SIGKILL)
-            except (ProcessLookupError, ValueError):
-                pass
-
-
-def write_exe(path: Path, body: str):
-    path.write_text("#!/usr/bin/env bash\n" + body)
-    path.chmod(0o755)
-
-
-def supervise_cmd(state_dir: Path, *trainer_args: str) -> list[str]:
-    return [str(SUPERVISE), "--name", "night", "--zone", "z", "--type", "v4-8", "--spot",
-            "--poll-seconds", "1", "--stall-minutes", "0.25", "--stop-grace", "1", "--ssh-retries", "3",
-            "--create-backoff-seconds", "0.1", "--state-dir", str(state_dir), "pretrain", *trainer_args]
 
 
 @pytest.mark.slow
@@ -81,11 +31,11 @@ def test_a_spot_run_survives_preemptions_a_stockout_and_a_hang(embedded_root, tm
                                  cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     state = tmp_path / "supervisor"
     try:
-        proc = subprocess.Popen(supervise_cmd(state, *toy_overrides(embedded_root, out, **RUN)), env=cloud.env,
+        proc = subprocess.Popen(supervise_cmd(state, "pretrain", *toy_overrides(embedded_root, out, **RUN)), env=cloud.env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         while not (state / "status.json").exists() and proc.poll() is None:
             time.sleep(0.1)
-        twice = subprocess.run(supervise_cmd(state, *toy_overrides(embedded_root, out, **RUN)), env=cloud.env,
+        twice = subprocess.run(supervise_cmd(state, "pretrain", *toy_overrides(embedded_root, out, **RUN)), env=cloud.env,
                                capture_output=True, text=True, timeout=60)
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-5000:]
@@ -116,7 +66,7 @@ def test_a_config_error_is_not_relaunched(embedded_root, tmp_path):
     state = tmp_path / "supervisor"
     bad = toy_overrides(embedded_root, out, **{"train.global_batch": 100000})  # more than the dataset holds
     try:
-        p = subprocess.run(supervise_cmd(state, *bad), env=cloud.env, capture_output=True, text=True, timeout=300)
+        p = subprocess.run(supervise_cmd(state, "pretrain", *bad), env=cloud.env, capture_output=True, text=True, timeout=300)
     finally:
         cloud.tear_down()
     assert p.returncode == 2, p.stderr[-3000:]
