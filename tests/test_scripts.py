@@ -207,6 +207,20 @@ def test_logs_stop_delete(scripts):
         ["gcloud", "compute", "tpus", "queued-resources", "delete", "t", "--zone", "z", "--quiet", "--force"]]
 
 
+def test_supervise_dry_run_prints_a_first_start(scripts):
+    """supervise.sh --dry-run: the create, setup and launch scripts' own dry runs, in that order."""
+    cmds = scripts.dry(TPU / "supervise.sh", "--name", "t", "--zone", "z", "--type", "v4-8", "--spot", "pretrain",
+                       "--config", "c.yaml", "train.output_dir=gs://b/r")
+    assert [c[:5] for c in cmds[:2]] == [["gcloud", "compute", "tpus", "queued-resources", w] for w in ("create", "describe")]
+    assert cmds[2][0] == "tar" and "scp" in cmds[3] and remote(cmds[5]).startswith("set -e")
+    words = shell_words(remote(cmds[-1]))
+    i = words.index(".venv/bin/xla-trainer")
+    assert words[i - 2] == "tpu_scripts/job.sh" and words[i + 1:i + 4] == ["pretrain", "--config", "c.yaml"]
+    assert "train.output_dir=gs://b/r" in words
+    p = scripts(TPU / "supervise.sh", "--name", "t", "--zone", "z", "--type", "v4-8", "pretrain", ok=False)
+    assert p.returncode == 2 and "give train.output_dir=" in p.stderr  # refused before any gcloud call
+
+
 @pytest.mark.parametrize("script, args, flag, var", [
     (TPU / "create.sh", ["--zone", "z", "--type", "v4-8"], "--name", "TPU_NAME"),
     (TPU / "create.sh", ["--name", "t", "--type", "v4-8"], "--zone", "ZONE"),

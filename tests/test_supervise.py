@@ -91,16 +91,6 @@ def test_bad_commands_are_refused_before_anything_runs(tmp_path, capsys, command
     assert not (tmp_path / "s").exists()
 
 
-def test_dry_run_prints_the_first_start(tmp_path):
-    p = subprocess.run([str(SUPERVISE), "--dry-run", "--name", "t", "--zone", "z", "--type", "v4-8", "--spot",
-                        "pretrain", "train.output_dir=gs://b/r"], capture_output=True, text=True, timeout=60,
-                       env={**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"})  # no gcloud runs
-    assert p.returncode == 0, p.stderr
-    lines = p.stdout.splitlines()
-    assert all(line.startswith("+ ") for line in lines)
-    assert "queued-resources create t" in lines[0] and "scp" in p.stdout and "job.sh" in lines[-1]
-
-
 @pytest.fixture
 def no_gcloud(tmp_path, monkeypatch):
     """A gcloud on PATH that must not run (the supervisor checks for one before it starts)."""
