@@ -148,3 +148,9 @@ def test_completion_record_is_written_whole_and_forgotten_when_steps_remain(tmp_
     forget_completion(str(tmp_path))
     assert not (tmp_path / "done.json").exists()
     forget_completion(str(tmp_path))  # nothing to forget: no error
+
+
+def test_counts_go_on_after_a_killed_supervisor_but_not_after_one_that_ended(tmp_path):
+    for state, restarts in (("running", 3), ("restarting", 3), ("finished, slice deleted", 0), ("stopped (2)", 0)):
+        (tmp_path / "status.json").write_text(json.dumps({"state": state, "restarts": 3, "failed_creates": 1}))
+        assert supervise.previous_status(tmp_path, "t", "pretrain").restarts == restarts, state

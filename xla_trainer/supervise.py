@@ -241,13 +241,16 @@ def take_lock(state_dir: Path, name: str):
 
 
 def previous_status(state_dir: Path, name: str, job: str) -> Status:
-    """The status a killed supervisor left, so that its counts go on (bounds hold across restarts)."""
+    """The counts a killed supervisor left, so that they go on (the bounds hold across its restarts);
+    fresh ones after a supervisor that ended (finished, or gave up and a person looked)."""
     try:
         old = json.loads((state_dir / "status.json").read_text())
-        return Status(name, job, restarts=old.get("restarts", 0), failed_creates=old.get("failed_creates", 0),
-                      last_progress=old.get("last_progress"))
     except (FileNotFoundError, ValueError):
         return Status(name, job)
+    if old.get("state", "").startswith(("finished", "stopped")):
+        return Status(name, job)
+    return Status(name, job, restarts=old.get("restarts", 0), failed_creates=old.get("failed_creates", 0),
+                  last_progress=old.get("last_progress"))
 
 
 # --- the state machine ------------------------------------------------------------------------------
@@ -263,8 +266,7 @@ class Supervisor:
     def __init__(self, args, records: Records):
         self.args, self.rec = args, records
         self.tpu = Slice(args, records)
-        self.ssh_failures = 0
-        self.lock_waits = 0
+        self.ssh_failures = self.describe_failures = self.lock_waits = 0
 
     # one pass of the loop: look, then act --------------------------------------------------------
     def run(self) -> int:
@@ -283,8 +285,12 @@ class Supervisor:
     def look(self) -> str:
         """'running', 'finished', or why the job needs a restart; raises GiveUp for a job not to retry."""
         state = self.tpu.state()
-        if state == "?":
-            return "running"  # gcloud itself failed: look again next time
+        if state == "?":  # gcloud itself failed (network, auth): look again next time, and say so
+            self.describe_failures += 1
+            if self.describe_failures % (self.args.ssh_retries + 1) == 0:
+                self.rec.event(f"gcloud failed to describe {self.args.name} {self.describe_failures} times in a row")
+            return "running"
+        self.describe_failures = 0
         if state is None or state in GONE_STATES:
             return f"slice {state or 'gone'}"
         if state in GOING_STATES:
@@ -325,7 +331,7 @@ class Supervisor:
 
     # actions --------------------------------------------------------------------------------------
     def adopt_or_create(self):
-        state = self.tpu.state()
+        state = self.known_state()
         if state in ("ACTIVE", "READY"):
             workers = self.tpu.probe()
             if workers and any(w["state"] != "none" for w in workers):
@@ -339,6 +345,16 @@ class Supervisor:
             self.delete()
         self.create()
         self.set_up_and_launch()
+
+    def known_state(self) -> str | None:
+        """The slice's state, asking again while gcloud fails: an unknown state must not get a slice deleted."""
+        for _ in range(self.args.ssh_retries + 1):
+            state = self.tpu.state()
+            if state != "?":
+                return state
+            time.sleep(self.args.poll_seconds)
+        raise GiveUp(f"gcloud could not describe {self.args.name} {self.args.ssh_retries + 1} times in a row "
+                     f"(run it by hand: is it logged in, and the zone and project right?)")
 
     def restart(self, why: str):
         status = self.rec.status
@@ -450,8 +466,9 @@ def main(argv: list[str] | None = None) -> int:
         return Supervisor(args, records).run()
     except GiveUp as e:
         records.event(f"stopped: {e}", state=f"stopped ({e.code})")
-        print(f"the slice {args.name} is kept: inspect it, then tpu_scripts/delete.sh"
-              f"{' --spot' if args.spot else ''} --name {args.name} --zone {args.zone}", file=sys.stderr)
+        where = f"--name {args.name} --zone {args.zone}" + (f" --project {args.project}" if args.project else "")
+        print(f"the slice {args.name} is kept: inspect it (tpu_scripts/logs.sh {where}), then "
+              f"tpu_scripts/delete.sh{' --spot' if args.spot else ''} {where}", file=sys.stderr)
         return e.code
     except KeyboardInterrupt:
         records.event("interrupted: the slice and the job are left as they are; run again to adopt them",
