@@ -41,12 +41,14 @@ esac
         return json.loads(path.read_text()) if path.exists() else None
 
     def tear_down(self):
-        """Whatever a failed test left on the fake worker: SIGKILL to the jobs' process groups."""
+        """Delete what a test left: SIGKILL to the jobs' process groups on the fake worker, and the
+        slice itself (its watcher process ends with it)."""
         for pid_file in (self.dir / "home" / "xla-trainer-logs").glob("*.pid"):
             try:
                 os.killpg(int(pid_file.read_text()), signal.SIGKILL)
             except (ProcessLookupError, ValueError):
                 pass
+        (self.dir / "cloud.json").unlink(missing_ok=True)
 
 
 def write_exe(path: Path, body: str):
@@ -57,5 +59,5 @@ def write_exe(path: Path, body: str):
 def supervise_cmd(state_dir: Path, *command: str) -> list[str]:
     """supervise.sh on a spot slice, polling each second, a job whose log is silent 15 s hung."""
     return [str(SUPERVISE), "--name", "night", "--zone", "z", "--type", "v4-8", "--spot",
-            "--poll-seconds", "1", "--stall-minutes", "0.25", "--stop-grace", "1", "--ssh-retries", "3",
+            "--poll-seconds", "1", "--stall-minutes", "0.25", "--max-restarts", "8", "--stop-grace", "1", "--ssh-retries", "3",
             "--create-backoff-seconds", "0.1", "--state-dir", str(state_dir), *command]

@@ -80,13 +80,14 @@ def test_a_config_error_is_not_relaunched(embedded_root, tmp_path):
     bad = toy_overrides(embedded_root, out, **{"train.global_batch": 100000})  # more than the dataset holds
     try:
         p = subprocess.run(supervise_cmd(state, "pretrain", *bad), env=cloud.env, capture_output=True, text=True, timeout=300)
+        kept = cloud.slice()
     finally:
         cloud.tear_down()
     assert p.returncode == 2, p.stderr[-3000:]
     assert "not relaunched" in p.stderr and "fewer than train.global_batch" in p.stderr  # the worker's last lines
     assert "tpu_scripts/delete.sh --spot --name night" in p.stderr  # how to delete the kept slice
     assert sum("job.sh" in c for c in cloud.lines("calls.log")) == 1  # launched once
-    assert cloud.slice()["state"] == "ACTIVE"  # kept for inspection
+    assert kept["state"] == "ACTIVE"  # kept for inspection
     assert json.loads((state / "status.json").read_text())["restarts"] == 0
 
 

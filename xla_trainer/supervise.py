@@ -143,8 +143,10 @@ class Slice:
         its log in seconds and the progress its bar showed last; None if ssh failed."""
         f = f"~/xla-trainer-logs/{self.args.job}"
         cmd = (f"f={f}; now=$(date +%s); "
-               'if [ -e $f.pid ] && kill -0 "$(cat $f.pid)" 2>/dev/null; then s="running -"; '
-               'elif [ -e $f.rc ]; then s="exited $(cat $f.rc)"; elif [ -e $f.log ]; then s="vanished -"; '
+               # the status file first: a job.sh that wrote it has ended, even if not yet reaped (a zombie)
+               'if [ -e $f.rc ]; then s="exited $(cat $f.rc)"; '
+               'elif [ -e $f.pid ] && kill -0 "$(cat $f.pid)" 2>/dev/null; then s="running -"; '
+               'elif [ -e $f.log ]; then s="vanished -"; '
                'else s="none -"; fi; '
                'age=$((now - $(stat -c %Y $f.log 2>/dev/null || echo $now))); '
                "bar=$(tail -c 4000 $f.log 2>/dev/null | tr '\\r' '\\n' | grep -o '[0-9][0-9]*/[0-9][0-9]*' | tail -n 1); "
