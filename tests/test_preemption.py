@@ -36,6 +36,7 @@ def test_sigterm_saves_exits_zero_and_resumes(embedded_root, tmp_path, backend, 
     assert 5 <= stopped < 20
     assert (out / "checkpoints" / str(stopped) / "commit.json").exists()  # saved although ckpt_every is 1000
     assert f"SIGTERM: saved step {stopped}" in err
+    assert not (out / "done.json").exists()  # the completion record: only once the schedule is done
 
     again = launch(["pretrain", *args])
     assert again.returncode == 0, again.stderr[-3000:]

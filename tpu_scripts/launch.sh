@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Start an xla-trainer command on every worker of a TPU VM or pod slice at once, detached: the same
 # command line everywhere (SPMD: one process per host), logged on each worker to
-# ~/xla-trainer-logs/JOB.log (pid in JOB.pid). Needs setup.sh first. Everything after the
+# ~/xla-trainer-logs/JOB.log (pid in JOB.pid; its exit status, once it ends, in JOB.rc, written by
+# tpu_scripts/job.sh on the worker). Needs setup.sh first. Everything after the
 # subcommand goes to xla-trainer unchanged; launch.sh adds
 # runtime.compile_cache=$XLA_TRAINER_COMPILE_CACHE (from setup.sh's env file) before your overrides.
 #
@@ -57,7 +58,7 @@ remote=(
   "mkdir -p $LOG_DIR \"\$XLA_TRAINER_COMPILE_CACHE\";"
   "if [ -e $log.pid ] && kill -0 \"\$(cat $log.pid)\" 2>/dev/null; then"
   "echo \"\$(hostname): $JOB is already running (stop.sh first)\" >&2; exit 1; fi;"
-  "setsid nohup .venv/bin/xla-trainer $sub$options"
+  "rm -f $log.rc; setsid nohup tpu_scripts/job.sh $log.rc .venv/bin/xla-trainer $sub$options"
   'runtime.compile_cache="$XLA_TRAINER_COMPILE_CACHE"'"$overrides"
   ">> $log.log 2>&1 < /dev/null & echo \$! > $log.pid;"
   "echo \"\$(hostname): started $JOB, log $log.log\""

@@ -5,6 +5,8 @@ resume (with its config check), the run lock, SIGTERM / SIGINT, non-finite steps
 Reading order: `run` (the loop) -> `train_step` (one optimizer step) -> the objective's forward
 in models/ (the loss). Device specifics live in runtime.py only."""
 import contextlib
+import datetime
+import json
 import logging
 import os
 import signal
@@ -17,6 +19,7 @@ from tqdm import tqdm
 
 from .checkpoint import READ_ERRORS
 from .config import ConfigError
+from .data import remote_io
 from .drift import check_resume, identity
 from .flops import peak_flops
 from .metrics import MetricsLogger
@@ -286,6 +289,32 @@ def hold_output_dir(runtime: Runtime, output_dir: str, take_over: bool):
     finally:
         if lock is not None:
             lock.release()
+
+
+COMPLETION_RECORD = "done.json"
+
+
+def completion_url(output_dir: str) -> str:
+    return f"{output_dir.rstrip('/')}/{COMPLETION_RECORD}"
+
+
+def record_completion(output_dir: str, task: str, step: int, total_steps: int):
+    """<output_dir>/done.json, written atomically once the schedule's last step is saved: how a
+    supervisor (tpu_scripts/supervise.sh) knows the run needs no relaunch (an exit code alone
+    cannot say: a SIGTERM'd run also exits 0)."""
+    record = {"task": task, "step": step, "total_steps": total_steps,
+              "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    remote_io.write_bytes_atomic(completion_url(output_dir), json.dumps(record, indent=1).encode())
+
+
+def forget_completion(output_dir: str):
+    """A run with steps left to do (its schedule lengthened) removes the record an earlier,
+    shorter schedule left, so that nothing reads that run as finished."""
+    url = completion_url(output_dir)
+    if remote_io.exists(url):
+        fs, path = remote_io.filesystem(url)
+        fs.rm(path)
+        log.info("removed %s: this run's schedule has steps left", url)
 
 
 def open_metrics(runtime: Runtime, output_dir: str, start: int, config: dict) -> MetricsLogger:

@@ -13,7 +13,8 @@ from .config import Config, ConfigError
 from .data import open_data
 from .flops import peak_flops, train_flops_per_image
 from .loop import (LogAndSaveSteps, NonFiniteSteps, Schedule, StepSettings, TrainingJob, check_drift,
-                   hold_output_dir, make_runtime, make_schedule, open_metrics, resume, run)
+                   forget_completion, hold_output_dir, make_runtime, make_schedule, open_metrics,
+                   record_completion, resume, run)
 from .optim import build_optimizer
 from .runtime import Runtime
 from .targets import TargetManifest, build_teacher
@@ -132,6 +133,8 @@ def pretrain(cfg: Config, runtime: Runtime | None = None) -> dict:
             random.setstate(extra["rng"]["python"])
             torch.set_rng_state(extra["rng"]["torch"])
         end = min(schedule.total_steps, cfg.train.stop_at_step or schedule.total_steps)
+        if runtime.is_main and start < schedule.total_steps:
+            forget_completion(out)
         logger = open_metrics(runtime, out, start, cfg.to_dict())
         closing.callback(logger.close)
         batches = runtime.device_batches(data.loader(start, end))
@@ -141,6 +144,8 @@ def pretrain(cfg: Config, runtime: Runtime | None = None) -> dict:
                               log_and_save=LogAndSaveSteps(cfg.train.log_every, cfg.train.ckpt_every),
                               extra_state=extra_state, nonfinite=nonfinite, profile_steps=cfg.train.profile_steps,
                               output_dir=out, lock=lock)
+        if runtime.is_main and done == schedule.total_steps:
+            record_completion(out, "pretrain", done, schedule.total_steps)
     return {"output_dir": out, "metrics": str(logger.path), "tensorboard": str(logger.local_dir / "tb"),
             "checkpoint": last_ckpt, "steps": done, "compiles": runtime.compiles(),
             "parameter_bytes_per_device": runtime.parameter_bytes_per_device(job.step_model)}
