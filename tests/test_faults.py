@@ -16,29 +16,35 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, read_metrics, run_cli, run_here, tiny_eval_overrides, toy_overrides
+import xla_runs
+from conftest import REPO, read_metrics, run_here, tiny_eval_overrides, toy_overrides
 from xla_trainer.checkpoint import committed_steps, damage, read_checkpoint
 from xla_trainer.cli import main
 from xla_trainer_models.backbones.vit import ViTClassifier, ViTConfig
 
 pytestmark = pytest.mark.slow  # make test-fast leaves it out
 
-XLA4 = {"PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "4"}
-
 
 def pretrain(backend: str, data_root, out, **extra) -> subprocess.CompletedProcess:
-    """The toy pre-training on `backend`: cpu (in this process), ddp (2 gloo processes) or xla (4 CPU
-    devices, a 2 x 2 data x fsdp mesh)."""
-    if backend == "xla":  # FSDP x data-parallel: parameters and optimizer state sharded too
-        extra = {"runtime.backend": "xla", "runtime.mesh": "[2,2]", **extra}
+    """The toy pre-training on `backend`: cpu (in this process) or ddp (2 gloo processes)."""
     args = toy_overrides(data_root, out, **extra)
     if backend == "ddp":
         return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                                "-m", "xla_trainer", "pretrain", *args], cwd=REPO, capture_output=True, text=True,
                               timeout=600)
-    if backend == "xla":
-        return run_cli(["pretrain", *args], env=XLA4)
     return run_here(["pretrain", *args])
+
+
+def pretrain_in_turn(backend: str, data_root, out, *launches: dict) -> list[subprocess.CompletedProcess]:
+    """Launches of the toy pre-training on one output_dir, one after the other (each dict: its
+    overrides); on xla all in one process on 4 CPU devices (tests/xla_runs.py), a 2 x 2 data x
+    fsdp mesh: parameters and optimizer state sharded too."""
+    if backend != "xla":
+        return [pretrain(backend, data_root, out, **extra) for extra in launches]
+    xla = {"runtime.backend": "xla", "runtime.mesh": "[2,2]"}
+    spec = out.parent / "xla_runs.json"
+    argv = [["pretrain", *toy_overrides(data_root, out, **xla, **extra)] for extra in launches]
+    return xla_runs.results(xla_runs.start(4, argv, spec), spec)
 
 
 def checkpoint_tensors(out, step) -> dict:
@@ -72,20 +78,17 @@ def assert_same_losses(reference, rows, tol=1e-5):
 @pytest.mark.parametrize("backend", ["cpu", "ddp", "xla"])
 def test_a_nonfinite_step_is_never_applied_or_saved(embedded_root, tmp_path, backend):
     """The loss of step 4 is NaN (the toy objective's fault knob). stop: the run ends naming step
-    4 and the newest checkpoint (3), nothing newer saved, every saved tensor finite. The relaunch
-    with train.nonfinite=skip resumes from 3, skips step 4 (weights and optimizer state untouched:
-    checkpoint 4 equals checkpoint 3) and finishes with finite losses."""
+    4 and the newest checkpoint (3), nothing newer saved. The relaunch with train.nonfinite=skip
+    resumes from 3, skips step 4 (weights and optimizer state untouched: checkpoint 4 equals
+    checkpoint 3) and finishes with finite losses; every saved tensor is finite."""
     out = tmp_path / "run"
     fault = {"objective.nan_at_forward": 4, "train.ckpt_every": 1, "train.keep_checkpoints": 0,
              "train.stop_at_step": 6}
-    stopped = pretrain(backend, embedded_root, out, **fault)
+    stopped, skipped = pretrain_in_turn(backend, embedded_root, out, fault, {**fault, "train.nonfinite": "skip"})
     assert stopped.returncode == (1 if backend == "ddp" else 3), stopped.stderr[-3000:]  # torchrun: 1
     assert ("step 4 was not applied: loss nan" in stopped.stderr and
             f"nothing newer is saved, the newest checkpoint (every tensor finite) is {out}/checkpoints/3"
             in stopped.stderr), stopped.stderr[-3000:]
-    assert assert_all_finite(out) == [1, 2, 3]
-
-    skipped = pretrain(backend, embedded_root, out, **fault, **{"train.nonfinite": "skip"})
     assert skipped.returncode == 0, skipped.stderr[-3000:]
     assert f"resumed from {out}/checkpoints/3 at step 3" in skipped.stderr
     assert assert_all_finite(out) == [1, 2, 3, 4, 5, 6]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, read_metrics, toy_overrides
-from fake_cloud import SUPERVISE, Cloud, supervise_cmd, write_exe
+from fake_cloud import Cloud, supervise_cmd, write_exe
 from xla_trainer import supervise
 from xla_trainer.loop import forget_completion, record_completion
 

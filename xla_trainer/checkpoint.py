@@ -10,6 +10,7 @@ checks a checkpoint first (`damage`: the commit marker, the metadata, each file'
 resumes from its newest intact one and sets damaged ones aside (renamed, never deleted).
 Restoring reads into the current model's placement, so a checkpoint saved on one backend, mesh
 or process count restores on any other."""
+import itertools
 import json
 import logging
 import pickle
@@ -227,7 +228,11 @@ class Checkpoints:
         if self.runtime.is_main:
             path = self.location(step)
             fs, local = filesystem(path)
-            aside = f"{local}.damaged-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
+            aside = stamped = f"{local}.damaged-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
+            for n in itertools.count(1):  # set aside twice in a second: moved onto the first, it would merge
+                if not fs.exists(aside):
+                    break
+                aside = f"{stamped}-{n}"
             fs.mv(local, aside, recursive=True)
             log.warning("checkpoint %s set aside as %s (%s); it is kept, not deleted", path, aside, why)
         self.runtime.barrier()
