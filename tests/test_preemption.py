@@ -52,7 +52,8 @@ def test_profile_steps_write_a_trace(embedded_root, tmp_path, backend, trace_glo
     extra = {"runtime.backend": backend, "train.profile_steps": "[2, 4]", "train.stop_at_step": 5}
     if backend == "xla":  # the persistent cache is for TPUs; here only that the setting is taken
         extra["runtime.compile_cache"] = str(tmp_path / "cache")
-    result = run_cli(["pretrain", *toy_overrides(embedded_root, tmp_path, **extra)], env={"PJRT_DEVICE": "CPU"})
+    args = ["pretrain", *toy_overrides(embedded_root, tmp_path, **extra)]
+    result = run_cli(args, env={"PJRT_DEVICE": "CPU"}) if backend == "xla" else run_here(args)
     assert result.returncode == 0, result.stderr[-3000:]
     traces = list(tmp_path.glob(trace_glob))
     assert traces and traces[0].stat().st_size > 1000
