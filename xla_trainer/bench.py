@@ -4,6 +4,7 @@ batch carries stored-dtype targets and the teacher leaves the step. With a basel
 (bench_official.py), a step written as another codebase trains is timed after ours, on the same
 config and batch."""
 import gc
+import itertools
 import time
 
 from .bench_official import bench_batch, check_baseline, official_style_bench
@@ -13,7 +14,7 @@ from .flops import peak_flops, step_flops
 from .loop import Schedule, make_runtime, train_step
 from .optim import peak_lr
 from .pretrain import build_job, check_config
-from .runtime import Runtime, create_runtime
+from .runtime import GraphCounters, Runtime, create_runtime
 
 
 def bench(cfg: Config, steps: int = 10, warmup: int = 3, runtime: Runtime | None = None,
@@ -34,7 +35,8 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 3, runtime: Runtime | None
 
 
 def time_our_step(cfg: Config, runtime: Runtime, steps: int, warmup: int) -> tuple[dict, dict]:
-    """(the report of our compiled step, the host batch it ran on)."""
+    """(the report of our compiled step, the host batch it ran on). On XLA, after the timed steps,
+    as many again each started on an idle device: their host time (tracing + dispatch) alone."""
     lr = peak_lr(cfg.optim.base_lr, cfg.train.global_batch, cfg.optim.lr)
     schedule = Schedule(1, warmup + steps, 0, lr, lr)  # the peak lr throughout
     job = build_job(cfg, runtime, schedule, count_flops=True)
@@ -44,26 +46,73 @@ def time_our_step(cfg: Config, runtime: Runtime, steps: int, warmup: int) -> tup
         flops = step_flops(flops["student_forward"])
     batch = bench_batch(cfg, cfg.train.global_batch // runtime.process_count, job.target_info)
     step_fn = runtime.compile_fn(train_step, "train_step")
-    start = None
-    for step, device_batch in enumerate(runtime.device_batches([batch] * (warmup + steps))):
-        metrics = step_fn(job.step_model, job.teacher, job.optimizer, device_batch, lr, step, runtime=runtime,
-                          settings=job.settings)
-        if step == warmup - 1:
-            float(metrics["loss"])  # wait for the warm-up steps before the clock starts
-            compiles_after_warmup = runtime.compiles()
+
+    def run_steps(batches, wait_before_each: bool = False) -> float:
+        """Runs the steps, then waits for the device; returns the seconds the step calls took."""
+        called = 0.0
+        for step, device_batch in batches:
+            if wait_before_each:
+                runtime.synchronize()
             start = time.perf_counter()
-    float(metrics["loss"])
+            step_fn(job.step_model, job.teacher, job.optimizer, device_batch, lr, step, runtime=runtime,
+                    settings=job.settings)
+            called += time.perf_counter() - start
+        runtime.synchronize()
+        return called
+
+    host_steps = steps if runtime.graph_counters() is not None else 0
+    batches = enumerate(runtime.device_batches([batch] * (warmup + steps + host_steps)))
+    before_warmup = runtime.graph_counters()
+    run_steps(itertools.islice(batches, warmup))  # compiles
+    compiles_after_warmup, after_warmup = runtime.compiles(), runtime.graph_counters()
+    start = time.perf_counter()
+    run_steps(itertools.islice(batches, steps))
     seconds = time.perf_counter() - start
+    timed = runtime.graph_counters()
     images_per_sec = steps * cfg.train.global_batch / seconds
     achieved = images_per_sec * flops["train_step"]
     peak = peak_flops(runtime.device_kind())
-    return {"device": runtime.device_kind(), "devices": runtime.num_devices, "targets": cfg.targets.source,
-            "global_batch": cfg.train.global_batch, "steps": steps,
-            "images_per_sec": images_per_sec, "ms_per_step": 1000 * seconds / steps,
-            "gflops_per_image": flops["train_step"] / 1e9, "achieved_tflops": achieved / 1e12,
-            "mfu": achieved / (peak * runtime.num_devices) if peak else None,
-            "compiles": runtime.compiles(), "compiles_after_warmup": compiles_after_warmup,
-            "parameter_bytes_per_device": runtime.parameter_bytes_per_device(job.step_model)}, batch
+    report = {"device": runtime.device_kind(), "devices": runtime.num_devices, "targets": cfg.targets.source,
+              "global_batch": cfg.train.global_batch, "steps": steps,
+              "images_per_sec": images_per_sec, "ms_per_step": 1000 * seconds / steps,
+              "gflops_per_image": flops["train_step"] / 1e9, "achieved_tflops": achieved / 1e12,
+              "mfu": achieved / (peak * runtime.num_devices) if peak else None,
+              "compiles": runtime.compiles(), "compiles_after_warmup": compiles_after_warmup,
+              "parameter_bytes_per_device": runtime.parameter_bytes_per_device(job.step_model)}
+    if host_steps:
+        host_seconds = run_steps(itertools.islice(batches, host_steps), wait_before_each=True)
+        report.update(graph_report(after_warmup - before_warmup, timed - after_warmup, steps, seconds,
+                                   host_seconds / host_steps))
+        report["host_vs_tpu_step"] = host_vs_tpu_step(report["host_ms_per_step"], flops["train_step"])
+    return report, batch
+
+
+def graph_report(warmup: GraphCounters, timed: GraphCounters, steps: int, seconds: float,
+                 host_seconds: float) -> dict:
+    """Per step of the timed steps, from torch_xla's counters: how many graphs ran and how big the
+    traced step is; host (trace + dispatch) and device (execution) time, and how much of the
+    shorter one hid behind the longer (overlap 1: wall = max(host, device); 0: wall = their sum or
+    more)."""
+    wall, device = seconds / steps, timed.execute_seconds / steps
+    hidden = (host_seconds + device - wall) / min(host_seconds, device) if device else None
+    return {"executions_per_step": timed.executions / steps, "graphs_traced_per_step": timed.graphs_traced / steps,
+            "ir_nodes_per_step": timed.ir_nodes / steps, "host_fallbacks_per_step": timed.host_fallbacks / steps,
+            "host_ms_per_step": 1000 * host_seconds, "device_ms_per_step": 1000 * device,
+            "overlap": None if hidden is None else min(1.0, max(0.0, hidden)),
+            "step_compiles": warmup.compiles, "step_compile_seconds": warmup.compile_seconds}
+
+
+# The chips the host must keep up with: a step of 256 images per chip (the D-iGPT recipe: 4,096 on
+# a v4-32) at 50% MFU, from the step's FLOPs and the chip's bf16 peak (flops.PEAK_TFLOPS).
+TPU_CHIPS = ("v4", "v5p", "v6e")
+IMAGES_PER_CHIP = 256
+
+
+def host_vs_tpu_step(host_ms: float, flops_per_image: float) -> dict:
+    """Host ms per step / the ms a chip needs for the step at 50% MFU, per TPU generation: above
+    0.25 the host no longer hides behind the chip's execution; above 1 the chip waits for it."""
+    return {chip: host_ms / (1000 * IMAGES_PER_CHIP * flops_per_image / (0.5 * peak_flops(chip)))
+            for chip in TPU_CHIPS}
 
 
 def bench_data(cfg: Config, batches: int = 20, warmup: int = 2) -> dict:

@@ -92,11 +92,24 @@ def cmd_bench(args):
           f"{result['images_per_sec']:.1f} images/s, {result['ms_per_step']:.1f} ms/step, "
           f"{result['achieved_tflops']:.2f} TFLOP/s, MFU {mfu}, "
           f"compiles {result['compiles']} ({result['compiles_after_warmup']} after warm-up)")
+    if "executions_per_step" in result:
+        print(graph_summary(result))
     if args.baseline:
         print(f"baseline {result['baseline']}: {result['baseline_images_per_sec']:.1f} images/s, "
               f"{result['baseline_ms_per_step']:.1f} ms/step; ours {result['images_per_sec']:.1f} images/s: "
               f"{result['speedup_vs_baseline']:.2f}x the baseline")
     print(json.dumps(result))
+
+
+def graph_summary(r: dict) -> str:
+    """bench's XLA figures, per step after warm-up, in one line."""
+    overlap = "n/a" if r["overlap"] is None else f"{r['overlap']:.2f}"
+    ratios = ", ".join(f"{chip} {ratio:.2f}" for chip, ratio in r["host_vs_tpu_step"].items())
+    return (f"per step: {r['executions_per_step']:g} graph executions, {r['ir_nodes_per_step']:.0f} IR nodes, "
+            f"{r['host_fallbacks_per_step']:g} host fallbacks; host {r['host_ms_per_step']:.1f} ms, "
+            f"device {r['device_ms_per_step']:.1f} ms, wall {r['ms_per_step']:.1f} ms (overlap {overlap}); "
+            f"step compile {r['step_compile_seconds']:.1f} s ({r['step_compiles']} compiles); "
+            f"host / TPU step at 50% MFU, 256 images/chip: {ratios}")
 
 
 def cmd_bench_data(args):
