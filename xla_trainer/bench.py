@@ -60,15 +60,16 @@ def time_our_step(cfg: Config, runtime: Runtime, steps: int, warmup: int) -> tup
         runtime.synchronize()
         return called
 
-    host_steps = steps if runtime.graph_counters() is not None else 0
-    batches = enumerate(runtime.device_batches([batch] * (warmup + steps + host_steps)))
-    before_warmup = runtime.graph_counters()
+    xla = runtime.graph_counters() is not None
+    batches = enumerate(runtime.device_batches([batch] * (warmup + steps + (steps if xla else 0))))
+    counters = [runtime.graph_counters()]  # before the warm-up, after it, after the timed steps
     run_steps(itertools.islice(batches, warmup))  # compiles
-    compiles_after_warmup, after_warmup = runtime.compiles(), runtime.graph_counters()
+    compiles_after_warmup = runtime.compiles()
+    counters.append(runtime.graph_counters())
     start = time.perf_counter()
     run_steps(itertools.islice(batches, steps))
     seconds = time.perf_counter() - start
-    timed = runtime.graph_counters()
+    counters.append(runtime.graph_counters())
     images_per_sec = steps * cfg.train.global_batch / seconds
     achieved = images_per_sec * flops["train_step"]
     peak = peak_flops(runtime.device_kind())
@@ -79,10 +80,12 @@ def time_our_step(cfg: Config, runtime: Runtime, steps: int, warmup: int) -> tup
               "mfu": achieved / (peak * runtime.num_devices) if peak else None,
               "compiles": runtime.compiles(), "compiles_after_warmup": compiles_after_warmup,
               "parameter_bytes_per_device": runtime.parameter_bytes_per_device(job.step_model)}
-    if host_steps:
-        host_seconds = run_steps(itertools.islice(batches, host_steps), wait_before_each=True)
-        report.update(graph_report(after_warmup - before_warmup, timed - after_warmup, steps, seconds,
-                                   host_seconds / host_steps))
+    if xla:
+        host_seconds = run_steps(itertools.islice(batches, steps), wait_before_each=True)
+        counters.append(runtime.graph_counters())
+        warm, timed, host_timed = (later - earlier for earlier, later in zip(counters, counters[1:]))
+        report.update(graph_report(warm, timed, steps, seconds, host_seconds / steps))
+        report["same_graph_every_step"] = timed.compiles == 0 and graph_shape(timed) == graph_shape(host_timed)
         report["host_vs_tpu_step"] = host_vs_tpu_step(report["host_ms_per_step"], flops["train_step"])
     return report, batch
 
@@ -100,6 +103,11 @@ def graph_report(warmup: GraphCounters, timed: GraphCounters, steps: int, second
             "host_ms_per_step": 1000 * host_seconds, "device_ms_per_step": 1000 * device,
             "overlap": None if hidden is None else min(1.0, max(0.0, hidden)),
             "step_compiles": warmup.compiles, "step_compile_seconds": warmup.compile_seconds}
+
+
+def graph_shape(counters: GraphCounters) -> tuple:
+    """What two runs of the same steps share: graphs traced and run, their IR nodes, compiles."""
+    return counters.graphs_traced, counters.ir_nodes, counters.executions, counters.compiles, counters.host_fallbacks
 
 
 # The chips the host must keep up with: a step of 256 images per chip (the D-iGPT recipe: 4,096 on
