@@ -225,7 +225,8 @@ def test_bench_reports_one_graph_execution_per_step(tmp_path):
     overrides = tiny_overrides(tmp_path, tmp_path / "out", **{
         "backbone.patch_size": 16, "runtime.backend": "xla", "targets.source": "precomputed",
         "teacher.pretrained": "null"})
-    result = run_cli(["bench", "--config", "configs/digpt/demo.yaml", "--steps", "2", "--warmup", "2", *overrides],
+    result = run_cli(["bench", "--config", "configs/digpt/demo.yaml", "--steps", "2", "--warmup", "2", "--profile-host",
+                      *overrides],
                      env={"PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
@@ -235,6 +236,7 @@ def test_bench_reports_one_graph_execution_per_step(tmp_path):
     assert report["ir_nodes_per_step"] > 1000 and report["same_graph_every_step"]
     assert report["host_ms_per_step"] > 0 and report["device_ms_per_step"] > 0
     assert set(report["host_vs_tpu_step"]) == {"v4", "v5p", "v6e"}
+    assert any("_xla_step_marker" in function for function, _ in report["host_profile"])  # the dispatch
     assert report["images_per_sec"] > 0 and report["mfu"] is None  # no known peak for a CPU
     assert "graph executions" in result.stdout and "images/s" in result.stdout
 

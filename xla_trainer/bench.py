@@ -3,8 +3,11 @@ the figure is the step's speed, not the input pipeline's. With targets.source=pr
 batch carries stored-dtype targets and the teacher leaves the step. With a baseline
 (bench_official.py), a step written as another codebase trains is timed after ours, on the same
 config and batch."""
+import cProfile
 import gc
 import itertools
+import os
+import pstats
 import time
 
 from .bench_official import bench_batch, check_baseline, official_style_bench
@@ -18,12 +21,12 @@ from .runtime import GraphCounters, Runtime, create_runtime
 
 
 def bench(cfg: Config, steps: int = 10, warmup: int = 3, runtime: Runtime | None = None,
-          baseline: str | None = None) -> dict:
+          baseline: str | None = None, profile_host: bool = False) -> dict:
     runtime = runtime or make_runtime(cfg)
     check_config(cfg, runtime, for_bench=True)
     if baseline is not None:
         check_baseline(baseline, runtime)  # before either model is built
-    result, batch = time_our_step(cfg, runtime, steps, warmup)
+    result, batch = time_our_step(cfg, runtime, steps, warmup, profile_host)
     if baseline is None:
         return result
     gc.collect()  # our model is gone with time_our_step: its memory goes back before the baseline builds its own
@@ -34,9 +37,11 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 3, runtime: Runtime | None
             "speedup_vs_baseline": result["images_per_sec"] / theirs["images_per_sec"]}
 
 
-def time_our_step(cfg: Config, runtime: Runtime, steps: int, warmup: int) -> tuple[dict, dict]:
+def time_our_step(cfg: Config, runtime: Runtime, steps: int, warmup: int,
+                  profile_host: bool = False) -> tuple[dict, dict]:
     """(the report of our compiled step, the host batch it ran on). On XLA, after the timed steps,
-    as many again each started on an idle device: their host time (tracing + dispatch) alone."""
+    as many again each started on an idle device: their host time (tracing + dispatch) alone;
+    `profile_host`: then one more under cProfile, where that time goes."""
     lr = peak_lr(cfg.optim.base_lr, cfg.train.global_batch, cfg.optim.lr)
     schedule = Schedule(1, warmup + steps, 0, lr, lr)  # the peak lr throughout
     job = build_job(cfg, runtime, schedule, count_flops=True)
@@ -61,7 +66,8 @@ def time_our_step(cfg: Config, runtime: Runtime, steps: int, warmup: int) -> tup
         return called
 
     xla = runtime.graph_counters() is not None
-    batches = enumerate(runtime.device_batches([batch] * (warmup + steps + (steps if xla else 0))))
+    extra_steps = (steps + profile_host) if xla else 0
+    batches = enumerate(runtime.device_batches([batch] * (warmup + steps + extra_steps)))
     counters = [runtime.graph_counters()]  # before the warm-up, after it, after the timed steps
     run_steps(itertools.islice(batches, warmup))  # compiles
     compiles_after_warmup = runtime.compiles()
@@ -87,6 +93,8 @@ def time_our_step(cfg: Config, runtime: Runtime, steps: int, warmup: int) -> tup
         report.update(graph_report(warm, timed, steps, seconds, host_seconds / steps))
         report["same_graph_every_step"] = timed.compiles == 0 and graph_shape(timed) == graph_shape(host_timed)
         report["host_vs_tpu_step"] = host_vs_tpu_step(report["host_ms_per_step"], flops["train_step"])
+        if profile_host:
+            report["host_profile"] = host_profile(lambda: run_steps(itertools.islice(batches, 1), wait_before_each=True))
     return report, batch
 
 
@@ -103,6 +111,18 @@ def graph_report(warmup: GraphCounters, timed: GraphCounters, steps: int, second
             "host_ms_per_step": 1000 * host_seconds, "device_ms_per_step": 1000 * device,
             "overlap": None if hidden is None else min(1.0, max(0.0, hidden)),
             "step_compiles": warmup.compiles, "step_compile_seconds": warmup.compile_seconds}
+
+
+def host_profile(run_one_step, top: int = 15) -> list[list]:
+    """[[function, ms], ...]: the `top` functions by their own time (callees excluded) in one step
+    under cProfile; C++ work such as tracing the backward shows as the builtin that runs it.
+    cProfile slows Python code: shares, not timings."""
+    profiler = cProfile.Profile()
+    profiler.runcall(run_one_step)
+    stats = pstats.Stats(profiler).stats  # (file, line, function) -> (calls, primitive calls, own, cumulative, callers)
+    rows = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)[:top]
+    return [[f"{func} ({os.path.basename(file)}:{line})", round(1000 * own, 1)]
+            for (file, line, func), (_, _, own, _, _) in rows]
 
 
 def graph_shape(counters: GraphCounters) -> tuple:
