@@ -50,20 +50,32 @@ def time_our_step(cfg: Config, runtime: Runtime, steps: int, warmup: int,
         job.teacher = None
         flops = step_flops(flops["student_forward"])
     batch = bench_batch(cfg, cfg.train.global_batch // runtime.process_count, job.target_info)
-    step_fn = runtime.compile_fn(train_step, "train_step")
+    traced = []  # when train_step's Python ended, each step: the rest of the call hands the graph over
 
-    def run_steps(batches, wait_before_each: bool = False) -> float:
-        """Runs the steps, then waits for the device; returns the seconds the step calls took."""
-        called = 0.0
+    def traced_step(*args, **kwargs):
+        metrics = train_step(*args, **kwargs)
+        traced.append(time.perf_counter())
+        return metrics
+
+    step_fn = runtime.compile_fn(traced_step, "train_step")
+
+    def run_steps(batches, one_at_a_time: bool = False) -> tuple[float, float, float]:
+        """Runs the steps, then waits for the device; `one_at_a_time`: waits after each step too.
+        (seconds the step calls took, of which tracing train_step, seconds waited for the device
+        after them)."""
+        called = tracing = waited = 0.0
         for step, device_batch in batches:
-            if wait_before_each:
-                runtime.synchronize()
             start = time.perf_counter()
             step_fn(job.step_model, job.teacher, job.optimizer, device_batch, lr, step, runtime=runtime,
                     settings=job.settings)
-            called += time.perf_counter() - start
+            returned = time.perf_counter()
+            called, tracing = called + returned - start, tracing + traced[-1] - start
+            if one_at_a_time:
+                runtime.synchronize()
+                waited += time.perf_counter() - returned
+        start = time.perf_counter()
         runtime.synchronize()
-        return called
+        return called, tracing, waited + time.perf_counter() - start
 
     xla = runtime.graph_counters() is not None
     extra_steps = (steps + profile_host) if xla else 0
@@ -87,14 +99,18 @@ def time_our_step(cfg: Config, runtime: Runtime, steps: int, warmup: int,
               "compiles": runtime.compiles(), "compiles_after_warmup": compiles_after_warmup,
               "parameter_bytes_per_device": runtime.parameter_bytes_per_device(job.step_model)}
     if xla:
-        host_seconds = run_steps(itertools.islice(batches, steps), wait_before_each=True)
+        host_seconds, tracing, waited = run_steps(itertools.islice(batches, steps), one_at_a_time=True)
         counters.append(runtime.graph_counters())
         warm, timed, host_timed = (later - earlier for earlier, later in zip(counters, counters[1:]))
         report.update(graph_report(warm, timed, steps, seconds, host_seconds / steps))
+        report["trace_ms_per_step"] = 1000 * tracing / steps  # the rest of host_ms: hash, look up, dispatch
+        # ~ device_ms_per_step when a step call returns as soon as its graph is dispatched (the next
+        # step's tracing may then overlap this one's execution); less: part of it ran inside the call
+        report["device_ms_after_return"] = 1000 * waited / steps
         report["same_graph_every_step"] = timed.compiles == 0 and graph_shape(timed) == graph_shape(host_timed)
         report["host_vs_tpu_step"] = host_vs_tpu_step(report["host_ms_per_step"], flops["train_step"])
         if profile_host:
-            report["host_profile"] = host_profile(lambda: run_steps(itertools.islice(batches, 1), wait_before_each=True))
+            report["host_profile"] = host_profile(lambda: run_steps(itertools.islice(batches, 1), one_at_a_time=True))
     return report, batch
 
 
