@@ -218,13 +218,28 @@ def test_info_xla_mesh():
 
 
 @pytest.mark.slow  # a subprocess or a whole training: not in the edit loop
-def test_bench_prints_throughput(embedded_root, tmp_path):
-    result = run_cli(["bench", "--steps", "3", "--warmup", "2", *toy_overrides(embedded_root, tmp_path)])
+def test_bench_reports_one_graph_execution_per_step(tmp_path):
+    """`xla-trainer bench` on XLA:CPU, a tiny D-iGPT with precomputed targets whose student
+    segments (1x1 patches) are resized to the teacher's (2x2), as ViT-B/16's 7x7 are to ViT-H/14's
+    8x8: one graph per step, nothing run on the host, the compile count flat, a stable graph."""
+    overrides = tiny_overrides(tmp_path, tmp_path / "out", **{
+        "backbone.patch_size": 16, "runtime.backend": "xla", "targets.source": "precomputed",
+        "teacher.pretrained": "null"})
+    result = run_cli(["bench", "--config", "configs/digpt/demo.yaml", "--steps", "2", "--warmup", "2", "--profile-host",
+                      *overrides],
+                     env={"PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["images_per_sec"] > 0 and report["ms_per_step"] > 0
-    assert report["gflops_per_image"] > 0 and report["mfu"] is None  # no known peak for a CPU
-    assert "images/s" in result.stdout
+    assert report["executions_per_step"] == 1 and report["graphs_traced_per_step"] == 1
+    assert report["host_fallbacks_per_step"] == 0
+    assert report["compiles"] == report["compiles_after_warmup"] and report["step_compiles"] >= 1
+    assert report["ir_nodes_per_step"] > 1000 and report["same_graph_every_step"]
+    assert report["host_ms_per_step"] > 0 and report["device_ms_per_step"] > 0
+    assert set(report["trace_vs_tpu_step"]) == {"v4", "v5p", "v6e"}
+    assert 0 < report["trace_ms_per_step"] < report["host_ms_per_step"]
+    assert any("_xla_step_marker" in function for function, _ in report["host_profile"])  # the dispatch
+    assert report["images_per_sec"] > 0 and report["mfu"] is None  # no known peak for a CPU
+    assert "graph executions" in result.stdout and "images/s" in result.stdout
 
 
 @pytest.mark.parametrize("name", ["configs/digpt/vit_b16_in1k.yaml", "digpt/vit_b16_in1k.yaml"])

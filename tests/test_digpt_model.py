@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import xla_trainer_models as models
 from xla_trainer_models import TargetInfo
-from xla_trainer_models.objectives.digpt import DiGPT, DiGPTConfig, default_taps
+from xla_trainer_models.objectives.digpt import DiGPT, DiGPTConfig, default_taps, linear_resize_matrix
 from xla_trainer_models.objectives.digpt_decoder import FeaturePredictor
 from xla_trainer_models.layers.segments import SegmentLayout, block_causal_mask, segment_order
 from xla_trainer_models.backbones.vit import SegmentViT, ViTConfig
@@ -133,6 +133,15 @@ def test_loss_against_hand_computation():
         terms.append(2 - 2 * torch.dot(cls, targets[b, 0]) / (cls.norm() * targets[b, 0].norm()))
     assert len(terms) == B * (3 * 4 + 1)
     assert torch.allclose(got, torch.stack(terms).mean(), atol=1e-5)
+
+
+@pytest.mark.parametrize("size,resized", [((7, 7), (8, 8)), ((1, 1), (2, 2)), ((4, 6), (2, 3)), ((2, 3), (5, 4))])
+def test_resize_by_matrices_is_bilinear_interpolation(size, resized):
+    """The step resizes student segments by two matmuls (ViT-B/16's 7x7 to ViT-H/14's 8x8): what
+    F.interpolate's bilinear resize gives, whose backward XLA runs on the host off TPU."""
+    x = torch.randn(3, 5, *size)
+    by_matrices = linear_resize_matrix(size[0], resized[0]) @ x @ linear_resize_matrix(size[1], resized[1]).T
+    assert torch.allclose(by_matrices, F.interpolate(x, size=resized, mode="bilinear", align_corners=False), atol=1e-6)
 
 
 @pytest.mark.parametrize("cls_visible", [True, False])

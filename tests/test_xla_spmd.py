@@ -36,7 +36,9 @@ PAIRS = {
     "saim/vit": ("configs/saim/demo.yaml", {
         "backbone.image_size": 32, "backbone.width": 32, "backbone.depth": 2, "backbone.heads": 2,
         "train.global_batch": 8, "optim.base_lr": 0.05, "optim.warmup_epochs": 0}),
-    "digpt/adventurer": ("configs/adventurer/digpt_demo.yaml", {**TINY_DIGPT, **sized("backbone", "adventurer")}),
+    # a patch-14 teacher (2x2 grid at 32 px): each 2x2 student segment is resized to the teacher's 1x1
+    "digpt/adventurer": ("configs/adventurer/digpt_demo.yaml", {**TINY_DIGPT, **sized("backbone", "adventurer"),
+                                                               "teacher.arch": "probe-ViT-14-out1024"}),
 }
 # the toy pair also on the other meshes: accumulated micro-batches, FSDP alone, 2 (data) x 2 (fsdp)
 TOY_MESHES = {"4, accum 2": {"train.accum_steps": 2}, "4, dp": {"runtime.mesh": "[-1,1]"}, "2x2": {"runtime.mesh": "[2,2]"}}

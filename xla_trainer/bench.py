@@ -3,7 +3,11 @@ the figure is the step's speed, not the input pipeline's. With targets.source=pr
 batch carries stored-dtype targets and the teacher leaves the step. With a baseline
 (bench_official.py), a step written as another codebase trains is timed after ours, on the same
 config and batch."""
+import cProfile
 import gc
+import itertools
+import os
+import pstats
 import time
 
 from .bench_official import bench_batch, check_baseline, official_style_bench
@@ -13,16 +17,16 @@ from .flops import peak_flops, step_flops
 from .loop import Schedule, make_runtime, train_step
 from .optim import peak_lr
 from .pretrain import build_job, check_config
-from .runtime import Runtime, create_runtime
+from .runtime import GraphCounters, Runtime, create_runtime
 
 
 def bench(cfg: Config, steps: int = 10, warmup: int = 3, runtime: Runtime | None = None,
-          baseline: str | None = None) -> dict:
+          baseline: str | None = None, profile_host: bool = False) -> dict:
     runtime = runtime or make_runtime(cfg)
     check_config(cfg, runtime, for_bench=True)
     if baseline is not None:
         check_baseline(baseline, runtime)  # before either model is built
-    result, batch = time_our_step(cfg, runtime, steps, warmup)
+    result, batch = time_our_step(cfg, runtime, steps, warmup, profile_host)
     if baseline is None:
         return result
     gc.collect()  # our model is gone with time_our_step: its memory goes back before the baseline builds its own
@@ -33,8 +37,11 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 3, runtime: Runtime | None
             "speedup_vs_baseline": result["images_per_sec"] / theirs["images_per_sec"]}
 
 
-def time_our_step(cfg: Config, runtime: Runtime, steps: int, warmup: int) -> tuple[dict, dict]:
-    """(the report of our compiled step, the host batch it ran on)."""
+def time_our_step(cfg: Config, runtime: Runtime, steps: int, warmup: int,
+                  profile_host: bool = False) -> tuple[dict, dict]:
+    """(the report of our compiled step, the host batch it ran on). On XLA, after the timed steps,
+    as many again each started on an idle device: their host time (tracing + dispatch) alone;
+    `profile_host`: then one more under cProfile, where that time goes."""
     lr = peak_lr(cfg.optim.base_lr, cfg.train.global_batch, cfg.optim.lr)
     schedule = Schedule(1, warmup + steps, 0, lr, lr)  # the peak lr throughout
     job = build_job(cfg, runtime, schedule, count_flops=True)
@@ -43,27 +50,115 @@ def time_our_step(cfg: Config, runtime: Runtime, steps: int, warmup: int) -> tup
         job.teacher = None
         flops = step_flops(flops["student_forward"])
     batch = bench_batch(cfg, cfg.train.global_batch // runtime.process_count, job.target_info)
-    step_fn = runtime.compile_fn(train_step, "train_step")
-    start = None
-    for step, device_batch in enumerate(runtime.device_batches([batch] * (warmup + steps))):
-        metrics = step_fn(job.step_model, job.teacher, job.optimizer, device_batch, lr, step, runtime=runtime,
-                          settings=job.settings)
-        if step == warmup - 1:
-            float(metrics["loss"])  # wait for the warm-up steps before the clock starts
-            compiles_after_warmup = runtime.compiles()
+    traced = []  # when train_step's Python ended, each step: the rest of the call hands the graph over
+
+    def traced_step(*args, **kwargs):
+        metrics = train_step(*args, **kwargs)
+        traced.append(time.perf_counter())
+        return metrics
+
+    step_fn = runtime.compile_fn(traced_step, "train_step")
+
+    def run_steps(batches, one_at_a_time: bool = False) -> tuple[float, float, float]:
+        """Runs the steps, then waits for the device; `one_at_a_time`: waits after each step too.
+        (seconds the step calls took, of which tracing train_step, seconds waited for the device
+        after them)."""
+        called = tracing = waited = 0.0
+        for step, device_batch in batches:
             start = time.perf_counter()
-    float(metrics["loss"])
+            step_fn(job.step_model, job.teacher, job.optimizer, device_batch, lr, step, runtime=runtime,
+                    settings=job.settings)
+            returned = time.perf_counter()
+            called, tracing = called + returned - start, tracing + traced[-1] - start
+            if one_at_a_time:
+                runtime.synchronize()
+                waited += time.perf_counter() - returned
+        start = time.perf_counter()
+        runtime.synchronize()
+        return called, tracing, waited + time.perf_counter() - start
+
+    xla = runtime.graph_counters() is not None
+    extra_steps = (steps + profile_host) if xla else 0
+    batches = enumerate(runtime.device_batches([batch] * (warmup + steps + extra_steps)))
+    counters = [runtime.graph_counters()]  # before the warm-up, after it, after the timed steps
+    run_steps(itertools.islice(batches, warmup))  # compiles
+    compiles_after_warmup = runtime.compiles()
+    counters.append(runtime.graph_counters())
+    start = time.perf_counter()
+    run_steps(itertools.islice(batches, steps))
     seconds = time.perf_counter() - start
+    counters.append(runtime.graph_counters())
     images_per_sec = steps * cfg.train.global_batch / seconds
     achieved = images_per_sec * flops["train_step"]
     peak = peak_flops(runtime.device_kind())
-    return {"device": runtime.device_kind(), "devices": runtime.num_devices, "targets": cfg.targets.source,
-            "global_batch": cfg.train.global_batch, "steps": steps,
-            "images_per_sec": images_per_sec, "ms_per_step": 1000 * seconds / steps,
-            "gflops_per_image": flops["train_step"] / 1e9, "achieved_tflops": achieved / 1e12,
-            "mfu": achieved / (peak * runtime.num_devices) if peak else None,
-            "compiles": runtime.compiles(), "compiles_after_warmup": compiles_after_warmup,
-            "parameter_bytes_per_device": runtime.parameter_bytes_per_device(job.step_model)}, batch
+    report = {"device": runtime.device_kind(), "devices": runtime.num_devices, "targets": cfg.targets.source,
+              "global_batch": cfg.train.global_batch, "steps": steps,
+              "images_per_sec": images_per_sec, "ms_per_step": 1000 * seconds / steps,
+              "gflops_per_image": flops["train_step"] / 1e9, "achieved_tflops": achieved / 1e12,
+              "mfu": achieved / (peak * runtime.num_devices) if peak else None,
+              "compiles": runtime.compiles(), "compiles_after_warmup": compiles_after_warmup,
+              "parameter_bytes_per_device": runtime.parameter_bytes_per_device(job.step_model)}
+    if xla:
+        host_seconds, tracing, waited = run_steps(itertools.islice(batches, steps), one_at_a_time=True)
+        counters.append(runtime.graph_counters())
+        warm, timed, host_timed = (later - earlier for earlier, later in zip(counters, counters[1:]))
+        report.update(graph_report(warm, timed, steps, seconds, host_seconds / steps))
+        report["trace_ms_per_step"] = 1000 * tracing / steps  # the rest of host_ms: hash, look up, dispatch
+        # ~ device_ms_per_step when a step call returns as soon as its graph is dispatched (the next
+        # step's tracing may then overlap this one's execution); less: part of it ran inside the call
+        report["device_ms_after_return"] = 1000 * waited / steps
+        report["same_graph_every_step"] = timed.compiles == 0 and graph_shape(timed) == graph_shape(host_timed)
+        # tracing alone: the part of the host's time measured without the device's (on XLA:CPU the
+        # rest of the call also runs part of the graph), so a ratio above 1 is host-bound for sure
+        report["trace_vs_tpu_step"] = host_vs_tpu_step(report["trace_ms_per_step"], flops["train_step"])
+        if profile_host:
+            report["host_profile"] = host_profile(lambda: run_steps(itertools.islice(batches, 1), one_at_a_time=True))
+    return report, batch
+
+
+def graph_report(warmup: GraphCounters, timed: GraphCounters, steps: int, seconds: float,
+                 host_seconds: float) -> dict:
+    """Per step of the timed steps, from torch_xla's counters: how many graphs ran and how big the
+    traced step is; host (trace + dispatch) and device (execution) time, and how much of the
+    shorter one hid behind the longer (overlap 1: wall = max(host, device); 0: wall = their sum or
+    more)."""
+    wall, device = seconds / steps, timed.execute_seconds / steps
+    hidden = (host_seconds + device - wall) / min(host_seconds, device) if device else None
+    return {"executions_per_step": timed.executions / steps, "graphs_traced_per_step": timed.graphs_traced / steps,
+            "ir_nodes_per_step": timed.ir_nodes / steps, "host_fallbacks_per_step": timed.host_fallbacks / steps,
+            "host_ms_per_step": 1000 * host_seconds, "device_ms_per_step": 1000 * device,
+            "overlap": None if hidden is None else min(1.0, max(0.0, hidden)),
+            "step_compiles": warmup.compiles, "step_compile_seconds": warmup.compile_seconds}
+
+
+def host_profile(run_one_step, top: int = 15) -> list[list]:
+    """[[function, ms], ...]: the `top` functions by their own time (callees excluded) in one step
+    under cProfile; C++ work such as tracing the backward shows as the builtin that runs it.
+    cProfile slows Python code: shares, not timings."""
+    profiler = cProfile.Profile()
+    profiler.runcall(run_one_step)
+    stats = pstats.Stats(profiler).stats  # (file, line, function) -> (calls, primitive calls, own, cumulative, callers)
+    rows = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)[:top]
+    return [[f"{func} ({os.path.basename(file)}:{line})", round(1000 * own, 1)]
+            for (file, line, func), (_, _, own, _, _) in rows]
+
+
+def graph_shape(counters: GraphCounters) -> tuple:
+    """What two runs of the same steps share: graphs traced and run, their IR nodes, compiles."""
+    return counters.graphs_traced, counters.ir_nodes, counters.executions, counters.compiles, counters.host_fallbacks
+
+
+# The chips the host must keep up with: a step of 256 images per chip (the D-iGPT recipe: 4,096 on
+# a v4-32) at 50% MFU, from the step's FLOPs and the chip's bf16 peak (flops.PEAK_TFLOPS).
+TPU_CHIPS = ("v4", "v5p", "v6e")
+IMAGES_PER_CHIP = 256
+
+
+def host_vs_tpu_step(host_ms: float, flops_per_image: float) -> dict:
+    """Host ms per step / the ms a chip needs for the step at 50% MFU, per TPU generation: above
+    0.25 the host no longer hides behind the chip's execution; above 1 the chip waits for it."""
+    return {chip: host_ms / (1000 * IMAGES_PER_CHIP * flops_per_image / (0.5 * peak_flops(chip)))
+            for chip in TPU_CHIPS}
 
 
 def bench_data(cfg: Config, batches: int = 20, warmup: int = 2) -> dict:

@@ -85,18 +85,35 @@ def cmd_describe(args):
 def cmd_bench(args):
     from .bench import bench
     result = bench(load_config(args.config, args.overrides, "pretrain"), steps=args.steps, warmup=args.warmup,
-                   baseline=args.baseline)
+                   baseline=args.baseline, profile_host=args.profile_host)
     mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None else "n/a (unknown peak)"
     print(f"{result['device']} x{result['devices']}  batch {result['global_batch']}, targets {result['targets']}, "
           f"{result['gflops_per_image']:.1f} GFLOPs/image: "
           f"{result['images_per_sec']:.1f} images/s, {result['ms_per_step']:.1f} ms/step, "
           f"{result['achieved_tflops']:.2f} TFLOP/s, MFU {mfu}, "
           f"compiles {result['compiles']} ({result['compiles_after_warmup']} after warm-up)")
+    if "executions_per_step" in result:
+        print(graph_summary(result))
+    for function, ms in result.get("host_profile", ()):
+        print(f"  host {ms:9.1f} ms  {function}")
     if args.baseline:
         print(f"baseline {result['baseline']}: {result['baseline_images_per_sec']:.1f} images/s, "
               f"{result['baseline_ms_per_step']:.1f} ms/step; ours {result['images_per_sec']:.1f} images/s: "
               f"{result['speedup_vs_baseline']:.2f}x the baseline")
     print(json.dumps(result))
+
+
+def graph_summary(r: dict) -> str:
+    """bench's XLA figures, per step after warm-up, in one line."""
+    overlap = "n/a" if r["overlap"] is None else f"{r['overlap']:.2f}"
+    ratios = ", ".join(f"{chip} {ratio:.2f}" for chip, ratio in r["trace_vs_tpu_step"].items())
+    return (f"per step: {r['executions_per_step']:g} graph executions, {r['ir_nodes_per_step']:.0f} IR nodes, "
+            f"{r['host_fallbacks_per_step']:g} host fallbacks; host {r['host_ms_per_step']:.1f} ms "
+            f"({r['trace_ms_per_step']:.1f} ms tracing), "
+            f"device {r['device_ms_per_step']:.1f} ms ({r['device_ms_after_return']:.1f} ms of it after the step call "
+            f"returned), wall {r['ms_per_step']:.1f} ms (overlap {overlap}); "
+            f"step compile {r['step_compile_seconds']:.1f} s ({r['step_compiles']} compiles); "
+            f"tracing / TPU step at 50% MFU, 256 images/chip: {ratios}")
 
 
 def cmd_bench_data(args):
@@ -207,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="then time, on the same config and batch, a step in the official D-iGPT code's style "
                         "(eager fp16 + GradScaler, host-built float mask and CPU randperm orders, .item() "
                         "per step; cuda or cpu) and print ours / its rate")
+    p.add_argument("--profile-host", action="store_true",
+                   help="XLA: then one more step under cProfile; prints the functions the host spends the step in")
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("bench-data", help="images/s of the input pipeline alone (local or gs:// shards)")
     _config_args(p)

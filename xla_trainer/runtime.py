@@ -12,7 +12,7 @@ import importlib.util
 import itertools
 import os
 import platform
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import torch
 import torch.distributed as dist
@@ -151,6 +151,11 @@ class Runtime:
 
     def compiles(self) -> int:
         return 0
+
+    def graph_counters(self) -> "GraphCounters | None":
+        """The compiler's running totals (graphs traced, compiled, executed; bench): None on an
+        eager backend, which has no graphs."""
+        return None
 
     # --- collectives (outside the step only) ------------------------------------------------
     @property
@@ -555,8 +560,22 @@ class XlaRuntime(Runtime):
         xp.stop_trace()
 
     def compiles(self) -> int:
-        data = self._met.metric_data("CompileTime")
-        return int(data[0]) if data else 0
+        return self.graph_counters().compiles
+
+    def graph_counters(self) -> "GraphCounters":
+        def count_and_total(metric: str) -> tuple[int, float]:
+            data = self._met.metric_data(metric)
+            return (int(data[0]), float(data[1])) if data else (0, 0.0)
+
+        compiles, compile_ns = count_and_total("CompileTime")
+        graphs, ir_nodes = count_and_total("TensorsGraphSize")  # one sample per graph traced: its IR nodes
+        executions, execute_ns = count_and_total("ExecuteReplicatedTime")  # SPMD: every graph runs replicated
+        # an op torch_xla cannot lower, or a value read back (.item()), runs on the host ("aten::"
+        # counters): each one cuts the graph
+        fallbacks = sum(self._met.counter_value(name) or 0 for name in self._met.counter_names()
+                        if name.startswith("aten::"))
+        return GraphCounters(compiles, compile_ns / 1e9, graphs, int(ir_nodes), executions, execute_ns / 1e9,
+                             fallbacks)
 
     # Under SPMD every value the step returns is already global: one report, no collective.
     reporting_processes = 1
@@ -566,6 +585,22 @@ class XlaRuntime(Runtime):
 
     def gather_rows(self, t):
         return t  # a global (sharded) tensor already
+
+
+@dataclass(frozen=True)
+class GraphCounters:
+    """torch_xla's running totals (torch_xla.debug.metrics) since the process started; the
+    difference of two is what ran between them."""
+    compiles: int
+    compile_seconds: float
+    graphs_traced: int
+    ir_nodes: int  # summed over the graphs traced
+    executions: int
+    execute_seconds: float  # ExecuteReplicatedTime: the device running the graphs
+    host_fallbacks: int  # ops run on the host: no lowering, or a value read back (aten:: counters)
+
+    def __sub__(self, earlier: "GraphCounters") -> "GraphCounters":
+        return GraphCounters(*(a - b for a, b in zip(astuple(self), astuple(earlier))))
 
 
 def _spmd_save_planner():

@@ -33,6 +33,13 @@ def cosine_distance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (2 - 2 * (pred * target).sum(-1)).mean()
 
 
+def linear_resize_matrix(size_in: int, size_out: int) -> torch.Tensor:
+    """(size_out, size_in): the weights F.interpolate(mode="linear", align_corners=False) gives
+    each input position; a bilinear resize is this matrix along each axis."""
+    impulses = torch.eye(size_in, dtype=torch.float64)[None]  # one channel per input position
+    return F.interpolate(impulses, size=size_out, mode="linear", align_corners=False)[0].T.float()
+
+
 @dataclass
 class DiGPTConfig:
     name: str = "digpt"
@@ -72,6 +79,11 @@ class DiGPT(nn.Module):
         self.register_buffer("teacher_index", self.teacher_layout.patch_index() + 1, persistent=False)
         self.register_buffer("attn_mask", block_causal_mask(S - 1, T, cfg.cls_visible_to_last_segment),
                              persistent=False)
+        # a student segment is resized to the teacher's by two matmuls: F.interpolate's bilinear
+        # backward has no XLA lowering off TPU, and ran on the host, cutting the step's graph
+        (h, w), (th, tw) = self.layout.segment_shape, self.teacher_layout.segment_shape
+        self.register_buffer("resize_rows", linear_resize_matrix(h, th), persistent=False)
+        self.register_buffer("resize_cols", linear_resize_matrix(w, tw), persistent=False)
         # a causal-only student (a scan) takes the segments in order, causal inside each one, no mask
         self.causal_encoder = getattr(encoder, "causal_only", False)
         self.decoders = nn.ModuleDict({
@@ -108,8 +120,9 @@ class DiGPT(nn.Module):
         h, w = self.layout.segment_shape
         th, tw = self.teacher_layout.segment_shape
         patches = pred[:, :-1].unflatten(1, (n, h, w)).flatten(0, 1).permute(0, 3, 1, 2)
-        if (h, w) != (th, tw):
-            patches = F.interpolate(patches.float(), size=(th, tw), mode="bilinear", align_corners=False)
+        if (h, w) != (th, tw):  # bilinear, in float32 as F.interpolate was
+            with torch.autocast(patches.device.type, enabled=False):
+                patches = self.resize_rows @ patches.float() @ self.resize_cols.T
         patches = patches.flatten(2).transpose(1, 2).reshape(B, n * th * tw, -1)
         target_index = self.teacher_index[slots].flatten(1)  # (B, n * th * tw)
         patch_targets = torch.gather(targets, 1, target_index[..., None].expand(-1, -1, targets.shape[-1]))
