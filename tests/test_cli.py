@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from conftest import REPO, TOY_CONFIG, run_cli, tiny_overrides, toy_overrides
+from conftest import REPO, TOY_CONFIG, run_cli, tiny_overrides
 from xla_trainer.cli import main
 from xla_trainer.config import CLASSIFIERS, TASKS, ConfigError, load_config
 
