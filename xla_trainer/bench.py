@@ -37,55 +37,60 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 3, runtime: Runtime | None
             "speedup_vs_baseline": result["images_per_sec"] / theirs["images_per_sec"]}
 
 
+class StepTimer:
+    """Calls the compiled train step of `job` on device batches and times it: the seconds the
+    calls took, the part of them spent tracing train_step (Python), and the seconds then waited
+    for the device."""
+
+    def __init__(self, job, runtime: Runtime, lr: float):
+        self.job, self.runtime, self.lr = job, runtime, lr
+        self.traced = []  # when train_step's Python ended, each step: the rest of the call hands the graph over
+        self.step_fn = runtime.compile_fn(self._traced_step, "train_step")
+
+    def _traced_step(self, *args, **kwargs):
+        metrics = train_step(*args, **kwargs)
+        self.traced.append(time.perf_counter())
+        return metrics
+
+    def run(self, batches, one_at_a_time: bool = False) -> tuple[float, float, float]:
+        """Runs the steps, then waits for the device; `one_at_a_time`: waits after each step too.
+        (seconds the calls took, of which tracing, seconds waited for the device after them)."""
+        called = tracing = waited = 0.0
+        for step, device_batch in batches:
+            start = time.perf_counter()
+            self.step_fn(self.job.step_model, self.job.teacher, self.job.optimizer, device_batch, self.lr, step,
+                         runtime=self.runtime, settings=self.job.settings)
+            returned = time.perf_counter()
+            called, tracing = called + returned - start, tracing + self.traced[-1] - start
+            if one_at_a_time:
+                self.runtime.synchronize()
+                waited += time.perf_counter() - returned
+        start = time.perf_counter()
+        self.runtime.synchronize()
+        return called, tracing, waited + time.perf_counter() - start
+
+
 def time_our_step(cfg: Config, runtime: Runtime, steps: int, warmup: int,
                   profile_host: bool = False) -> tuple[dict, dict]:
     """(the report of our compiled step, the host batch it ran on). On XLA, after the timed steps,
     as many again each started on an idle device: their host time (tracing + dispatch) alone;
     `profile_host`: then one more under cProfile, where that time goes."""
     lr = peak_lr(cfg.optim.base_lr, cfg.train.global_batch, cfg.optim.lr)
-    schedule = Schedule(1, warmup + steps, 0, lr, lr)  # the peak lr throughout
-    job = build_job(cfg, runtime, schedule, count_flops=True)
+    job = build_job(cfg, runtime, Schedule(1, warmup + steps, 0, lr, lr), count_flops=True)  # the peak lr throughout
     flops = job.flops
     if job.teacher is not None and cfg.targets.source == "precomputed":  # the teacher leaves the step
         job.teacher = None
         flops = step_flops(flops["student_forward"])
     batch = bench_batch(cfg, cfg.train.global_batch // runtime.process_count, job.target_info)
-    traced = []  # when train_step's Python ended, each step: the rest of the call hands the graph over
-
-    def traced_step(*args, **kwargs):
-        metrics = train_step(*args, **kwargs)
-        traced.append(time.perf_counter())
-        return metrics
-
-    step_fn = runtime.compile_fn(traced_step, "train_step")
-
-    def run_steps(batches, one_at_a_time: bool = False) -> tuple[float, float, float]:
-        """Runs the steps, then waits for the device; `one_at_a_time`: waits after each step too.
-        (seconds the step calls took, of which tracing train_step, seconds waited for the device
-        after them)."""
-        called = tracing = waited = 0.0
-        for step, device_batch in batches:
-            start = time.perf_counter()
-            step_fn(job.step_model, job.teacher, job.optimizer, device_batch, lr, step, runtime=runtime,
-                    settings=job.settings)
-            returned = time.perf_counter()
-            called, tracing = called + returned - start, tracing + traced[-1] - start
-            if one_at_a_time:
-                runtime.synchronize()
-                waited += time.perf_counter() - returned
-        start = time.perf_counter()
-        runtime.synchronize()
-        return called, tracing, waited + time.perf_counter() - start
-
+    timer = StepTimer(job, runtime, lr)
     xla = runtime.graph_counters() is not None
-    extra_steps = (steps + profile_host) if xla else 0
-    batches = enumerate(runtime.device_batches([batch] * (warmup + steps + extra_steps)))
+    batches = enumerate(runtime.device_batches([batch] * (warmup + steps + ((steps + profile_host) if xla else 0))))
     counters = [runtime.graph_counters()]  # before the warm-up, after it, after the timed steps
-    run_steps(itertools.islice(batches, warmup))  # compiles
+    timer.run(itertools.islice(batches, warmup))  # compiles
     compiles_after_warmup = runtime.compiles()
     counters.append(runtime.graph_counters())
     start = time.perf_counter()
-    run_steps(itertools.islice(batches, steps))
+    timer.run(itertools.islice(batches, steps))
     seconds = time.perf_counter() - start
     counters.append(runtime.graph_counters())
     images_per_sec = steps * cfg.train.global_batch / seconds
@@ -99,21 +104,30 @@ def time_our_step(cfg: Config, runtime: Runtime, steps: int, warmup: int,
               "compiles": runtime.compiles(), "compiles_after_warmup": compiles_after_warmup,
               "parameter_bytes_per_device": runtime.parameter_bytes_per_device(job.step_model)}
     if xla:
-        host_seconds, tracing, waited = run_steps(itertools.islice(batches, steps), one_at_a_time=True)
-        counters.append(runtime.graph_counters())
-        warm, timed, host_timed = (later - earlier for earlier, later in zip(counters, counters[1:]))
-        report.update(graph_report(warm, timed, steps, seconds, host_seconds / steps))
-        report["trace_ms_per_step"] = 1000 * tracing / steps  # the rest of host_ms: hash, look up, dispatch
-        # ~ device_ms_per_step when a step call returns as soon as its graph is dispatched (the next
-        # step's tracing may then overlap this one's execution); less: part of it ran inside the call
-        report["device_ms_after_return"] = 1000 * waited / steps
-        report["same_graph_every_step"] = timed.compiles == 0 and graph_shape(timed) == graph_shape(host_timed)
-        # tracing alone: the part of the host's time measured without the device's (on XLA:CPU the
-        # rest of the call also runs part of the graph), so a ratio above 1 is host-bound for sure
-        report["trace_vs_tpu_step"] = host_vs_tpu_step(report["trace_ms_per_step"], flops["train_step"])
-        if profile_host:
-            report["host_profile"] = host_profile(lambda: run_steps(itertools.islice(batches, 1), one_at_a_time=True))
+        report.update(host_side(timer, batches, counters, steps, seconds, flops["train_step"], profile_host))
     return report, batch
+
+
+def host_side(timer: StepTimer, batches, counters: list, steps: int, seconds: float, flops_per_image: float,
+              profile_host: bool) -> dict:
+    """The XLA step's graph and host figures: `steps` more steps, each started on an idle device
+    (their host time alone), against the counters before the warm-up, after it and after the
+    timed steps; `profile_host`: one more step under cProfile."""
+    host_seconds, tracing, waited = timer.run(itertools.islice(batches, steps), one_at_a_time=True)
+    counters.append(timer.runtime.graph_counters())
+    warm, timed, host_timed = (later - earlier for earlier, later in zip(counters, counters[1:]))
+    report = graph_report(warm, timed, steps, seconds, host_seconds / steps)
+    report["trace_ms_per_step"] = 1000 * tracing / steps  # the rest of host_ms: hash, look up, dispatch
+    # ~ device_ms_per_step when a step call returns as soon as its graph is dispatched (the next
+    # step's tracing may then overlap this one's execution); less: part of it ran inside the call
+    report["device_ms_after_return"] = 1000 * waited / steps
+    report["same_graph_every_step"] = timed.compiles == 0 and graph_shape(timed) == graph_shape(host_timed)
+    # tracing alone: the part of the host's time measured without the device's (on XLA:CPU the
+    # rest of the call also runs part of the graph), so a ratio above 1 is host-bound for sure
+    report["trace_vs_tpu_step"] = host_vs_tpu_step(report["trace_ms_per_step"], flops_per_image)
+    if profile_host:
+        report["host_profile"] = host_profile(lambda: timer.run(itertools.islice(batches, 1), one_at_a_time=True))
+    return report
 
 
 def graph_report(warmup: GraphCounters, timed: GraphCounters, steps: int, seconds: float,
