@@ -56,9 +56,10 @@ def write_exe(path: Path, body: str):
     path.chmod(0o755)
 
 
-def supervise_cmd(state_dir: Path, *command: str) -> list[str]:
-    """supervise.sh on a spot slice, polling each second, a job whose log is silent 21 s hung
-    (a trainer start on a loaded 2-core machine is silent up to about 10 s)."""
-    return [str(SUPERVISE), "--name", "night", "--zone", "z", "--type", "v4-8", "--spot",
+def supervise_cmd(state_dir: Path, *command: str, spot: bool = True) -> list[str]:
+    """supervise.sh on a spot slice (`spot` false: an on-demand TPU VM), polling each second, a job
+    whose log is silent 21 s hung (a trainer start on a loaded 2-core machine is silent up to about
+    10 s)."""
+    return [str(SUPERVISE), "--name", "night", "--zone", "z", "--type", "v4-8", *(["--spot"] if spot else []),
             "--poll-seconds", "1", "--stall-minutes", "0.35", "--max-restarts", "8", "--stop-grace", "1", "--ssh-retries", "3",
             "--create-backoff-seconds", "0.1", "--state-dir", str(state_dir), *command]

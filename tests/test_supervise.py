@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, read_metrics, toy_overrides
+from conftest import REPO, read_metrics, run_here, toy_overrides
 from fake_cloud import Cloud, supervise_cmd, write_exe
 from xla_trainer import supervise
 from xla_trainer.loop import forget_completion, record_completion
@@ -70,6 +70,30 @@ def test_a_spot_run_survives_preemptions_a_stockout_a_hang_and_its_supervisors_k
     assert cloud.slice() is None and cloud.lines("calls.log")[-1].startswith("compute tpus queued-resources delete")
     log = (state / "supervise.log").read_text()
     assert log.count("hung on") == 1 and log.count("slice SUSPENDED") == 3, log
+
+
+@pytest.mark.slow
+def test_an_on_demand_vm_is_recreated_after_a_preemption_and_a_stockout(embedded_root, tmp_path):
+    """Without --spot: a TPU VM (no queued resource) PREEMPTED at step 6, then one create refused
+    for capacity: the supervisor backs off, recreates it, and the run ends with every step once."""
+    out = tmp_path / "bucket" / "run"
+    cloud = Cloud(tmp_path, [{"kind": "preempt", "at_step": 6}, {"kind": "stockout"}], out / "metrics.jsonl")
+    state = tmp_path / "supervisor"
+    command = supervise_cmd(state, "pretrain", *toy_overrides(embedded_root, out, **RUN, **{"train.epochs": 1}),
+                            spot=False)
+    try:
+        p = subprocess.run(command, env=cloud.env, capture_output=True, text=True, timeout=600)
+    finally:
+        cloud.tear_down()
+    assert p.returncode == 0, p.stderr[-5000:]
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, STEPS // 2 + 1))
+    assert json.loads((out / "done.json").read_text())["step"] == STEPS // 2
+    status = json.loads((state / "status.json").read_text())
+    assert (status["restarts"], status["failed_creates"]) == (1, 1)
+    assert "slice PREEMPTED" in (state / "supervise.log").read_text()
+    calls = cloud.lines("calls.log")
+    assert cloud.slice() is None and calls[-1].startswith("compute tpus tpu-vm delete")
+    assert not any("queued-resources" in c for c in calls)
 
 
 @pytest.mark.slow
@@ -149,6 +173,20 @@ def test_completion_record_is_written_whole_and_forgotten_when_steps_remain(tmp_
     forget_completion(str(tmp_path))
     assert not (tmp_path / "done.json").exists()
     forget_completion(str(tmp_path))  # nothing to forget: no error
+
+
+def test_pretrain_records_completion_only_when_its_schedule_is_done(embedded_root, tmp_path):
+    """done.json (what the supervisor waits for): not after a stop at a step, written by the run
+    that completes the schedule, removed when a longer schedule resumes the run."""
+    run = {**RUN, "train.epochs": 1}
+    assert run_here(["pretrain", *toy_overrides(embedded_root, tmp_path, **run, **{"train.stop_at_step": 4})]).returncode == 0
+    assert not (tmp_path / "done.json").exists()
+    assert run_here(["pretrain", *toy_overrides(embedded_root, tmp_path, **run)]).returncode == 0
+    assert json.loads((tmp_path / "done.json").read_text())["step"] == STEPS // 2
+    longer = run_here(["pretrain", *toy_overrides(embedded_root, tmp_path, **RUN, **{"train.stop_at_step": 16,
+                                                                                    "train.allow_resume_change": "[train.epochs]"})])
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    assert not (tmp_path / "done.json").exists()
 
 
 def test_counts_go_on_after_a_killed_supervisor_but_not_after_one_that_ended(tmp_path):
