@@ -60,8 +60,8 @@ def run_cli(args: list[str], env: dict | None = None, timeout: int = 600) -> sub
 def run_here(args: list[str]) -> subprocess.CompletedProcess:
     """`xla-trainer args` in this test process, as run_cli reports it (exit code, stdout, stderr
     with the log): a new process first spends about 5 s importing torch and timm. For runs on the
-    CPU backend whose process boundary is not what the test is about (no signals, no torchrun,
-    no XLA device count, no loader workers sharing a run directory's lock with the next run)."""
+    CPU backend whose process boundary is not what the test is about (no signals, no kill, no
+    torchrun, no XLA device count)."""
     from contextlib import redirect_stderr, redirect_stdout
     from xla_trainer.cli import main
     out, err = io.StringIO(), io.StringIO()

@@ -44,7 +44,7 @@ def on_four_xla_devices(digits_root, tmp_path_factory):
     for mode in ("linprobe", "attnprobe"):
         runs[mode] = [mode, "--config", f"configs/{mode}/demo.yaml", *tiny_eval_overrides(digits_root, tmp / mode, **xla, **{
             "train.init": tmp / "encoder.pth", "train.epochs": 2, "probe.heads": 2})]
-    done = xla_runs.results(xla_runs.start(4, list(runs.values()), tmp / "spec.json"), tmp / "spec.json")
+    done = xla_runs.run(4, list(runs.values()), tmp / "spec.json")
     return {name: (tmp / name, result) for name, result in zip(runs, done)}, encoder
 
 

@@ -44,7 +44,7 @@ def pretrain_in_turn(backend: str, data_root, out, *launches: dict) -> list[subp
     xla = {"runtime.backend": "xla", "runtime.mesh": "[2,2]"}
     spec = out.parent / "xla_runs.json"
     argv = [["pretrain", *toy_overrides(data_root, out, **xla, **extra)] for extra in launches]
-    return xla_runs.results(xla_runs.start(4, argv, spec), spec)
+    return xla_runs.run(4, argv, spec)
 
 
 def checkpoint_tensors(out, step) -> dict:

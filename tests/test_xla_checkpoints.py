@@ -80,7 +80,7 @@ def runs(embedded_root, gcs_server, tmp_path_factory):
            "gs": f"{new_bucket(gcs_server)}/xla-run"}
 
     def launch(phase: dict, spec) -> dict:
-        done = xla_runs.results(xla_runs.start(4, list(phase.values()), spec), spec)
+        done = xla_runs.run(4, list(phase.values()), spec)
         for name, result in zip(phase, done):
             assert result.returncode == 0, (name, result.stderr[-3000:])
         return dict(zip(phase, done))

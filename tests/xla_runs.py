@@ -28,6 +28,11 @@ def results(proc: subprocess.Popen, spec: Path, timeout: float = 900) -> list[su
     return [subprocess.CompletedProcess(r["args"], r["code"], r["stdout"], r["stderr"]) for r in done]
 
 
+def run(devices: int, runs: list[list[str]], spec: Path) -> list[subprocess.CompletedProcess]:
+    """`start`, then `results`: the runs, and the wait for them."""
+    return results(start(devices, runs, spec), spec)
+
+
 if __name__ == "__main__":
     logging.basicConfig(handlers=[logging.NullHandler()])  # each run's log goes to its own stderr only
     spec = sys.argv[1]
