@@ -171,13 +171,14 @@ def test_completion_record_is_written_whole_and_forgotten_when_steps_remain(tmp_
     assert json.loads((tmp_path / "done.json").read_text())["step"] == 30
     assert [p.name for p in tmp_path.iterdir()] == ["done.json"]  # no temporary left
     forget_completion(str(tmp_path))
-    assert not (tmp_path / "done.json").exists()
+    [aside] = [p.name for p in tmp_path.iterdir()]
+    assert aside.startswith("done.json.replaced-")  # kept, not deleted
     forget_completion(str(tmp_path))  # nothing to forget: no error
 
 
 def test_pretrain_records_completion_only_when_its_schedule_is_done(embedded_root, tmp_path):
     """done.json (what the supervisor waits for): not after a stop at a step, written by the run
-    that completes the schedule, removed when a longer schedule resumes the run."""
+    that completes the schedule, moved aside (kept) when a longer schedule resumes the run."""
     run = {**RUN, "train.epochs": 1}
     assert run_here(["pretrain", *toy_overrides(embedded_root, tmp_path, **run, **{"train.stop_at_step": 4})]).returncode == 0
     assert not (tmp_path / "done.json").exists()
@@ -187,6 +188,8 @@ def test_pretrain_records_completion_only_when_its_schedule_is_done(embedded_roo
                                                                                     "train.allow_resume_change": "[train.epochs]"})])
     assert longer.returncode == 0, longer.stderr[-3000:]
     assert not (tmp_path / "done.json").exists()
+    [aside] = tmp_path.glob("done.json.replaced-*")
+    assert json.loads(aside.read_text())["step"] == STEPS // 2
 
 
 def test_counts_go_on_after_a_killed_supervisor_but_not_after_one_that_ended(tmp_path):

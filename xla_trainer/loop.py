@@ -308,13 +308,15 @@ def record_completion(output_dir: str, task: str, step: int, total_steps: int):
 
 
 def forget_completion(output_dir: str):
-    """A run with steps left to do (its schedule lengthened) removes the record an earlier,
-    shorter schedule left, so that nothing reads that run as finished."""
+    """A run with steps left to do (its schedule lengthened) moves the record an earlier, shorter
+    schedule left to done.json.replaced-<UTC time> (kept, as replaced metrics rows are), so that
+    nothing reads that run as finished."""
     url = completion_url(output_dir)
     if remote_io.exists(url):
         fs, path = remote_io.filesystem(url)
-        fs.rm(path)
-        log.info("removed %s: this run's schedule has steps left", url)
+        aside = f"{path}.replaced-{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%SZ}"
+        fs.mv(path, aside)
+        log.info("moved %s aside to %s: this run's schedule has steps left", url, aside)
 
 
 def open_metrics(runtime: Runtime, output_dir: str, start: int, config: dict) -> MetricsLogger:
