@@ -559,17 +559,17 @@ class XlaRuntime(Runtime):
         import torch_xla.debug.profiler as xp
         xp.stop_trace()
 
-    def compiles(self) -> int:
-        return self.graph_counters().compiles
+    def _count_and_total(self, metric: str) -> tuple[int, float]:
+        data = self._met.metric_data(metric)
+        return (int(data[0]), float(data[1])) if data else (0, 0.0)
+
+    def compiles(self) -> int:  # read every log step: this one metric, not graph_counters' scan of all counters
+        return self._count_and_total("CompileTime")[0]
 
     def graph_counters(self) -> "GraphCounters":
-        def count_and_total(metric: str) -> tuple[int, float]:
-            data = self._met.metric_data(metric)
-            return (int(data[0]), float(data[1])) if data else (0, 0.0)
-
-        compiles, compile_ns = count_and_total("CompileTime")
-        graphs, ir_nodes = count_and_total("TensorsGraphSize")  # one sample per graph traced: its IR nodes
-        executions, execute_ns = count_and_total("ExecuteReplicatedTime")  # SPMD: every graph runs replicated
+        compiles, compile_ns = self._count_and_total("CompileTime")
+        graphs, ir_nodes = self._count_and_total("TensorsGraphSize")  # one sample per graph traced: its IR nodes
+        executions, execute_ns = self._count_and_total("ExecuteReplicatedTime")  # SPMD: every graph runs replicated
         # an op torch_xla cannot lower, or a value read back (.item()), runs on the host ("aten::"
         # counters): each one cuts the graph
         fallbacks = sum(self._met.counter_value(name) or 0 for name in self._met.counter_names()
