@@ -1,5 +1,6 @@
 """A user's data is never deleted or overwritten, and every bad input is one clear line with exit
 code 2 (in-process: no subprocess start-up)."""
+import inspect
 import json
 import re
 import subprocess
@@ -14,7 +15,7 @@ from xla_trainer.cli import main
 from xla_trainer.config import ConfigError
 from xla_trainer.data.generated import MARKER, generated_kind, prepare_digits, prepare_embedded
 from xla_trainer.metrics import MetricsLogger
-from xla_trainer.runtime import EagerRuntime, MachineDevices, Runtime, choose_backend
+from xla_trainer.runtime import CudaRuntime, EagerRuntime, MachineDevices, Runtime, choose_backend
 from xla_trainer.data.shards import make_shards
 
 
@@ -210,6 +211,16 @@ def test_only_the_runtime_calls_torch_cuda():
     assert callers == ["xla_trainer/runtime.py"]
 
 
+def test_the_eager_runtime_knows_no_device_but_its_device_type():
+    """A new eager device (TorchTPU's `tpu`, docs/torchtpu.md) is a small subclass: the base
+    classes name no device; CUDA lives in CudaRuntime (and the machine probe) alone."""
+    for cls in (Runtime, EagerRuntime):
+        source = inspect.getsource(cls)
+        assert not re.search(r"torch\.cuda|\.CUDA\b|\"cuda\"|\"nccl\"", source), cls.__name__
+    assert (EagerRuntime.device_type, EagerRuntime.process_group_backend) == ("cpu", "gloo")
+    assert (CudaRuntime.device_type, CudaRuntime.process_group_backend) == ("cuda", "nccl")
+
+
 @pytest.fixture
 def tf32_flags():
     """torch's process-wide TF32 flags put back as they were after the test (monkeypatch cannot:
@@ -226,7 +237,7 @@ def test_cuda_runtime_without_options_applies_the_default_tf32(flags, tf32_flags
     monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = flags
-    runtime = EagerRuntime("cuda", "bf16", options=None)
+    runtime = CudaRuntime("bf16", options=None)
     assert runtime.options.tf32 is False
     assert torch.backends.cuda.matmul.allow_tf32 is False and torch.backends.cudnn.allow_tf32 is False
 

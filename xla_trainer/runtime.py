@@ -1,10 +1,13 @@
 """Device runtime: the one module that knows about torch_xla, CUDA and torch.distributed.
 
 Three backends behind one interface, so the train step is the same everywhere:
-  xla  - SPMD over a 1-D ('data',) mesh of every device of every host; input batches sharded on
-         the batch axis by MpDeviceLoader; the step compiled with torch_xla.compile.
-  cuda - one process per GPU under torchrun, DistributedDataParallel over NCCL.
-  cpu  - one process, or DDP over gloo when started by torchrun (debugging, tests).
+  xla  - XlaRuntime: SPMD over a ('data', 'fsdp') mesh of every device of every host (FSDPv2 when
+         fsdp > 1); input batches sharded on the batch axis by MpDeviceLoader; the step compiled
+         with torch_xla.compile.
+  cuda - CudaRuntime: one process per GPU under torchrun, DistributedDataParallel over NCCL.
+  cpu  - EagerRuntime: one process, or DDP over gloo when started by torchrun (debugging, tests).
+         It is the eager base: a device is a subclass naming its device type and process-group
+         backend (CudaRuntime; docs/torchtpu.md sketches a TorchTPU one).
 """
 import contextlib
 import datetime
@@ -120,10 +123,7 @@ class Runtime:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         return max(1, len(os.sched_getaffinity(0)) // local - 1)
 
-    @property
-    def pin_memory(self) -> bool:
-        """Loaders put batches in page-locked memory, so that copies to the device are asynchronous."""
-        return self.device.type == "cuda"
+    pin_memory = False  # loaders put batches in page-locked memory (a device that copies asynchronously)
 
     def all_processes_in_step(self, flag: torch.Tensor) -> torch.Tensor:
         """A device bool that is True where `flag` is True on every process: a collective inside
@@ -243,10 +243,13 @@ class Runtime:
         return None
 
     # --- profiling --------------------------------------------------------------------------
+    def profiler_activities(self) -> list:
+        from torch.profiler import ProfilerActivity
+        return [ProfilerActivity.CPU]
+
     def start_trace(self, logdir: str):
-        from torch.profiler import ProfilerActivity, profile, tensorboard_trace_handler
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
-        self._profile = profile(activities=activities, on_trace_ready=tensorboard_trace_handler(logdir))
+        from torch.profiler import profile, tensorboard_trace_handler
+        self._profile = profile(activities=self.profiler_activities(), on_trace_ready=tensorboard_trace_handler(logdir))
         self._profile.__enter__()
 
     def stop_trace(self):
@@ -267,74 +270,95 @@ def check_sdpa_backends(backends):
 
 
 class EagerRuntime(Runtime):
-    """The eager backends, cpu (gloo) or cuda (nccl): one process as it is, DDP when launched by
-    torchrun with WORLD_SIZE > 1. On cuda the step's levers are `options` (default: RuntimeConfig's),
-    its keys of the CUDA step (torch_compile, tf32, fused_optimizer, attention_masks, sdpa_backends,
-    ddp_static_graph)."""
+    """Eager PyTorch on one device type (`device_type`): one process as it is, DDP when launched by
+    torchrun with WORLD_SIZE > 1, its processes joined over `process_group_backend`. This class is
+    the CPU (gloo); a device is a small subclass naming both and overriding the hooks below
+    (CudaRuntime; a TorchTPU backend would be another, docs/torchtpu.md). `options`: RuntimeConfig's
+    keys of the eager step (default: RuntimeConfig's)."""
+    backend = device_type = "cpu"
+    process_group_backend = "gloo"
 
-    def __init__(self, backend: str, precision: str = "bf16", options: RuntimeConfig | None = None):
+    def __init__(self, precision: str = "bf16", options: RuntimeConfig | None = None):
         super().__init__(precision)
-        self.backend, self.options = backend, options or RuntimeConfig()
+        self.options = options or RuntimeConfig()
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if backend == "cuda":
-            torch.cuda.set_device(local_rank)
-            self.device = torch.device("cuda", local_rank)
+        self.device = self.local_device(int(os.environ.get("LOCAL_RANK", "0")))
         if world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if backend == "cuda" else "gloo",
-                                    timeout=datetime.timedelta(minutes=30))
+            dist.init_process_group(self.process_group_backend, timeout=datetime.timedelta(minutes=30))
         if world > 1:
             self.process_index, self.process_count = dist.get_rank(), dist.get_world_size()
         self.num_devices = self.process_count
-        if backend == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.options.tf32
 
-    @property
-    def cuda(self) -> bool:
-        return self.backend == "cuda"
+    def local_device(self, local_rank: int) -> torch.device:
+        """This process's device (the process's share of the host's devices: `local_rank`)."""
+        return torch.device(self.device_type)
 
-    def device_kind(self) -> str:
-        if self.cuda:
-            return torch.cuda.get_device_name(self.device)
-        return super().device_kind()
+    def prepare_model(self, model: torch.nn.Module):
+        """Device-specific changes to the model on its device, before it is wrapped (none here)."""
+
+    def compile_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The wrapped model as the step calls it (as it is here)."""
+        return model
 
     def wrap_model(self, model, blocks=(), accum_steps=1):
         model = model.to(self.device)
-        if self.cuda and self.options.attention_masks == "additive":
-            additive_masks(model, torch.bfloat16 if self.precision == "bf16" else torch.float32)
+        self.prepare_model(model)
         if self.process_count > 1:
-            model = DistributedDataParallel(model, device_ids=[self.device.index] if self.cuda else None,
+            model = DistributedDataParallel(model, device_ids=None if self.device.index is None else [self.device.index],
                                             gradient_as_bucket_view=True,
                                             # a static graph breaks DDP's no_sync (accumulation)
                                             static_graph=self.options.ddp_static_graph and accum_steps == 1)
-        if self.cuda and self.options.torch_compile:  # around DDP, so that it splits graphs at buckets
-            model = torch.compile(model, dynamic=False)  # the mask and the noise have fixed shapes
+        return self.compile_model(model)
+
+
+class CudaRuntime(EagerRuntime):
+    """One process per GPU (torchrun), NCCL; the CUDA step's levers are `options`: torch_compile,
+    tf32, fused_optimizer, attention_masks, sdpa_backends, ddp_static_graph."""
+    backend = device_type = "cuda"
+    process_group_backend = "nccl"
+    pin_memory = True  # loaders put batches in page-locked memory: copies to the GPU are asynchronous
+
+    def __init__(self, precision: str = "bf16", options: RuntimeConfig | None = None):
+        super().__init__(precision, options)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.options.tf32
+
+    def local_device(self, local_rank):
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+
+    def device_kind(self) -> str:
+        return torch.cuda.get_device_name(self.device)
+
+    def prepare_model(self, model):
+        if self.options.attention_masks == "additive":
+            additive_masks(model, torch.bfloat16 if self.precision == "bf16" else torch.float32)
+
+    def compile_model(self, model):
+        if self.options.torch_compile:  # around DDP, so that it splits graphs at buckets
+            return torch.compile(model, dynamic=False)  # the mask and the noise have fixed shapes
         return model
 
     def optimizer_options(self) -> dict:
-        return {"fused": True} if self.cuda and self.options.fused_optimizer else {}
+        return {"fused": True} if self.options.fused_optimizer else {}
 
     def synchronize(self):
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
+        torch.cuda.synchronize(self.device)
 
     def free_memory(self):
-        if self.cuda:
-            torch.cuda.empty_cache()
+        torch.cuda.empty_cache()
 
     def reset_peak_memory(self):
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
 
     def peak_memory(self) -> int | None:
-        return torch.cuda.max_memory_allocated(self.device) if self.cuda else None
+        return torch.cuda.max_memory_allocated(self.device)
+
+    def profiler_activities(self) -> list:
+        from torch.profiler import ProfilerActivity
+        return [ProfilerActivity.CPU, ProfilerActivity.CUDA]
 
     @contextlib.contextmanager
     def autocast(self):
-        if not self.cuda:
-            with super().autocast():
-                yield
-            return
         from torch.nn.attention import SDPBackend, sdpa_kernel
         kernels = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                    "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
@@ -695,6 +719,6 @@ def create_runtime(backend: str = "auto", precision: str = "bf16", compile_cache
         if tuple(mesh) not in ((-1, 1), (1, 1)) or slices != 1:
             raise ConfigError("runtime.mesh and runtime.slices are for the xla backend; cuda and cpu are "
                               "data-parallel: leave them at [-1, 1] and 1")
-        runtime = EagerRuntime(backend, precision, options)
+        runtime = (CudaRuntime if backend == "cuda" else EagerRuntime)(precision, options)
     runtime.backend_reason = why
     return runtime
