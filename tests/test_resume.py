@@ -73,10 +73,9 @@ def pretrain_on(backend: str, data_root, out, stop: int):
     return result
 
 
-# Every move between two of cpu, xla, ddp and fsdp2 once (xla: data-parallel, or FSDPv2 next to
-# FSDP2), then HSDP between the CPU and FSDPv2.
-CHAIN = ("cpu", "xla", "cpu", "ddp", "xla", "ddp", "cpu", "fsdp2", "xla-fsdp", "fsdp2", "ddp", "fsdp2", "cpu",
-         "hsdp", "xla-fsdp")
+# Every move between two of cpu, xla, ddp and fsdp2 once (xla: data-parallel, or FSDPv2 [2,2] next
+# to FSDP2; fsdp2: [1,2], or HSDP [2,2] on 4 processes once): 13 segments.
+CHAIN = ("cpu", "xla", "cpu", "ddp", "xla", "ddp", "cpu", "fsdp2", "xla-fsdp", "hsdp", "ddp", "fsdp2", "cpu")
 
 
 def test_a_run_moves_between_backends(embedded_root, tmp_path):
