@@ -1,13 +1,14 @@
 """FSDP2 on the eager CPU backend over gloo with real processes (torchrun): runtime.mesh [1, 2]
 (FSDP2), [2, 2] (HSDP) and [-1, 1] (DDP) train the toy objective along one process's curve, with
 gradient accumulation, under torch.compile, and hold about 1/N of the parameters and optimizer
-state per process. Each launch runs several trainings (eager_runs.py)."""
+state per process; a classifier trains and evaluates on DDP and FSDP2 as on one process. Each
+launch runs several trainings (eager_runs.py)."""
 import json
 
 import pytest
 
 import eager_runs
-from conftest import read_metrics, run_here, toy_overrides
+from conftest import read_metrics, run_here, tiny_eval_overrides, toy_overrides
 from xla_trainer.checkpoint import newest_checkpoint, read_checkpoint
 from xla_trainer.config import ConfigError
 from xla_trainer.runtime import create_runtime
@@ -33,12 +34,18 @@ def test_one_process_on_a_one_device_mesh_is_the_plain_model():
     assert runtime.mesh_shape == (1, 1) and runtime.fsdp_size == 1
 
 
-def pretrain(root, out, **extra) -> list[str]:
-    return ["pretrain", *toy_overrides(root, out, **{"train.stop_at_step": STEPS, **extra})]
+def pretrain(roots, out, **extra) -> list[str]:
+    return ["pretrain", *toy_overrides(roots["embedded"], out, **{"train.stop_at_step": STEPS, **extra})]
 
 
-def bench(root, out, mesh: str) -> list[str]:
-    return ["bench", *BENCH, *toy_overrides(root, out, **{"runtime.mesh": mesh})]
+def classifier(roots, out, **extra) -> list[str]:
+    """`train` of a tiny ViT classifier on the digits, then its evaluation (and best checkpoint)."""
+    return ["train", *tiny_eval_overrides(roots["digits"], out, **{"runtime.backend": "cpu",
+                                                                   "runtime.precision": "fp32", **extra})]
+
+
+def bench(roots, out, mesh: str) -> list[str]:
+    return ["bench", *BENCH, *toy_overrides(roots["embedded"], out, **{"runtime.mesh": mesh})]
 
 
 TWO = {  # name -> (command, the run's overrides) on 2 processes
@@ -48,17 +55,19 @@ TWO = {  # name -> (command, the run's overrides) on 2 processes
     "fsdp2-compiled": (pretrain, {"runtime.mesh": "[1,2]", "runtime.torch_compile": "true"}),
     "ddp-bf16": (pretrain, {"runtime.precision": "bf16"}),
     "fsdp2-bf16": (pretrain, {"runtime.mesh": "[1,2]", "runtime.precision": "bf16"}),
+    "ddp-classifier": (classifier, {}),
+    "fsdp2-classifier": (classifier, {"runtime.mesh": "[1,2]"}),
 }
 FOUR = {
     "hsdp-accum2": (pretrain, {"runtime.mesh": "[2,2]", "train.accum_steps": 2}),
 }
 
 
-def launch(processes: int, runs: dict, root, tmp) -> dict:
-    commands = [command(root, tmp / name, **extra) for name, (command, extra) in runs.items()]
-    commands += [bench(root, tmp / f"bench{mesh}", mesh) for mesh in ("[-1,1]", f"[1,{processes}]")]
+def launch(processes: int, runs: dict, roots, tmp) -> dict:
+    commands = [command(roots, tmp / name, **extra) for name, (command, extra) in runs.items()]
+    commands += [bench(roots, tmp / f"bench{mesh}", mesh) for mesh in ("[-1,1]", f"[1,{processes}]")]
     if processes == 4:
-        commands.append(bench(root, tmp / "bench-hsdp", "[2,2]"))
+        commands.append(bench(roots, tmp / "bench-hsdp", "[2,2]"))
     tmp.mkdir()
     results = eager_runs.run(processes, commands, tmp / "spec.json")
     for per_process in results:
@@ -69,17 +78,20 @@ def launch(processes: int, runs: dict, root, tmp) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs(embedded_root, tmp_path_factory):
+def runs(embedded_root, digits_root, tmp_path_factory):
     """One process in this one, then one launch of 2 processes and one of 4, each several runs."""
     tmp = tmp_path_factory.mktemp("fsdp")
-    one = run_here(pretrain(embedded_root, tmp / "one"))
-    assert one.returncode == 0, one.stderr[-3000:]
-    one_bench = run_here(bench(embedded_root, tmp / "one-bench", "[-1,1]"))
+    roots = {"embedded": embedded_root, "digits": digits_root}
+    for command, name in ((pretrain, "one"), (classifier, "one-classifier")):
+        one = run_here(command(roots, tmp / name))
+        assert one.returncode == 0, one.stderr[-3000:]
+    one_bench = run_here(bench(roots, tmp / "one-bench", "[-1,1]"))
     assert one_bench.returncode == 0, one_bench.stderr[-3000:]
     optimized = len(read_checkpoint(newest_checkpoint(str(tmp / "one")), ("optimizer",))["optimizer"])
     return {"one": read_metrics(tmp / "one"), "optimized_tensors": optimized,
             "one_bench": json.loads(one_bench.stdout.splitlines()[-1]),
-            2: launch(2, TWO, embedded_root, tmp / "two"), 4: launch(4, FOUR, embedded_root, tmp / "four")}
+            "one_classifier": read_metrics(tmp / "one-classifier"),
+            2: launch(2, TWO, roots, tmp / "two"), 4: launch(4, FOUR, roots, tmp / "four")}
 
 
 def assert_same_curve(reference, rows, tol):
@@ -150,3 +162,19 @@ def test_each_process_holds_its_share_of_parameters_and_optimizer_state(runs, pr
     if processes == 4:  # HSDP [2, 2]: sharded over 2, replicated over 2
         hsdp = local_bytes(runs[4]["benches"][2], "parameter_bytes_per_device")
         assert sum(hsdp) == 2 * whole["parameter_bytes_per_device"] and max(hsdp) <= 0.55 * whole["parameter_bytes_per_device"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ddp-classifier", "fsdp2-classifier"])
+def test_a_classifier_trains_and_evaluates_as_on_one_process(runs, name):
+    """`train` on 2 processes: the evaluation calls the classifier inside the wrapped objective on
+    its own (FSDP2: its root's parameters gathered, runtime.gathered), and the last and best
+    checkpoints save at the same step, each store over its own process group. The training rows
+    and the evaluation equal one process's."""
+    one, rows = runs["one_classifier"], runs[2]["runs"][name]
+    assert [r["step"] for r in rows] == [r["step"] for r in one]
+    for x, y in zip(one, rows):
+        for key in ("loss", "grad_norm", "val_top1", "val_loss"):
+            if key in x:
+                assert y[key] == pytest.approx(x[key], rel=TOL, abs=TOL), (x["step"], key)
+    assert one[-1]["val_images"] == rows[-1]["val_images"] > 0

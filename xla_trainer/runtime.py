@@ -147,6 +147,11 @@ class Runtime:
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
         return agreed.bool()
 
+    def gathered(self, wrapped):
+        """A context in which the modules inside `wrapped` (the model as wrap_model returned it)
+        may be called directly, outside its forward (evaluation); nothing to do here."""
+        return contextlib.nullcontext()
+
     def no_sync(self, model, last_micro_batch: bool):
         model = getattr(model, "_orig_mod", model)  # under torch.compile
         if isinstance(model, DistributedDataParallel) and not last_micro_batch:
@@ -196,13 +201,13 @@ class Runtime:
         return Checkpoints(output_dir, keep, self)
 
     def checkpoint_group(self):
-        """The process group of the checkpoint thread's collectives: a gloo group of its own, so
-        that they never interleave with the training's (NCCL or gloo); None for one process."""
+        """The process group of one checkpoint store's save thread: a gloo group of its own, so
+        that its collectives never interleave with the training's (NCCL or gloo) nor with another
+        store's (a classifier's last and best checkpoints save at the same step, each from its
+        own thread); None for one process. Every process makes its stores in the same order."""
         if self.process_count == 1:
             return None
-        if getattr(self, "_checkpoint_group", None) is None:
-            self._checkpoint_group = dist.new_group(backend="gloo")
-        return self._checkpoint_group
+        return dist.new_group(backend="gloo")
 
     def stage_state(self, state: dict) -> dict:
         """A host copy of `state` that training may not change while a save writes it; a DTensor
@@ -367,6 +372,21 @@ class EagerRuntime(Runtime):
         for module in units:
             fully_shard(module, mesh=mesh, mp_policy=policy)
         return fully_shard(model, mesh=mesh, mp_policy=policy)
+
+    @contextlib.contextmanager
+    def gathered(self, wrapped):
+        """FSDP2: the root's own parameters (those outside its blocks) gathered while modules inside
+        it are called directly; each block gathers its own in its forward, as in training."""
+        from torch.distributed.fsdp import FSDPModule
+        root = getattr(wrapped, "_orig_mod", wrapped)
+        if not isinstance(root, FSDPModule):
+            yield
+            return
+        root.unshard()
+        try:
+            yield
+        finally:
+            root.reshard()
 
     def no_sync(self, model, last_micro_batch):
         """FSDP2 reduce-scatters every micro-batch's gradients, so that they stay sharded (the
