@@ -8,6 +8,9 @@ Rows, most wanted first (a row that no longer fits the time budget is recorded a
                      result keys baseline_images_per_sec, baseline_ms_per_step, speedup_vs_baseline)
   bench-data         `xla-trainer bench-data`, 16 loader workers, on synthetic ImageNet-sized shards
   precomputed b512   the larger batch, where it fits
+  FSDP2 b256         the precomputed row with runtime.mesh=[1,-1] under torchrun over every visible
+                     GPU (FSDP2 over NCCL, bf16 params, fp32 reduction); skipped on fewer than 2 GPUs
+                     (NCCL takes one process per GPU: a one-GPU mesh shards nothing)
 
 Each row runs in a child process of its own under a timeout (an OOM or a hung compile costs that row
 only, and its peak memory starts from zero): the bench rows call xla_trainer.bench.bench in that
@@ -135,6 +138,22 @@ class Matrix:
             if row["status"] not in ("oom", "dry-run"):  # a dry run shows the fallbacks too
                 return
 
+    def fsdp2(self, batch: int, cap: float):
+        """The precomputed bench row sharded over every visible GPU, one process each (torchrun)."""
+        gpus = visible_gpus()
+        name = f"FSDP2 x{gpus} b{batch}"
+        if gpus < 2 and not self.args.dry_run:
+            self.add(name, "precomputed", batch, {"status": "skipped", "error": f"FSDP2 needs 2+ GPUs ({gpus} visible)"})
+            return
+        overrides = [*COMMON, "targets.source=precomputed", f"train.global_batch={batch}", "runtime.mesh=[1,-1]"]
+        argv = [self.py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={max(gpus, 2)}",
+                "-m", "gpu_scripts.bench_matrix", "--row", *self.steps(), *overrides]
+
+        def parse(code, out):
+            row = last_json(out, ROW_MARK)  # process 0's
+            return row if code == 0 and row else {"status": "failed", "error": f"exit {code}: {tail(out)}"}
+        self.add(name, "precomputed", batch, self.attempt(f"fsdp2-b{batch}", argv, cap, parse))
+
     def baseline(self, batch: int, cap: float):
         overrides = [*COMMON, "targets.source=precomputed", f"train.global_batch={batch}"]
         argv = [self.py, "-m", "xla_trainer", "bench", "--config", CONFIG, *self.steps(), "--baseline", "official",
@@ -173,7 +192,16 @@ class Matrix:
         self.baseline(256, 180)
         self.data(256, 16, 120)
         self.bench("precomputed", "precomputed", [512], 150)
+        self.fsdp2(256, 150)
         return self.rows
+
+
+def visible_gpus() -> int:
+    try:
+        from xla_trainer.runtime import MachineDevices
+    except ImportError:
+        return 0
+    return MachineDevices.probe().gpus
 
 
 def tail(out: str, lines: int = 3) -> str:
@@ -216,22 +244,30 @@ def fmt(value, spec: str, scale: float = 1.0) -> str:
 
 def markdown(rows: list[dict], device: str) -> str:
     lines = [f"GPU check on {device}: ViT-B/16 D-iGPT ({CONFIG}), bf16, torch.compile; a synthetic batch on the device.",
-             "", "| row | batch | images/s | ms/step | TFLOP/s | MFU | peak memory GiB | vs official baseline | status |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "", "| row | batch | images/s | ms/step | TFLOP/s | MFU | peak memory GiB | params + AdamW MiB per GPU "
+             "| vs official baseline | status |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["kind"] == "data":
             speed = f"{fmt(r.get('images_per_sec'), '.0f')} ({fmt(r.get('images_per_sec_per_core'), '.0f')}/worker)"
-            cells = [speed, "", "", "", "", ""]
+            cells = [speed, "", "", "", "", "", ""]
         else:
             baseline = r.get("speedup_vs_baseline")
             vs = (f"{baseline:.2f}x ({fmt(r.get('baseline_images_per_sec'), '.0f')} images/s)" if baseline is not None
                   else "n/a")
             cells = [fmt(r.get("images_per_sec"), ".0f"), fmt(r.get("ms_per_step"), ".1f"),
                      fmt(r.get("achieved_tflops"), ".1f"), fmt(r.get("mfu"), ".1%"),
-                     fmt(r.get("peak_memory_gib"), ".1f"), vs if r["row"].startswith("official") else ""]
+                     fmt(r.get("peak_memory_gib"), ".1f"), fmt(state_bytes(r), ".0f", 2**-20),
+                     vs if r["row"].startswith("official") else ""]
         status = r["status"] + (f": {r['error']}" if r["status"] != "ok" and r.get("error") else "")
         lines.append("| " + " | ".join([r["row"], str(r["batch"]), *cells, status.replace("|", "/")]) + " |")
     return "\n".join(lines)
+
+
+def state_bytes(row: dict) -> int | None:
+    """The parameters and optimizer state one GPU holds (its shards under FSDP2)."""
+    parts = [row.get("parameter_bytes_per_device"), row.get("optimizer_bytes_per_device")]
+    return None if None in parts else sum(parts)
 
 
 def device_name() -> str:
@@ -258,7 +294,9 @@ def main(argv=None):
     p.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.row:
-        print(ROW_MARK + json.dumps(bench_row(args.overrides, args.steps, args.warmup)), flush=True)
+        row = bench_row(args.overrides, args.steps, args.warmup)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun: process 0 reports
+            print(ROW_MARK + json.dumps(row), flush=True)
         return
     if args.make_data:
         make_data(Path(args.make_data))

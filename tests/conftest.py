@@ -145,7 +145,7 @@ def tiny_eval_overrides(digits_root, output_dir, **extra) -> list[str]:
 
 # The longest files first: with one file per xdist worker, a long file started last would run alone.
 LONGEST_FIRST = ("test_learning.py", "test_shards.py", "test_supervise.py", "test_xla_spmd.py", "test_faults.py",
-                 "test_eval.py", "test_preemption.py", "test_xla_checkpoints.py", "test_resume.py",
+                 "test_eval.py", "test_preemption.py", "test_xla_checkpoints.py", "test_resume.py", "test_fsdp.py",
                  "test_adventurer.py", "test_supervised.py", "test_crate_alpha.py", "test_install.py", "test_cli.py",
                  "test_run_lock.py", "test_ddp.py", "test_convert.py")
 

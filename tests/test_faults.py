@@ -1,5 +1,5 @@
 """Faults injected into real training processes, each checked for what it must never cost: a
-non-finite update (stop and skip, on CPU, DDP over gloo and 4 XLA devices), kill -9 at random
+non-finite update (stop and skip, on CPU, DDP and FSDP2 over gloo and 4 XLA devices), kill -9 at random
 points of checkpoint saves, truncated checkpoint files, config drift on resume, Ctrl-C. After each,
 nothing the run had is lost, no checkpoint holds a non-finite value, and a resumed run's losses
 equal an uninterrupted run's. (Concurrent launches: test_run_lock.py; bad input: test_bad_input.py.)"""
@@ -16,6 +16,7 @@ import time
 import pytest
 import torch
 
+import eager_runs
 import xla_runs
 from conftest import REPO, read_metrics, run_here, tiny_eval_overrides, toy_overrides
 from xla_trainer.checkpoint import committed_steps, damage, read_checkpoint
@@ -38,7 +39,11 @@ def pretrain(backend: str, data_root, out, **extra) -> subprocess.CompletedProce
 def pretrain_in_turn(backend: str, data_root, out, *launches: dict) -> list[subprocess.CompletedProcess]:
     """Launches of the toy pre-training on one output_dir, one after the other (each dict: its
     overrides); on xla all in one process on 4 CPU devices (tests/xla_runs.py), a 2 x 2 data x
-    fsdp mesh: parameters and optimizer state sharded too."""
+    fsdp mesh: parameters and optimizer state sharded too; on fsdp2 all in one launch of 2 gloo
+    processes (tests/eager_runs.py), FSDP2 over a [1, 2] mesh, process 0's reports."""
+    if backend == "fsdp2":
+        argv = [["pretrain", *toy_overrides(data_root, out, **{"runtime.mesh": "[1,2]"}, **extra)] for extra in launches]
+        return [per_process[0] for per_process in eager_runs.run(2, argv, out.parent / "eager_runs.json")]
     if backend != "xla":
         return [pretrain(backend, data_root, out, **extra) for extra in launches]
     xla = {"runtime.backend": "xla", "runtime.mesh": "[2,2]"}
@@ -75,7 +80,7 @@ def assert_same_losses(reference, rows, tol=1e-5):
 
 
 # --- non-finite steps ---------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", ["cpu", "ddp", "xla"])
+@pytest.mark.parametrize("backend", ["cpu", "ddp", "fsdp2", "xla"])
 def test_a_nonfinite_step_is_never_applied_or_saved(embedded_root, tmp_path, backend):
     """The loss of step 4 is NaN (the toy objective's fault knob). stop: the run ends naming step
     4 and the newest checkpoint (3), nothing newer saved. The relaunch with train.nonfinite=skip

@@ -1,6 +1,7 @@
 """An interrupted run resumed from its checkpoint reproduces the uninterrupted run, on the same
-backend exactly and across backends (XLA SPMD on 4 CPU devices, the eager CPU backend, DDP over 2
-gloo processes) along the same loss curve: one checkpoint format everywhere."""
+backend exactly and across backends (XLA SPMD on 4 CPU devices, data-parallel or FSDPv2; the eager
+CPU backend; DDP and FSDP2 over 2 gloo processes, HSDP over 4) along the same loss curve: one
+checkpoint format everywhere."""
 import subprocess
 import sys
 
@@ -51,28 +52,35 @@ def test_resumed_run_matches_uninterrupted(embedded_root, tmp_path):
 # own generator; the curves agree to float rounding.
 
 
+# backend -> (torchrun processes, 0 for one process without torchrun; runtime.mesh)
+PLACEMENTS = {"cpu": (0, "[-1,1]"), "xla": (0, "[-1,1]"), "xla-fsdp": (0, "[2,2]"), "ddp": (2, "[-1,1]"),
+              "fsdp2": (2, "[1,2]"), "hsdp": (4, "[2,2]")}
+
+
 def pretrain_on(backend: str, data_root, out, stop: int):
-    args = toy_overrides(data_root, out, **{"objective.keep": 1.0, "train.ckpt_every": 100,
-                                            "train.stop_at_step": stop})
-    if backend == "xla":
-        result = run_cli(["pretrain", *args, "runtime.backend=xla"], env=XLA4)
-    elif backend == "ddp":
+    processes, mesh = PLACEMENTS[backend]
+    args = ["pretrain", *toy_overrides(data_root, out, **{"objective.keep": 1.0, "train.ckpt_every": 100,
+                                                          "train.stop_at_step": stop, "runtime.mesh": mesh})]
+    if backend.startswith("xla"):
+        result = run_cli([*args, "runtime.backend=xla"], env=XLA4)
+    elif processes:
         result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                 "--nproc_per_node=2", "-m", "xla_trainer", "pretrain", *args],
+                                 f"--nproc_per_node={processes}", "-m", "xla_trainer", *args],
                                 cwd=REPO, capture_output=True, text=True, timeout=600)
     else:
-        result = run_here(["pretrain", *args])
+        result = run_here(args)
     assert result.returncode == 0, (backend, result.stderr[-3000:])
     return result
 
 
-CHAIN = ("cpu", "xla", "cpu", "ddp", "xla", "ddp", "cpu")  # every move between two of the three backends
+# Every move between two of cpu, xla, ddp and fsdp2 once (xla: data-parallel, or FSDPv2 [2,2] next
+# to FSDP2; fsdp2: [1,2], or HSDP [2,2] on 4 processes once): 13 segments.
+CHAIN = ("cpu", "xla", "cpu", "ddp", "xla", "ddp", "cpu", "fsdp2", "xla-fsdp", "hsdp", "ddp", "fsdp2", "cpu")
 
 
 def test_a_run_moves_between_backends(embedded_root, tmp_path):
-    """Every segment of two steps resumes the previous backend's checkpoint (CPU -> XLA -> CPU ->
-    DDP -> XLA -> DDP -> CPU: each ordered pair once) and continues its curve; the whole equals
-    one uninterrupted CPU run."""
+    """Every segment of two steps resumes the previous backend's checkpoint (each ordered pair of
+    CHAIN's backends once) and continues its curve; the whole equals one uninterrupted CPU run."""
     pretrain_on("cpu", embedded_root, tmp_path / "full", 2 * len(CHAIN))
     out = tmp_path / "run"
     for i, backend in enumerate(CHAIN):

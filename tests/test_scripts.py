@@ -454,7 +454,10 @@ def test_bench_matrix_dry_run():
     rows = [c for c in cmds if "--row" in c]
     assert [(r[-2], r[-1]) for r in rows] == [
         ("targets.source=precomputed", "train.global_batch=256"), ("targets.source=online", "train.global_batch=256"),
-        ("targets.source=online", "train.global_batch=128"), ("targets.source=precomputed", "train.global_batch=512")]
+        ("targets.source=online", "train.global_batch=128"), ("targets.source=precomputed", "train.global_batch=512"),
+        ("train.global_batch=256", "runtime.mesh=[1,-1]")]
+    fsdp2 = rows[-1]  # one process per visible GPU (2 where none is: a dry run shows the command)
+    assert fsdp2[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     [baseline] = [c for c in cmds if "--baseline" in c]
     assert baseline[1:4] == ["-m", "xla_trainer", "bench"] and "official" in baseline
     [data] = [c for c in cmds if "bench-data" in c]
@@ -475,3 +478,20 @@ def test_gpu_wheels_list_what_this_environment_runs():
                 assert pkg not in pins and version, line
                 pins[pkg] = version
     assert {"fvcore", "open-clip-torch", "tensorboardx", "gcsfs"} <= set(pins)
+
+
+def test_bench_matrix_fsdp2_row_needs_two_gpus_and_reports_bytes_per_gpu(tmp_path):
+    """Fewer than 2 GPUs (none here): the FSDP2 row is skipped, saying why, without starting
+    anything; the table shows each row's parameter + AdamW bytes per GPU."""
+    import argparse
+    from gpu_scripts import bench_matrix
+    args = argparse.Namespace(out=str(tmp_path / "r.json"), budget=300, steps=2, warmup=1, dry_run=False)
+    matrix = bench_matrix.Matrix(args)
+    matrix.fsdp2(256, 150)
+    assert matrix.rows == [{"row": "FSDP2 x0 b256", "kind": "precomputed", "batch": 256, "status": "skipped",
+                            "error": "FSDP2 needs 2+ GPUs (0 visible)"}]
+    ran = {"row": "FSDP2 x2 b256", "kind": "precomputed", "batch": 256, "status": "ok", "images_per_sec": 10.0,
+           "parameter_bytes_per_device": 3 * 2**20, "optimizer_bytes_per_device": 6 * 2**20}
+    table = bench_matrix.markdown([ran, *matrix.rows], "GPU")
+    assert "| FSDP2 x2 b256 | 256 | 10 | n/a | n/a | n/a | n/a | 9 |  | ok |" in table
+    assert "| FSDP2 x0 b256 | 256 | n/a | n/a | n/a | n/a | n/a | n/a |  | skipped: FSDP2 needs 2+ GPUs (0 visible) |" in table

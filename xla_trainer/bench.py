@@ -102,7 +102,8 @@ def time_our_step(cfg: Config, runtime: Runtime, steps: int, warmup: int,
               "gflops_per_image": flops["train_step"] / 1e9, "achieved_tflops": achieved / 1e12,
               "mfu": achieved / (peak * runtime.num_devices) if peak else None,
               "compiles": runtime.compiles(), "compiles_after_warmup": compiles_after_warmup,
-              "parameter_bytes_per_device": runtime.parameter_bytes_per_device(job.step_model)}
+              "parameter_bytes_per_device": runtime.parameter_bytes_per_device(job.step_model),
+              "optimizer_bytes_per_device": runtime.optimizer_bytes_per_device(job.optimizer)}
     if xla:
         report.update(host_side(timer, batches, counters, steps, seconds, flops["train_step"], profile_host))
     return report, batch

@@ -3,7 +3,7 @@
 
 A save is asynchronous: the state is copied to host memory (the runtime's `stage_state`), then a
 background thread writes it while training goes on; every process writes its own shards (XLA
-SPMD) or DCP's deduplicated share of the replicas (DDP). Process 0 writes COMMITTED, with every
+SPMD, FSDP2) or DCP's deduplicated share of the replicas (DDP, HSDP). Process 0 writes COMMITTED, with every
 file's size, once DCP has finished on every process: a checkpoint without it (a crash mid-save)
 is never resumed and is removed at the next start. Only finite state is written. Every reader
 checks a checkpoint first (`damage`: the commit marker, the metadata, each file's size); a run
@@ -24,6 +24,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.tensor import DTensor
 
 from .config import ConfigError
 from .data.remote_io import exists, filesystem, list_names, read_bytes, write_bytes_atomic
@@ -323,7 +324,10 @@ class Checkpoints:
 
 
 def _local_parts(tensor: torch.Tensor) -> list[torch.Tensor]:
-    """This process's data of a staged tensor: its shards' (XLA SPMD) or itself."""
+    """This process's data of a staged tensor: its shards' (XLA SPMD), its local shard (a DTensor,
+    FSDP2: read locally, no collective on the training's process group) or itself."""
+    if isinstance(tensor, DTensor):
+        return [tensor.to_local()]
     shards = getattr(tensor, "local_shards", None)
     return [s.data for s in shards] if shards is not None else [tensor]
 

@@ -163,10 +163,13 @@ class RuntimeConfig:
     backend: str = "auto"  # auto | xla | cuda | cpu
     precision: str = "bf16"  # bf16 | fp32
     compile_cache: Optional[str] = None  # xla: persistent compilation cache directory (TPU)
-    mesh: list = field(default_factory=lambda: [-1, 1])  # xla: [data, fsdp]; [1, -1] = FSDP, -1 = the rest
+    # [data, fsdp] over XLA's devices, or cuda's and cpu's processes: [-1, 1] data-parallel (DDP), [1, -1]
+    # FSDP (XLA FSDPv2, eager FSDP2), both > 1: HSDP; -1 = the rest
+    mesh: list = field(default_factory=lambda: [-1, 1])
     slices: int = 1  # xla: TPU slices; > 1 makes a HybridMesh, data axis over DCN
+    # cuda and cpu: torch.compile of the objective's forward and backward (off: compile time)
+    torch_compile: bool = False
     # cuda: the step's levers (runtime.py), on by default where exact
-    torch_compile: bool = False  # torch.compile of the objective's forward and backward (off: compile time)
     tf32: bool = False  # TF32 for float32 matmuls and convolutions (not exact: 10 mantissa bits)
     fused_optimizer: bool = True  # fused AdamW: one kernel over every parameter
     attention_masks: str = "additive"  # additive: boolean `attn_mask` buffers made one additive mask at the start

@@ -235,7 +235,8 @@ def _train_classifier(cfg: Config, mode: str, runtime: Runtime, data: EvalData, 
         epoch, rest = divmod(done, schedule.steps_per_epoch)
         if rest or (epoch % t.eval_every and done != total):
             return
-        result = evaluate(classifier, eval_fn, runtime, data)
+        with runtime.gathered(wrapped):  # the classifier inside the wrapped objective, called on its own
+            result = evaluate(classifier, eval_fn, runtime, data)
         if ema is not None:  # the average's accuracy beside the weights' (DeiT's "EMA" row)
             result.update({f"ema_{k}": v for k, v in evaluate(ema.module, eval_fn, runtime, data).items()
                            if k != "images"})

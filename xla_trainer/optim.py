@@ -2,6 +2,7 @@
 import math
 
 import torch
+from torch.distributed.tensor import DTensor
 from timm.optim import Lars, param_groups_layer_decay, param_groups_weight_decay
 
 
@@ -54,7 +55,7 @@ def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, clip
     it fuses into the update (no sync, one graph); on eager backends it costs one copy of the
     parameters and the optimizer state per step."""
     params = [p for p in model.parameters() if p.grad is not None]
-    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    grad_norm = total_norm([p.grad for p in params])
     if clip_grad:
         torch.nn.utils.clip_grads_with_norm_(params, clip_grad, grad_norm)
     before = {id(t): t.detach().clone() for t in _updated_tensors(optimizer, params)}
@@ -62,11 +63,20 @@ def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, clip
     optimizer.zero_grad(set_to_none=True)
     after = _updated_tensors(optimizer, params)
     values = _updated_tensors(optimizer, params, counts=False)
-    finite = loss_finite & torch.isfinite(grad_norm) & \
-        torch.isfinite(torch.nn.utils.get_total_norm(values, norm_type=float("inf")))
+    # The 1-norm is finite exactly when every value is (short of a sum past 3e38, a run long
+    # diverged) and, unlike the max-norm, is defined on an empty shard: FSDP2 gives a process
+    # none of a tensor whose first dimension is smaller than the mesh.
+    finite = loss_finite & torch.isfinite(grad_norm) & torch.isfinite(total_norm(values, norm_type=1.0))
     # state the step created (eager backends' first step) falls back to a fresh one: zeros
     keep_unless(finite, after, [before[id(t)] if id(t) in before else torch.zeros_like(t) for t in after])
     return grad_norm, finite
+
+
+def total_norm(tensors, norm_type: float = 2.0) -> torch.Tensor:
+    """The norm of all `tensors` together, a plain tensor: over DTensors (FSDP2's shards) the
+    global one, reduced over their mesh, so that every process clips and decides alike."""
+    norm = torch.nn.utils.get_total_norm(tensors, norm_type)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
 def keep_unless(applied: torch.Tensor, tensors, old):

@@ -4,10 +4,11 @@ Three backends behind one interface, so the train step is the same everywhere:
   xla  - XlaRuntime: SPMD over a ('data', 'fsdp') mesh of every device of every host (FSDPv2 when
          fsdp > 1); input batches sharded on the batch axis by MpDeviceLoader; the step compiled
          with torch_xla.compile.
-  cuda - CudaRuntime: one process per GPU under torchrun, DistributedDataParallel over NCCL.
-  cpu  - EagerRuntime: one process, or DDP over gloo when started by torchrun (debugging, tests).
-         It is the eager base: a device is a subclass naming its device type and process-group
-         backend (CudaRuntime; docs/torchtpu.md sketches a TorchTPU one).
+  cuda - CudaRuntime: one process per GPU under torchrun, over NCCL: DistributedDataParallel, or
+         FSDP2 (fully_shard; HSDP on a 2-D mesh) when runtime.mesh has an fsdp axis > 1.
+  cpu  - EagerRuntime: one process, or DDP / FSDP2 over gloo when started by torchrun (debugging,
+         tests). It is the eager base: a device is a subclass naming its device type and
+         process-group backend (CudaRuntime; docs/torchtpu.md sketches a TorchTPU one).
 """
 import contextlib
 import datetime
@@ -19,6 +20,7 @@ from dataclasses import astuple, dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils._pytree import tree_map
 
@@ -99,8 +101,18 @@ class Runtime:
         """Each tensor of `tensors` placed as its counterpart in `like` (XLA: the same sharding,
         so that a step taking both compiles once); nothing to do on eager backends."""
 
+    def tensor_bytes_per_device(self, tensors) -> int:
+        """The bytes this process's device holds of `tensors`: a sharded tensor's local shard."""
+        return sum(t.numel() * t.element_size() for t in map(_local, tensors))
+
     def parameter_bytes_per_device(self, model) -> int:
-        return sum(p.numel() * p.element_size() for p in model.parameters())
+        return self.tensor_bytes_per_device(model.parameters())
+
+    def optimizer_bytes_per_device(self, optimizer: torch.optim.Optimizer) -> int:
+        """The optimizer state's bytes on this process's device (AdamW's moments, sharded like
+        their parameters under FSDP); 0 before its first step."""
+        return self.tensor_bytes_per_device(v for state in optimizer.state.values() for v in state.values()
+                                            if isinstance(v, torch.Tensor))
 
     def autocast(self):
         enabled = self.precision == "bf16"
@@ -134,6 +146,11 @@ class Runtime:
         agreed = flag.to(torch.int32)
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
         return agreed.bool()
+
+    def gathered(self, wrapped):
+        """A context in which the modules inside `wrapped` (the model as wrap_model returned it)
+        may be called directly, outside its forward (evaluation); nothing to do here."""
+        return contextlib.nullcontext()
 
     def no_sync(self, model, last_micro_batch: bool):
         model = getattr(model, "_orig_mod", model)  # under torch.compile
@@ -184,17 +201,18 @@ class Runtime:
         return Checkpoints(output_dir, keep, self)
 
     def checkpoint_group(self):
-        """The process group of the checkpoint thread's collectives: a gloo group of its own, so
-        that they never interleave with the training's (NCCL or gloo); None for one process."""
+        """The process group of one checkpoint store's save thread: a gloo group of its own, so
+        that its collectives never interleave with the training's (NCCL or gloo) nor with another
+        store's (a classifier's last and best checkpoints save at the same step, each from its
+        own thread); None for one process. Every process makes its stores in the same order."""
         if self.process_count == 1:
             return None
-        if getattr(self, "_checkpoint_group", None) is None:
-            self._checkpoint_group = dist.new_group(backend="gloo")
-        return self._checkpoint_group
+        return dist.new_group(backend="gloo")
 
     def stage_state(self, state: dict) -> dict:
-        """A host copy of `state` that training may not change while a save writes it."""
-        return tree_map(lambda x: x.detach().to("cpu", copy=True) if isinstance(x, torch.Tensor) else x, state)
+        """A host copy of `state` that training may not change while a save writes it; a DTensor
+        (FSDP2) stays one, holding a host copy of this process's shard."""
+        return tree_map(lambda x: _host_copy(x) if isinstance(x, torch.Tensor) else x, state)
 
     def checkpoint_planners(self):
         """(save planner, load planner); None: DCP's defaults."""
@@ -260,6 +278,18 @@ class Runtime:
             dist.destroy_process_group()
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor (FSDP2), or the tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    if isinstance(t, DTensor):  # copy the local shard alone: no collective, whatever the mesh's device
+        return DTensor.from_local(t.to_local().detach().to("cpu", copy=True), t.device_mesh, t.placements,
+                                  run_check=False, shape=t.shape, stride=t.stride())
+    return t.detach().to("cpu", copy=True)
+
+
 SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
 
 
@@ -270,24 +300,31 @@ def check_sdpa_backends(backends):
 
 
 class EagerRuntime(Runtime):
-    """Eager PyTorch on one device type (`device_type`): one process as it is, DDP when launched by
-    torchrun with WORLD_SIZE > 1, its processes joined over `process_group_backend`. This class is
-    the CPU (gloo); a device is a small subclass naming both and overriding the hooks below
-    (CudaRuntime; a TorchTPU backend would be another, docs/torchtpu.md). `options`: RuntimeConfig's
-    keys of the eager step (default: RuntimeConfig's)."""
+    """Eager PyTorch on one device type (`device_type`): one process as it is; launched by torchrun
+    with WORLD_SIZE > 1, its processes joined over `process_group_backend` into a ('data', 'fsdp')
+    mesh (runtime.mesh, as on XLA): DDP when fsdp = 1, FSDP2 (fully_shard) when fsdp > 1, HSDP
+    (replicated over 'data', sharded over 'fsdp') when both are > 1. This class is the CPU (gloo);
+    a device is a small subclass naming both and overriding the hooks below (CudaRuntime; a
+    TorchTPU backend would be another, docs/torchtpu.md). `options`: RuntimeConfig's keys of the
+    eager step (default: RuntimeConfig's)."""
     backend = device_type = "cpu"
     process_group_backend = "gloo"
 
-    def __init__(self, precision: str = "bf16", options: RuntimeConfig | None = None):
+    def __init__(self, precision: str = "bf16", options: RuntimeConfig | None = None, mesh=(-1, 1)):
         super().__init__(precision)
         self.options = options or RuntimeConfig()
         world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.mesh_shape = eager_mesh_shape(world, mesh)  # before any work: a mesh that does not fit fails here
         self.device = self.local_device(int(os.environ.get("LOCAL_RANK", "0")))
         if world > 1 and not dist.is_initialized():
             dist.init_process_group(self.process_group_backend, timeout=datetime.timedelta(minutes=30))
         if world > 1:
             self.process_index, self.process_count = dist.get_rank(), dist.get_world_size()
         self.num_devices = self.process_count
+
+    @property
+    def fsdp_size(self) -> int:
+        return self.mesh_shape[1]
 
     def local_device(self, local_rank: int) -> torch.device:
         """This process's device (the process's share of the host's devices: `local_rank`)."""
@@ -297,29 +334,90 @@ class EagerRuntime(Runtime):
         """Device-specific changes to the model on its device, before it is wrapped (none here)."""
 
     def compile_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The wrapped model as the step calls it (as it is here)."""
+        """The wrapped model as the step calls it: torch.compile'd with runtime.torch_compile,
+        around DDP (which then splits graphs at its buckets) or the FSDP2 root (its hooks run
+        eagerly between the compiled graphs)."""
+        if self.options.torch_compile:
+            return torch.compile(model, dynamic=False)  # the mask and the noise have fixed shapes
         return model
 
     def wrap_model(self, model, blocks=(), accum_steps=1):
         model = model.to(self.device)
         self.prepare_model(model)
-        if self.process_count > 1:
+        if self.fsdp_size > 1:
+            model = self.fully_shard(model, blocks)
+        elif self.process_count > 1:
             model = DistributedDataParallel(model, device_ids=None if self.device.index is None else [self.device.index],
                                             gradient_as_bucket_view=True,
                                             # a static graph breaks DDP's no_sync (accumulation)
                                             static_graph=self.options.ddp_static_graph and accum_steps == 1)
         return self.compile_model(model)
 
+    def fully_shard(self, model: torch.nn.Module, blocks=()) -> torch.nn.Module:
+        """FSDP2, as XlaRuntime's FSDPv2 wraps: each module of the `blocks` classes a unit of its own
+        (its parameters gathered for its forward and backward alone), then the root with the rest.
+        Parameters, gradients and optimizer state are DTensors sharded over 'fsdp' (dim 0) and,
+        on a 2-D mesh, replicated over 'data' (HSDP). The model keeps its own parameter names."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mesh = init_device_mesh(self.device_type, self.mesh_shape, mesh_dim_names=("data", "fsdp"))
+        mesh = mesh if self.mesh_shape[0] > 1 else mesh["fsdp"]
+        # bf16: parameters gathered and used in bf16, gradients reduced in fp32 into fp32 master
+        # weights. Inputs are not cast (autocast picks the compute dtypes, as on DDP): the
+        # step's uniform noise cast to bf16 would tie and change the masks drawn from it.
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                      cast_forward_inputs=False) if self.precision == "bf16" else MixedPrecisionPolicy()
+        block_types = tuple(blocks)
+        units = [m for m in model.modules() if block_types and isinstance(m, block_types) and m is not model]
+        for module in units:
+            fully_shard(module, mesh=mesh, mp_policy=policy)
+        return fully_shard(model, mesh=mesh, mp_policy=policy)
+
+    @contextlib.contextmanager
+    def gathered(self, wrapped):
+        """FSDP2: the root's own parameters (those outside its blocks) gathered while modules inside
+        it are called directly; each block gathers its own in its forward, as in training."""
+        from torch.distributed.fsdp import FSDPModule
+        root = getattr(wrapped, "_orig_mod", wrapped)
+        if not isinstance(root, FSDPModule):
+            yield
+            return
+        root.unshard()
+        try:
+            yield
+        finally:
+            root.reshard()
+
+    def no_sync(self, model, last_micro_batch):
+        """FSDP2 reduce-scatters every micro-batch's gradients, so that they stay sharded (the
+        memory FSDP is chosen for: unsynced, each process would hold the whole gradient), and
+        under HSDP all-reduces them over 'data' on the last micro-batch only."""
+        from torch.distributed.fsdp import FSDPModule
+        module = getattr(model, "_orig_mod", model)  # under torch.compile
+        if isinstance(module, FSDPModule):
+            module.set_requires_all_reduce(last_micro_batch)
+            return contextlib.nullcontext()
+        return super().no_sync(model, last_micro_batch)
+
+
+def eager_mesh_shape(processes: int, mesh) -> tuple[int, int]:
+    """runtime.mesh over the processes (one device each), a ConfigError if it does not fit."""
+    try:
+        return mesh_shape(processes, mesh)
+    except ValueError as e:
+        raise ConfigError(f"{e} (cuda and cpu: one device per process, {processes} started)") from None
+
 
 class CudaRuntime(EagerRuntime):
-    """One process per GPU (torchrun), NCCL; the CUDA step's levers are `options`: torch_compile,
-    tf32, fused_optimizer, attention_masks, sdpa_backends, ddp_static_graph."""
+    """One process per GPU (torchrun), NCCL; the CUDA step's levers are `options`: tf32,
+    fused_optimizer, attention_masks, sdpa_backends (torch_compile and ddp_static_graph: every
+    eager device's)."""
     backend = device_type = "cuda"
     process_group_backend = "nccl"
     pin_memory = True  # loaders put batches in page-locked memory: copies to the GPU are asynchronous
 
-    def __init__(self, precision: str = "bf16", options: RuntimeConfig | None = None):
-        super().__init__(precision, options)
+    def __init__(self, precision: str = "bf16", options: RuntimeConfig | None = None, mesh=(-1, 1)):
+        super().__init__(precision, options, mesh)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.options.tf32
 
     def local_device(self, local_rank):
@@ -332,11 +430,6 @@ class CudaRuntime(EagerRuntime):
     def prepare_model(self, model):
         if self.options.attention_masks == "additive":
             additive_masks(model, torch.bfloat16 if self.precision == "bf16" else torch.float32)
-
-    def compile_model(self, model):
-        if self.options.torch_compile:  # around DDP, so that it splits graphs at buckets
-            return torch.compile(model, dynamic=False)  # the mask and the noise have fixed shapes
-        return model
 
     def optimizer_options(self) -> dict:
         return {"fused": True} if self.options.fused_optimizer else {}
@@ -444,11 +537,14 @@ class XlaRuntime(Runtime):
         # the root's output is a dict of scalar losses: nothing to shard there
         return FSDPv2(model, mesh=self.mesh, shard_output=lambda output, mesh: None)
 
-    def parameter_bytes_per_device(self, model) -> int:
+    def tensor_bytes_per_device(self, tensors) -> int:
         from torch_xla.distributed.spmd.xla_sharding import wrap_as_sharded_tensor
         total = 0
-        for p in model.parameters():
-            shard = wrap_as_sharded_tensor(p).local_shards[0].data
+        for t in tensors:
+            if t.device.type != "xla":  # a host scalar (an optimizer's step count)
+                total += t.numel() * t.element_size()
+                continue
+            shard = wrap_as_sharded_tensor(t).local_shards[0].data
             total += shard.numel() * shard.element_size()
         return total
 
@@ -709,16 +805,17 @@ def create_runtime(backend: str = "auto", precision: str = "bf16", compile_cache
                    mesh=(-1, 1), slices: int = 1, devices: MachineDevices | None = None,
                    **cuda_options) -> Runtime:
     """`devices`: what choose_backend sees (default: this machine's, probed); `cuda_options`:
-    RuntimeConfig's keys of the CUDA step (see EagerRuntime)."""
+    RuntimeConfig's keys of the eager step (see EagerRuntime, CudaRuntime). `mesh` [data, fsdp]
+    means the same on every backend: over XLA's devices, or over cuda's and cpu's processes."""
     options = RuntimeConfig(**cuda_options)
     check_sdpa_backends(options.sdpa_backends)
     backend, why = choose_backend(backend, devices or MachineDevices.probe())
     if backend == "xla":
         runtime = XlaRuntime(precision, compile_cache, mesh, slices)
     else:
-        if tuple(mesh) not in ((-1, 1), (1, 1)) or slices != 1:
-            raise ConfigError("runtime.mesh and runtime.slices are for the xla backend; cuda and cpu are "
-                              "data-parallel: leave them at [-1, 1] and 1")
-        runtime = (CudaRuntime if backend == "cuda" else EagerRuntime)(precision, options)
+        if slices != 1:
+            raise ConfigError("runtime.slices is for the xla backend (TPU slices over DCN); on cuda and cpu "
+                              "leave it at 1")
+        runtime = (CudaRuntime if backend == "cuda" else EagerRuntime)(precision, options, mesh)
     runtime.backend_reason = why
     return runtime
