@@ -69,6 +69,7 @@ def pretrain_on(backend: str, data_root, out, stop: int):
 CHAIN = ("cpu", "xla", "cpu", "ddp", "xla", "ddp", "cpu")  # every move between two of the three backends
 
 
+@pytest.mark.xla
 def test_a_run_moves_between_backends(embedded_root, tmp_path):
     """Every segment of two steps resumes the previous backend's checkpoint (CPU -> XLA -> CPU ->
     DDP -> XLA -> DDP -> CPU: each ordered pair once) and continues its curve; the whole equals
