@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast install wheels
+.PHONY: demo test test-fast install wheels install-current-torch test-current-torch
 
 install: $(STAMP)
 
@@ -28,6 +28,34 @@ test: $(STAMP)
 # The edit loop: everything but the tests marked slow (subprocess runs, XLA compiles, long trainings).
 test-fast: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow"
+
+# The eager path (CPU, CUDA, DDP) on the current torch, in a second venv without torch_xla: the
+# tests not marked xla. torch_xla's last release pins torch 2.9 (.venv above); these are the newest
+# torch/torchvision pair the package registry resolves (2026-12-03: torchvision 0.29.2 and torch
+# 2.15.0 do not resolve). Pinned here only; the stamp names them, so a new pin reinstalls.
+CURRENT_TORCH := 2.14.1
+CURRENT_TORCHVISION := 0.29.1
+CT_VENV ?= .venv-current-torch
+CT_PINS := torch==$(CURRENT_TORCH) torchvision==$(CURRENT_TORCHVISION)
+CT_STAMP := $(CT_VENV)/.installed-torch$(CURRENT_TORCH)-torchvision$(CURRENT_TORCHVISION)
+
+# The pins go in again with the package so that pip cannot move torch to satisfy a dependency; the
+# last line fails the install if it did anyway.
+$(CT_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(CT_VENV)
+	$(CT_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(CT_VENV)/bin/python -m pip install --quiet $(CT_PINS)
+	$(CT_VENV)/bin/python -m pip install --quiet -e '.[test]' $(CT_PINS)
+	$(CT_VENV)/bin/python -c "import importlib.util as u, torch, torchvision; \
+		assert (torch.__version__.split('+')[0], torchvision.__version__.split('+')[0]) == \
+		('$(CURRENT_TORCH)', '$(CURRENT_TORCHVISION)'), (torch.__version__, torchvision.__version__); \
+		assert u.find_spec('torch_xla') is None, 'torch_xla in $(CT_VENV)'"
+	touch $(CT_STAMP)
+
+install-current-torch: $(CT_STAMP)
+
+test-current-torch: $(CT_STAMP)
+	$(CT_VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not xla"
 
 # The packages the lent GPU machine lacks, as CPython 3.12 manylinux wheels in .whl/, for
 # gpu_scripts/device_check.sh (that machine has no network): gpu_scripts/wheels.txt as published,

@@ -210,6 +210,7 @@ def test_info_reports_backend_and_versions():
 
 
 @pytest.mark.slow  # a subprocess or a whole training: not in the edit loop
+@pytest.mark.xla
 def test_info_xla_mesh():
     result = run_cli(["info", "--backend", "xla"], env={"PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "4"})
     assert result.returncode == 0, result.stderr[-2000:]
@@ -218,6 +219,7 @@ def test_info_xla_mesh():
 
 
 @pytest.mark.slow  # a subprocess or a whole training: not in the edit loop
+@pytest.mark.xla
 def test_bench_reports_one_graph_execution_per_step(tmp_path):
     """`xla-trainer bench` on XLA:CPU, a tiny D-iGPT with precomputed targets whose student
     segments (1x1 patches) are resized to the teacher's (2x2), as ViT-B/16's 7x7 are to ViT-H/14's

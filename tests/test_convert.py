@@ -322,6 +322,7 @@ def distributed_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.xla  # its checkpoint is written under XLA SPMD
 def test_our_distributed_checkpoint_exports_to_timm(distributed_run, tmp_path):
     """Read back here on the CPU, in this process, without a process group."""
     reference = torch.load(distributed_run / "reference.pt")
@@ -338,10 +339,23 @@ def test_our_distributed_checkpoint_exports_to_timm(distributed_run, tmp_path):
     assert_same_encoder(timm_from_file(out, depth=2), encoder)
 
 
-def test_checkpoints_on_gcs(distributed_run, gcs_bucket, tmp_path):
+@pytest.fixture(scope="module")
+def eager_run(tmp_path_factory):
+    """An output_dir with checkpoints/5/ saved by the CPU backend's store in this process (the
+    format XLA writes too: the GCS test needs no torch_xla) and the weights it saved, as reference.pt."""
+    out = tmp_path_factory.mktemp("eager_run")
+    model = perturbed(tiny_digpt(depth=2), seed=3)
+    torch.save(model.state_dict(), out / "reference.pt")
+    store = Runtime("fp32").checkpoints(str(out), keep=2)
+    store.save(5, model, torch.optim.AdamW(model.parameters()), {"step": 5})
+    store.close()
+    return out
+
+
+def test_checkpoints_on_gcs(eager_run, gcs_bucket, tmp_path):
     fs = fsspec.filesystem("gs")
-    fs.put(str(distributed_run / "checkpoints"), f"{gcs_bucket}/run/", recursive=True)
-    reference = torch.load(distributed_run / "reference.pt")
+    fs.put(str(eager_run / "checkpoints"), f"{gcs_bucket}/run/", recursive=True)
+    reference = torch.load(eager_run / "reference.pt")
     state = read_state_dict(f"{gcs_bucket}/run")
     assert all(torch.equal(state[k], reference[k]) for k in reference)
     export_timm(f"{gcs_bucket}/run", f"{gcs_bucket}/vit.safetensors")

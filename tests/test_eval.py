@@ -48,6 +48,7 @@ def on_four_xla_devices(digits_root, tmp_path_factory):
     return {name: (tmp / name, result) for name, result in zip(runs, done)}, encoder
 
 
+@pytest.mark.xla
 def test_finetune_on_four_xla_devices(digits_root, on_four_xla_devices):
     """Three epochs on a 4-device mesh with the demo recipe (RandAugment, erasing, mixup, cutmix,
     layer decay): every val image is counted once (the last val batch is padded), nothing
@@ -71,6 +72,7 @@ def test_finetune_on_four_xla_devices(digits_root, on_four_xla_devices):
     assert val[-1]["val_loss"] < val[0]["val_loss"] < 2.4  # a tiny ViT from scratch: slow, but learning
 
 
+@pytest.mark.xla
 @pytest.mark.parametrize("mode", ["linprobe", "attnprobe"])
 def test_probe_trains_on_frozen_encoder(on_four_xla_devices, mode):
     """A probe on 4 XLA devices trains on a frozen random encoder loaded from a timm state_dict:

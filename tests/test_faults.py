@@ -80,7 +80,7 @@ def assert_same_losses(reference, rows, tol=1e-5):
 
 
 # --- non-finite steps ---------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", ["cpu", "ddp", "fsdp2", "xla"])
+@pytest.mark.parametrize("backend", ["cpu", "ddp", "fsdp2", pytest.param("xla", marks=pytest.mark.xla)])
 def test_a_nonfinite_step_is_never_applied_or_saved(embedded_root, tmp_path, backend):
     """The loss of step 4 is NaN (the toy objective's fault knob). stop: the run ends naming step
     4 and the newest checkpoint (3), nothing newer saved. The relaunch with train.nonfinite=skip

@@ -113,6 +113,7 @@ def test_pretraining_beats_random_init_on_a_probe(name, pretrained, probe):
 
 
 
+@pytest.mark.xla  # backend auto picks XLA:CPU only where torch_xla is installed
 def test_the_digpt_demo_learns_through_xla(embedded_root, probe, tmp_path):
     """The shipped D-iGPT demo through the XLA path (PJRT_DEVICE=CPU: backend auto, bf16), at the
     size above: its loss falls, the step compiles once, and k-NN beats random init by a margin."""

@@ -13,7 +13,8 @@ from conftest import REPO, read_metrics, run_cli, run_here, toy_overrides
 pytestmark = pytest.mark.slow  # make test-fast leaves it out
 
 
-@pytest.mark.parametrize("backend,env", [("cpu", {}), ("xla", {"PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "4"})])
+@pytest.mark.parametrize("backend,env", [
+    ("cpu", {}), pytest.param("xla", {"PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "4"}, marks=pytest.mark.xla)])
 def test_sigterm_saves_exits_zero_and_resumes(embedded_root, tmp_path, backend, env):
     steps = {"train.stop_at_step": 20, "data.num_workers": 2, "runtime.backend": backend}
     launch = (lambda args: run_cli(args, env=env)) if backend == "xla" else run_here
@@ -46,8 +47,9 @@ def test_sigterm_saves_exits_zero_and_resumes(embedded_root, tmp_path, backend, 
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-4, abs=1e-4), x["step"]
 
 
-@pytest.mark.parametrize("backend,trace_glob", [("xla", "profile/plugins/profile/*/*.xplane.pb"),
-                                                ("cpu", "profile/*.pt.trace.json")])
+@pytest.mark.parametrize("backend,trace_glob", [
+    pytest.param("xla", "profile/plugins/profile/*/*.xplane.pb", marks=pytest.mark.xla),
+    ("cpu", "profile/*.pt.trace.json")])
 def test_profile_steps_write_a_trace(embedded_root, tmp_path, backend, trace_glob):
     extra = {"runtime.backend": backend, "train.profile_steps": "[2, 4]", "train.stop_at_step": 5}
     if backend == "xla":  # the persistent cache is for TPUs; here only that the setting is taken

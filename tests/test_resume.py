@@ -78,6 +78,7 @@ def pretrain_on(backend: str, data_root, out, stop: int):
 CHAIN = ("cpu", "xla", "cpu", "ddp", "xla", "ddp", "cpu", "fsdp2", "xla-fsdp", "hsdp", "ddp", "fsdp2", "cpu")
 
 
+@pytest.mark.xla
 def test_a_run_moves_between_backends(embedded_root, tmp_path):
     """Every segment of two steps resumes the previous backend's checkpoint (each ordered pair of
     CHAIN's backends once) and continues its curve; the whole equals one uninterrupted CPU run."""

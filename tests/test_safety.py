@@ -1,9 +1,11 @@
 """A user's data is never deleted or overwritten, and every bad input is one clear line with exit
 code 2 (in-process: no subprocess start-up)."""
+import importlib.util
 import inspect
 import json
 import re
 import subprocess
+from dataclasses import replace
 
 import pytest
 import torch
@@ -161,12 +163,18 @@ def test_malformed_yaml_names_file_line_and_column(tmp_path, capsys):
     assert "override 'objective.segments=[2,':1:4: malformed YAML" in err
 
 
+# Whether torch_xla is installed here: the tests below hold in both test environments (make test,
+# with it; make test-current-torch, without it).
+TORCH_XLA = importlib.util.find_spec("torch_xla") is not None
+
+
 @pytest.mark.parametrize("argv", [["pretrain", "runtime.backend=cuda"], ["info", "--backend", "cuda"]])
 def test_unavailable_backend_says_what_was_found(argv, capsys, monkeypatch):
     monkeypatch.delenv("PJRT_DEVICE", raising=False)  # an in-process XLA runtime of another test sets it
     err = fails_cleanly(capsys, argv)
-    assert "runtime.backend=cuda, but no CUDA GPU is visible (found: no TPU, 0 CUDA GPUs, torch_xla installed)" in err
-    assert "pass runtime.backend=xla or auto" in err
+    found = f"no TPU, 0 CUDA GPUs, torch_xla {'installed' if TORCH_XLA else 'not installed'}"
+    assert f"runtime.backend=cuda, but no CUDA GPU is visible (found: {found})" in err
+    assert f"pass runtime.backend={'xla' if TORCH_XLA else 'cpu'} or auto" in err
 
 
 # --- the auto backend: a TPU, else a GPU, else XLA:CPU, else the CPU --------------------------------
@@ -192,15 +200,22 @@ def test_auto_backend_errors():
 
 
 def test_probe_sees_what_the_machine_shows(monkeypatch):
+    """The probe reads the environment and whether torch_xla is installed; with torch_xla, as a
+    TPU VM has it, the environment decides the auto backend (without: test_auto_backend_errors)."""
     monkeypatch.delenv("PJRT_DEVICE", raising=False)
     monkeypatch.delenv("TPU_ACCELERATOR_TYPE", raising=False)
     here = MachineDevices.probe()
-    assert (here.tpu, here.gpus, here.torch_xla) == (False, 0, True)  # this machine: CPUs and torch_xla
-    assert choose_backend("auto", here) == ("xla", "auto: no TPU or GPU visible; torch_xla is installed (XLA:CPU)")
+    assert (here.pjrt_device, here.tpu, here.gpus, here.torch_xla) == (None, False, 0, TORCH_XLA)  # this machine: CPUs
+    assert choose_backend("auto", here) == (
+        ("xla", "auto: no TPU or GPU visible; torch_xla is installed (XLA:CPU)") if TORCH_XLA else
+        ("cpu", "auto: no TPU or GPU visible and torch_xla is not installed"))
     monkeypatch.setenv("TPU_ACCELERATOR_TYPE", "v5litepod-8")  # what a TPU VM sets
-    assert MachineDevices.probe().tpu and choose_backend("auto", MachineDevices.probe())[1] == "auto: a TPU is visible"
+    tpu_vm = replace(MachineDevices.probe(), torch_xla=True)
+    assert tpu_vm.tpu and choose_backend("auto", tpu_vm)[1] == "auto: a TPU is visible"
     monkeypatch.setenv("PJRT_DEVICE", "CPU")
-    assert choose_backend("auto", MachineDevices.probe())[1] == "auto: PJRT_DEVICE=CPU is set"
+    asked = MachineDevices.probe()
+    assert asked.pjrt_device == "CPU" and asked.torch_xla == TORCH_XLA
+    assert choose_backend("auto", replace(asked, torch_xla=True))[1] == "auto: PJRT_DEVICE=CPU is set"
 
 
 def test_only_the_runtime_calls_torch_cuda():

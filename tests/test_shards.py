@@ -118,6 +118,7 @@ def test_precomputed_targets_match_online_teacher(request, embedded_root, image_
     assert min(cosines) >= min_cos
 
 
+@pytest.mark.xla
 def test_precompute_on_a_4_device_xla_mesh_matches_cpu(embedded_root, image_shards, fp16_targets, tmp_path):
     out = tmp_path / "xla"
     args = shard_overrides(embedded_root, "unused", image_shards, **{

@@ -16,7 +16,7 @@ import xla_runs
 from conftest import REPO, read_metrics, toy_overrides
 from gcs_fixtures import new_bucket
 
-pytestmark = pytest.mark.slow  # make test-fast leaves it out
+pytestmark = [pytest.mark.slow, pytest.mark.xla]  # make test-fast leaves slow out
 
 XLA4 = {"PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "4"}
 PLACEMENTS = {"data-parallel-to-fsdp": ("[-1,1]", "[2,2]"), "fsdp-to-eager-cpu": ("[2,2]", "cpu"),

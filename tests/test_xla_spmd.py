@@ -10,7 +10,7 @@ import xla_runs
 from conftest import read_metrics, toy_overrides
 from plugin_sizes import TINY
 
-pytestmark = pytest.mark.slow  # make test-fast leaves it out
+pytestmark = [pytest.mark.slow, pytest.mark.xla]  # make test-fast leaves slow out
 
 STEPS = 4
 XLA = {"runtime.backend": "xla", "runtime.precision": "fp32", "train.stop_at_step": STEPS, "train.log_every": 1,

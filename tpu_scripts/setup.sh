@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install the repository on every worker of a TPU VM or pod slice at once (--worker=all): fetch it
-# (git clone --repo-url, else a tarball of this checkout without .venv, .git and runs/, copied with
+# (git clone --repo-url, else a tarball of this checkout without its venvs, .git and runs/, copied with
 # gcloud compute tpus tpu-vm scp), create REPO_DIR/.venv, pip install -e '.[xla]' (torch, torch_xla,
 # torchvision pinned by pyproject.toml) plus torch_xla[tpu] for libtpu, and write REPO_DIR/xla-trainer.env
 # (PJRT_DEVICE=TPU, XLA_TRAINER_COMPILE_CACHE), which launch.sh sources. Safe to run again.
@@ -32,8 +32,9 @@ if [[ -n ${REPO_URL:-} ]]; then
 else
   tarball=${TMPDIR:-/tmp}/xla-trainer-$TPU_NAME.tgz
   export COPYFILE_DISABLE=1  # macOS tar: no ._* files
-  run tar -czf "$tarball" --exclude=.venv --exclude=.git --exclude=runs --exclude=build \
-    --exclude=__pycache__ --exclude='*.egg-info' --exclude=.pytest_cache -C "$ROOT" .
+  # both venvs of the Makefile stay behind: .venv-current-torch alone is about 6 GB
+  run tar -czf "$tarball" --exclude=.venv --exclude=.venv-current-torch --exclude=.git --exclude=runs \
+    --exclude=build --exclude=__pycache__ --exclude='*.egg-info' --exclude=.pytest_cache -C "$ROOT" .
   run gcloud compute tpus tpu-vm scp "$tarball" "$TPU_NAME:xla-trainer-src.tgz" "${LOC[@]}" --worker=all
   run rm -f "$tarball"
   fetch="mkdir -p $dir && tar -xzf ~/xla-trainer-src.tgz -C $dir && rm ~/xla-trainer-src.tgz"
