@@ -11,6 +11,7 @@ import urllib.request
 
 import pytest
 
+from conftest import run_here, toy_overrides
 from gcs_fixtures import FakeGcsServer, _free_port
 from xla_trainer.data import remote_io
 from xla_trainer.data.remote_io import RetryingReader, exists, filesystem, read_bytes, write_bytes_atomic
@@ -116,6 +117,23 @@ def test_write_bytes_atomic_round_trip(where, gcs_bucket, tmp_path):
     fs.invalidate_cache()
     assert [p.rsplit("/", 1)[1] for p in fs.ls(path.rsplit("/", 1)[0], detail=False)] == [
         "checkpoint-00000010.pt"]  # no temporary file left behind
+
+
+def test_a_local_checkpoint_is_on_disk_before_its_commit_marker(embedded_root, tmp_path, monkeypatch):
+    """Every file DCP wrote is fsynced, then commit.json's temporary file, then the rename is made
+    durable (the folder): a host crash never leaves a marker vouching for files not on the disk
+    (DCP's writer on torch 2.14 only flushes)."""
+    synced = []
+    fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), fsync(fd)))
+    out = tmp_path / "run"
+    assert run_here(["pretrain", *toy_overrides(embedded_root, out, **{"train.stop_at_step": 1})]).returncode == 0
+    folder = out / "checkpoints" / "1"
+    written = sorted(str(p) for p in folder.iterdir() if p.name != "commit.json")
+    assert any(w.endswith(".distcp") for w in written) and str(folder / ".metadata") in written
+    marker = next(i for i, p in enumerate(synced) if p.startswith(str(folder / ".commit.json.tmp-")))
+    assert all(synced.index(w) < marker for w in written), synced
+    assert str(folder) in synced[marker:]  # the rename onto commit.json made durable
 
 
 def test_filesystem_is_one_instance_per_process(gcs_server):

@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.tensor import DTensor
 
 from .config import ConfigError
-from .data.remote_io import exists, filesystem, list_names, read_bytes, write_bytes_atomic
+from .data.remote_io import exists, filesystem, list_names, read_bytes, sync_to_disk, write_bytes_atomic
 
 COMMITTED = "commit.json"  # written last, by process 0: the checkpoint is whole
 DCP_FILES = re.compile(r"(\.metadata|__\d+_\d+\.distcp)$")  # what a DCP save writes into its folder
@@ -265,10 +265,12 @@ class Checkpoints:
         folder = _join(self.dir, str(step))
         self._check_finite(step, state)
         planner, _ = self.runtime.checkpoint_planners()
-        dcp.save(state, storage_writer=FsspecWriter(folder), planner=planner, process_group=self.group,
-                 no_dist=self.group is None)
+        # sync_files=False: sync_to_disk below forces exactly the folder's files to disk, on every torch
+        dcp.save(state, storage_writer=FsspecWriter(folder, sync_files=False), planner=planner,
+                 process_group=self.group, no_dist=self.group is None)
         self.steps = sorted(set(self.steps) | {step})
         if self.runtime.is_main:  # DCP returns once every process's shards are written
+            sync_to_disk(folder)  # the files on disk before the commit marker that vouches for them
             fs, local = filesystem(folder)
             files = {p["name"].rstrip("/").rsplit("/", 1)[-1]: p["size"]
                      for p in fs.ls(local, detail=True, refresh=True)}
