@@ -165,6 +165,9 @@ class RuntimeConfig:
     compile_cache: Optional[str] = None  # xla: persistent compilation cache directory (TPU)
     mesh: list = field(default_factory=lambda: [-1, 1])  # xla: [data, fsdp]; [1, -1] = FSDP, -1 = the rest
     slices: int = 1  # xla: TPU slices; > 1 makes a HybridMesh, data axis over DCN
+    # xla: the student's identical blocks run as one XLA loop (torch_xla scan): one block traced and
+    # compiled instead of each (no drop path / dropout in them; data-parallel mesh only)
+    scan_blocks: bool = False
     # cuda: the step's levers (runtime.py), on by default where exact
     torch_compile: bool = False  # torch.compile of the objective's forward and backward (off: compile time)
     tf32: bool = False  # TF32 for float32 matmuls and convolutions (not exact: 10 mantissa bits)

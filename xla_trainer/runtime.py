@@ -365,8 +365,9 @@ class XlaRuntime(Runtime):
     backend = "xla"
 
     def __init__(self, precision: str = "bf16", compile_cache: str | None = None, mesh=(-1, 1),
-                 slices: int = 1):
+                 slices: int = 1, scan_blocks: bool = False):
         super().__init__(precision)
+        self.scan_blocks = scan_blocks
         os.environ.setdefault("PJRT_DEVICE", "TPU" if _tpu_present() else "CPU")
         import torch_xla
         import torch_xla.core.xla_model as xm
@@ -383,6 +384,10 @@ class XlaRuntime(Runtime):
         self.num_devices = xr.global_runtime_device_count()
         self.process_index, self.process_count = xr.process_index(), xr.process_count()
         self.mesh = self._make_mesh(mesh_shape(self.num_devices, mesh), slices)
+        if scan_blocks and self.fsdp_size > 1:
+            raise ValueError(f"runtime.scan_blocks runs the blocks' stacked weights through one loop, which "
+                             f"FSDPv2's per-block sharding does not cover; with runtime.mesh {list(mesh)} (fsdp "
+                             f"axis {self.fsdp_size}) set runtime.scan_blocks=false, or runtime.mesh=[-1, 1]")
         xs.set_global_mesh(self.mesh)
         if self.process_count > 1:
             self._ensure_process_group()  # host-side agreement (preemption) from the start
@@ -405,8 +410,12 @@ class XlaRuntime(Runtime):
     def wrap_model(self, model, blocks=(), accum_steps=1):
         """Data-parallel: parameters replicated. With an fsdp axis > 1: FSDPv2, each module of
         the `blocks` classes wrapped on its own (its parameters, gradients and optimizer state
-        sharded over 'fsdp', gathered for its forward), then the rest of the parameters."""
+        sharded over 'fsdp', gathered for its forward), then the rest of the parameters.
+        runtime.scan_blocks: each stack of identical `blocks` runs as one scan (xla_scan.py)."""
         model = model.to(self.device)
+        if self.scan_blocks:
+            from .xla_scan import scan_identical_blocks
+            scan_identical_blocks(model, tuple(blocks))
         if self.fsdp_size == 1:
             return model
         from torch_xla.experimental.spmd_fully_sharded_data_parallel import \
@@ -685,16 +694,18 @@ def create_runtime(backend: str = "auto", precision: str = "bf16", compile_cache
                    mesh=(-1, 1), slices: int = 1, devices: MachineDevices | None = None,
                    **cuda_options) -> Runtime:
     """`devices`: what choose_backend sees (default: this machine's, probed); `cuda_options`:
-    RuntimeConfig's keys of the CUDA step (see EagerRuntime)."""
+    RuntimeConfig's other keys: the CUDA step's (see EagerRuntime) and xla's scan_blocks."""
     options = RuntimeConfig(**cuda_options)
     check_sdpa_backends(options.sdpa_backends)
     backend, why = choose_backend(backend, devices or MachineDevices.probe())
     if backend == "xla":
-        runtime = XlaRuntime(precision, compile_cache, mesh, slices)
+        runtime = XlaRuntime(precision, compile_cache, mesh, slices, options.scan_blocks)
     else:
         if tuple(mesh) not in ((-1, 1), (1, 1)) or slices != 1:
             raise ConfigError("runtime.mesh and runtime.slices are for the xla backend; cuda and cpu are "
                               "data-parallel: leave them at [-1, 1] and 1")
+        if options.scan_blocks:
+            raise ConfigError("runtime.scan_blocks is for the xla backend; leave it false on cuda and cpu")
         runtime = EagerRuntime(backend, precision, options)
     runtime.backend_reason = why
     return runtime
