@@ -7,6 +7,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from xla_trainer.config import ConfigError
+from xla_trainer_models.objectives.digpt_decoder import DecoderBlock
 from xla_trainer.runtime import create_runtime
 
 pytestmark = pytest.mark.xla
@@ -18,16 +19,17 @@ class Student(nn.Module):
         super().__init__()
         rates = torch.linspace(0, drop_path, depth).tolist()
         self.blocks = nn.Sequential(*(Block(16, 2, drop_path=r) for r in rates))  # as timm's ViT
-        self.decoder = nn.ModuleList([Block(16, 2)])  # one block: nothing to scan
+        self.single = nn.ModuleList([Block(16, 2)])  # one block: nothing to scan
+        self.decoder = nn.ModuleList([DecoderBlock(16, 2), DecoderBlock(16, 2)])  # block(q, kv, mask)
         self.head = nn.ModuleList([nn.Linear(16, 16), nn.Linear(16, 16)])  # not blocks
 
 
 def test_the_blocks_become_a_scan_under_the_same_names():
     model = Student()
     before = model.state_dict()
-    xla_scan.scan_identical_blocks(model, (Block,))
+    xla_scan.scan_identical_blocks(model, (Block, DecoderBlock))
     assert isinstance(model.blocks, xla_scan.ScannedBlocks)
-    assert type(model.decoder) is nn.ModuleList and type(model.head) is nn.ModuleList
+    assert all(type(m) is nn.ModuleList for m in (model.single, model.decoder, model.head))
     after = model.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
     x = torch.randn(2, 5, 16)

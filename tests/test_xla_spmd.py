@@ -59,7 +59,8 @@ def pretrain_args(pair: str, out, data_root, **extra) -> list[str]:
 
 @pytest.fixture(scope="module")
 def runs(embedded_root, tmp_path_factory):
-    """(case -> metrics rows, case -> parameter MiB per device, case -> stderr of the refused ones)."""
+    """(case -> metrics rows, case -> parameter MiB per device, case -> stderr of the refused ones,
+    case -> stderr of the others)."""
     tmp = tmp_path_factory.mktemp("xla")
     one = {pair: pretrain_args(pair, tmp / f"1-{i}", embedded_root) for i, pair in enumerate(PAIRS)}
     four = {pair: pretrain_args(pair, tmp / f"4-{i}", embedded_root, **{"runtime.mesh": "[1,-1]"})
@@ -78,7 +79,7 @@ def runs(embedded_root, tmp_path_factory):
     four.update(refused)
     procs = {devices: xla_runs.start(devices, list(cases.values()), tmp / f"dev{devices}.json")
              for devices, cases in ((1, one), (4, four))}
-    rows, mib, errors = {}, {}, {}
+    rows, mib, errors, logs = {}, {}, {}, {}
     for devices, cases in ((1, one), (4, four)):
         results = xla_runs.results(procs[devices], tmp / f"dev{devices}.json", timeout=1500)
         for (case, args), result in zip(cases.items(), results):
@@ -89,9 +90,9 @@ def runs(embedded_root, tmp_path_factory):
                 errors[case] = result.stderr
                 continue
             assert result.returncode == 0, (key, result.stderr[-3000:])
-            rows[key] = read_metrics(output_dir(args))
+            rows[key], logs[key] = read_metrics(output_dir(args)), result.stderr
             mib[key] = float(re.search(r"parameters:\s+([\d.]+) MiB per device", result.stdout).group(1))
-    return rows, mib, errors
+    return rows, mib, errors, logs
 
 
 def output_dir(args: list[str]) -> str:
@@ -130,7 +131,9 @@ def test_scanned_blocks_give_the_loops_losses(runs, devices):
     """runtime.scan_blocks on 1 device and on 4 (data-parallel): the losses and gradient norms of
     the Python loop over the blocks on one device (1 device: to 1e-5, the order of float32 sums
     may differ inside XLA's loop; 4 devices: 2e-3, as every mesh here), one compilation."""
-    rows = runs[0]
+    rows, logs = runs[0], runs[3]
+    assert "encoder.blocks (3 Block) may run as one scan" in logs[(devices, "digpt/vit scan")]
+    assert "run as one scan" not in logs[(1, "digpt/vit")]
     loop, scanned = rows[(1, "digpt/vit")], rows[(devices, "digpt/vit scan")]
     tolerance = 1e-5 if devices == 1 else 2e-3
     for a, b in zip(loop, scanned, strict=True):

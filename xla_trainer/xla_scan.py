@@ -2,12 +2,17 @@
 is one block, with torch_xla's `scan`, instead of a Python loop that traces every block again at
 every step. The step's graph then holds one block's forward and backward whatever the depth, so
 tracing, the IR and the compile shrink. Imported by XlaRuntime.wrap_model only (torch_xla)."""
+import inspect
+import logging
+
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch_xla.experimental.scan import _scan_impl_pytree, value_and_grad_partitioned
 
 from .config import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 class ScannedBlocks(nn.ModuleList):
@@ -89,6 +94,14 @@ def stochastic_modules(block: nn.Module) -> list[str]:
             if (isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0) or getattr(m, "drop_prob", 0) > 0]
 
 
+def takes_x_and_mask(block: nn.Module) -> bool:
+    """Whether `block` runs as block_outputs calls it, block(x, attn_mask=...) (a decoder block
+    that also reads the encoder's features does not)."""
+    params = list(inspect.signature(block.forward).parameters.values())[1:]
+    return all(p.default is not inspect.Parameter.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+               for p in params) and any(p.name == "attn_mask" for p in params)
+
+
 def structure(block: nn.Module) -> str:
     """What two blocks must share to run as one scan body: each submodule's class and settings
     (its public attributes: heads, eps, drop rates), each tensor's shape and dtype."""
@@ -99,13 +112,14 @@ def structure(block: nn.Module) -> str:
 
 
 def scan_identical_blocks(model: nn.Module, block_types: tuple[type, ...]):
-    """Every ModuleList / Sequential of two or more `block_types` modules of one structure made a
-    ScannedBlocks, in place (those `block_outputs` runs become scans; the rest still loop). Blocks
-    that drop at random are refused: the scan would run the first block's drop rate in every block
-    (timm's drop path grows with depth), and its random numbers differ from the loop's."""
+    """Every ModuleList / Sequential of two or more `block_types` modules of one structure that run
+    as block(x, attn_mask=...) made a ScannedBlocks, in place (those `block_outputs` runs become
+    scans; the rest still loop). Blocks that drop at random are refused: the scan would run the
+    first block's drop rate in every block (timm's drop path grows with depth), and its random
+    numbers differ from the loop's."""
     for name, container in list(model.named_modules()):
         if not (type(container) in (nn.ModuleList, nn.Sequential) and len(container) > 1
-                and all(isinstance(b, block_types) for b in container)):
+                and all(isinstance(b, block_types) for b in container) and takes_x_and_mask(container[0])):
             continue
         dropping = [f"{name}.{i}.{n}" for i, b in enumerate(container) for n in stochastic_modules(b)]
         if dropping:
@@ -117,3 +131,4 @@ def scan_identical_blocks(model: nn.Module, block_types: tuple[type, ...]):
                               f"set runtime.scan_blocks=false")
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, ScannedBlocks(container))
+        log.info("runtime.scan_blocks: %s (%d %s) may run as one scan", name, len(container), type(container[0]).__name__)
