@@ -244,6 +244,25 @@ def test_bench_reports_one_graph_execution_per_step(tmp_path):
     assert "graph executions" in result.stdout and "images/s" in result.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.xla
+def test_bench_of_scanned_blocks_traces_a_smaller_graph(tmp_path):
+    """runtime.scan_blocks on a 4-block D-iGPT student: still one graph per step, compiled once,
+    the same every step, with fewer IR nodes than the loop over the blocks traces."""
+    reports = {}
+    for scan in ("false", "true"):
+        overrides = tiny_overrides(tmp_path, tmp_path / "out", **{
+            "backbone.depth": 4, "runtime.backend": "xla", "targets.source": "precomputed",
+            "teacher.pretrained": "null", "runtime.scan_blocks": scan})
+        result = run_cli(["bench", "--config", "configs/digpt/demo.yaml", "--steps", "2", "--warmup", "2", *overrides],
+                         env={"PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "1"})
+        assert result.returncode == 0, result.stderr[-2000:]
+        reports[scan] = report = json.loads(result.stdout.strip().splitlines()[-1])
+        assert report["executions_per_step"] == 1 and report["host_fallbacks_per_step"] == 0
+        assert report["compiles"] == report["compiles_after_warmup"] and report["same_graph_every_step"]
+    assert reports["true"]["ir_nodes_per_step"] < reports["false"]["ir_nodes_per_step"]
+
+
 @pytest.mark.parametrize("name", ["configs/digpt/vit_b16_in1k.yaml", "digpt/vit_b16_in1k.yaml"])
 def test_a_shipped_config_is_found_by_its_name_from_any_folder(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -39,7 +39,11 @@ PAIRS = {
     # a patch-14 teacher (2x2 grid at 32 px): each 2x2 student segment is resized to the teacher's 1x1
     "digpt/adventurer": ("configs/adventurer/digpt_demo.yaml", {**TINY_DIGPT, **sized("backbone", "adventurer"),
                                                                "teacher.arch": "probe-ViT-14-out1024"}),
+    # three blocks: taps 2 and 3 (an inner block's output too), under the block-causal mask
+    "digpt/vit": ("configs/digpt/demo.yaml", {**TINY_DIGPT, **sized("backbone", "vit"), "backbone.depth": 3}),
 }
+# runtime.scan_blocks: the same D-iGPT with its student's blocks run as one XLA scan (data-parallel only)
+SCAN = {"runtime.scan_blocks": "true"}
 # the toy pair also on the other meshes: accumulated micro-batches, FSDP alone, 2 (data) x 2 (fsdp)
 TOY_MESHES = {"4, accum 2": {"train.accum_steps": 2}, "4, dp": {"runtime.mesh": "[-1,1]"}, "2x2": {"runtime.mesh": "[2,2]"}}
 
@@ -55,20 +59,27 @@ def pretrain_args(pair: str, out, data_root, **extra) -> list[str]:
 
 @pytest.fixture(scope="module")
 def runs(embedded_root, tmp_path_factory):
-    """(case -> metrics rows, case -> parameter MiB per device, case -> stderr of the refused ones)."""
+    """(case -> metrics rows, case -> parameter MiB per device, case -> stderr of the refused ones,
+    case -> stderr of the others)."""
     tmp = tmp_path_factory.mktemp("xla")
     one = {pair: pretrain_args(pair, tmp / f"1-{i}", embedded_root) for i, pair in enumerate(PAIRS)}
     four = {pair: pretrain_args(pair, tmp / f"4-{i}", embedded_root, **{"runtime.mesh": "[1,-1]"})
             for i, pair in enumerate(PAIRS)}  # FSDP: parameters and optimizer state sharded too
     four.update({f"toy/vit {mesh}": pretrain_args("toy/vit", tmp / f"mesh-{i}", embedded_root, **extra)
                  for i, (mesh, extra) in enumerate(TOY_MESHES.items())})
+    one["digpt/vit scan"] = pretrain_args("digpt/vit", tmp / "1-scan", embedded_root, **SCAN)
+    four["digpt/vit scan"] = pretrain_args("digpt/vit", tmp / "4-scan", embedded_root, **SCAN,
+                                           **{"runtime.mesh": "[-1,1]"})
     refused = {  # fail before compiling: exit 2, no metrics written
         "batch 6": pretrain_args("toy/vit", tmp / "batch6", embedded_root, **{"train.global_batch": 6}),
-        "mesh [3,-1]": pretrain_args("toy/vit", tmp / "mesh3", embedded_root, **{"runtime.mesh": "[3,-1]"})}
+        "mesh [3,-1]": pretrain_args("toy/vit", tmp / "mesh3", embedded_root, **{"runtime.mesh": "[3,-1]"}),
+        "scan fsdp": pretrain_args("toy/vit", tmp / "scan-fsdp", embedded_root, **SCAN, **{"runtime.mesh": "[1,-1]"}),
+        "scan drop_path": pretrain_args("toy/vit", tmp / "scan-drop", embedded_root, **SCAN,
+                                        **{"runtime.mesh": "[-1,1]", "backbone.drop_path": 0.1})}
     four.update(refused)
     procs = {devices: xla_runs.start(devices, list(cases.values()), tmp / f"dev{devices}.json")
              for devices, cases in ((1, one), (4, four))}
-    rows, mib, errors = {}, {}, {}
+    rows, mib, errors, logs = {}, {}, {}, {}
     for devices, cases in ((1, one), (4, four)):
         results = xla_runs.results(procs[devices], tmp / f"dev{devices}.json", timeout=1500)
         for (case, args), result in zip(cases.items(), results):
@@ -79,9 +90,9 @@ def runs(embedded_root, tmp_path_factory):
                 errors[case] = result.stderr
                 continue
             assert result.returncode == 0, (key, result.stderr[-3000:])
-            rows[key] = read_metrics(output_dir(args))
+            rows[key], logs[key] = read_metrics(output_dir(args)), result.stderr
             mib[key] = float(re.search(r"parameters:\s+([\d.]+) MiB per device", result.stdout).group(1))
-    return rows, mib, errors
+    return rows, mib, errors, logs
 
 
 def output_dir(args: list[str]) -> str:
@@ -115,6 +126,22 @@ def test_the_toy_pair_matches_on_every_mesh(runs, mesh):
     assert 0 < other[0]["compiles"] == other[-1]["compiles"]
 
 
+@pytest.mark.parametrize("devices", [1, 4])
+def test_scanned_blocks_give_the_loops_losses(runs, devices):
+    """runtime.scan_blocks on 1 device and on 4 (data-parallel): the losses and gradient norms of
+    the Python loop over the blocks on one device (1 device: to 1e-5, the order of float32 sums
+    may differ inside XLA's loop; 4 devices: 2e-3, as every mesh here), one compilation."""
+    rows, logs = runs[0], runs[3]
+    assert "encoder.blocks (3 Block) may run as one scan" in logs[(devices, "digpt/vit scan")]
+    assert "run as one scan" not in logs[(1, "digpt/vit")]
+    loop, scanned = rows[(1, "digpt/vit")], rows[(devices, "digpt/vit scan")]
+    tolerance = 1e-5 if devices == 1 else 2e-3
+    for a, b in zip(loop, scanned, strict=True):
+        for key in ("loss", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=tolerance, abs=tolerance), (a["step"], key)
+    assert 0 < scanned[0]["compiles"] == scanned[-1]["compiles"], [x["compiles"] for x in scanned]
+
+
 def test_fsdp_shrinks_parameter_bytes_per_device(runs):
     mib = runs[1]
     dp, mixed, fsdp = mib[(4, "toy/vit 4, dp")], mib[(4, "toy/vit 2x2")], mib[(4, "toy/vit")]
@@ -126,3 +153,6 @@ def test_refused_before_compiling(runs):
     errors = runs[2]
     assert "train.global_batch 6 is not divisible by data-parallel size 4" in errors["batch 6"]
     assert "runtime.mesh [3, -1] does not fit 4 devices" in errors["mesh [3,-1]"]
+    assert "FSDPv2's per-block sharding does not cover" in errors["scan fsdp"]
+    assert "set runtime.scan_blocks=false, or runtime.mesh=[-1, 1]" in errors["scan fsdp"]
+    assert "blocks drop at random in training (encoder.blocks.1.drop_path1" in errors["scan drop_path"]

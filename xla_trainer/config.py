@@ -167,6 +167,9 @@ class RuntimeConfig:
     # FSDP (XLA FSDPv2, eager FSDP2), both > 1: HSDP; -1 = the rest
     mesh: list = field(default_factory=lambda: [-1, 1])
     slices: int = 1  # xla: TPU slices; > 1 makes a HybridMesh, data axis over DCN
+    # xla: the student's identical blocks run as one XLA loop (torch_xla scan): one block traced and
+    # compiled instead of each (no drop path / dropout in them; data-parallel mesh only)
+    scan_blocks: bool = False
     # cuda and cpu: torch.compile of the objective's forward and backward (off: compile time)
     torch_compile: bool = False
     # cuda: the step's levers (runtime.py), on by default where exact

@@ -482,8 +482,9 @@ class XlaRuntime(Runtime):
     backend = "xla"
 
     def __init__(self, precision: str = "bf16", compile_cache: str | None = None, mesh=(-1, 1),
-                 slices: int = 1):
+                 slices: int = 1, scan_blocks: bool = False):
         super().__init__(precision)
+        self.scan_blocks = scan_blocks
         os.environ.setdefault("PJRT_DEVICE", "TPU" if _tpu_present() else "CPU")
         import torch_xla
         import torch_xla.core.xla_model as xm
@@ -500,6 +501,10 @@ class XlaRuntime(Runtime):
         self.num_devices = xr.global_runtime_device_count()
         self.process_index, self.process_count = xr.process_index(), xr.process_count()
         self.mesh = self._make_mesh(mesh_shape(self.num_devices, mesh), slices)
+        if scan_blocks and self.fsdp_size > 1:
+            raise ValueError(f"runtime.scan_blocks runs the blocks' stacked weights through one loop, which "
+                             f"FSDPv2's per-block sharding does not cover; with runtime.mesh {list(mesh)} (fsdp "
+                             f"axis {self.fsdp_size}) set runtime.scan_blocks=false, or runtime.mesh=[-1, 1]")
         xs.set_global_mesh(self.mesh)
         if self.process_count > 1:
             self._ensure_process_group()  # host-side agreement (preemption) from the start
@@ -522,8 +527,12 @@ class XlaRuntime(Runtime):
     def wrap_model(self, model, blocks=(), accum_steps=1):
         """Data-parallel: parameters replicated. With an fsdp axis > 1: FSDPv2, each module of
         the `blocks` classes wrapped on its own (its parameters, gradients and optimizer state
-        sharded over 'fsdp', gathered for its forward), then the rest of the parameters."""
+        sharded over 'fsdp', gathered for its forward), then the rest of the parameters.
+        runtime.scan_blocks: each stack of identical `blocks` runs as one scan (xla_scan.py)."""
         model = model.to(self.device)
+        if self.scan_blocks:
+            from .xla_scan import scan_identical_blocks
+            scan_identical_blocks(model, tuple(blocks))
         if self.fsdp_size == 1:
             return model
         from torch_xla.experimental.spmd_fully_sharded_data_parallel import \
@@ -803,19 +812,22 @@ def choose_backend(requested: str, seen: MachineDevices) -> tuple[str, str]:
 
 def create_runtime(backend: str = "auto", precision: str = "bf16", compile_cache: str | None = None,
                    mesh=(-1, 1), slices: int = 1, devices: MachineDevices | None = None,
-                   **cuda_options) -> Runtime:
-    """`devices`: what choose_backend sees (default: this machine's, probed); `cuda_options`:
-    RuntimeConfig's keys of the eager step (see EagerRuntime, CudaRuntime). `mesh` [data, fsdp]
-    means the same on every backend: over XLA's devices, or over cuda's and cpu's processes."""
-    options = RuntimeConfig(**cuda_options)
+                   **keys) -> Runtime:
+    """`devices`: what choose_backend sees (default: this machine's, probed); `keys`:
+    RuntimeConfig's other keys: the eager step's (see EagerRuntime, CudaRuntime) and xla's
+    scan_blocks. `mesh` [data, fsdp] means the same on every backend: over XLA's devices, or over
+    cuda's and cpu's processes."""
+    options = RuntimeConfig(**keys)
     check_sdpa_backends(options.sdpa_backends)
     backend, why = choose_backend(backend, devices or MachineDevices.probe())
     if backend == "xla":
-        runtime = XlaRuntime(precision, compile_cache, mesh, slices)
+        runtime = XlaRuntime(precision, compile_cache, mesh, slices, options.scan_blocks)
     else:
         if slices != 1:
             raise ConfigError("runtime.slices is for the xla backend (TPU slices over DCN); on cuda and cpu "
                               "leave it at 1")
+        if options.scan_blocks:
+            raise ConfigError("runtime.scan_blocks is for the xla backend; leave it false on cuda and cpu")
         runtime = (CudaRuntime if backend == "cuda" else EagerRuntime)(precision, options, mesh)
     runtime.backend_reason = why
     return runtime

@@ -8,7 +8,10 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def block_outputs(blocks, x: torch.Tensor, attn_mask: torch.Tensor | None, taps) -> list[torch.Tensor]:
-    """The outputs of blocks `taps` (1-based) run in turn over x under attn_mask (None: full)."""
+    """The outputs of blocks `taps` (1-based) run in turn over x under attn_mask (None: full).
+    Blocks that run themselves (`run_taps`: the XLA runtime's scan, runtime.scan_blocks) do."""
+    if hasattr(blocks, "run_taps"):
+        return blocks.run_taps(x, attn_mask, taps)
     outs = []
     for i, block in enumerate(blocks, start=1):
         x = block(x, attn_mask=attn_mask)
