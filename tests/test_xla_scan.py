@@ -11,7 +11,6 @@ from xla_trainer_models.objectives.digpt_decoder import DecoderBlock
 from xla_trainer.runtime import create_runtime
 
 
-
 @pytest.fixture
 def xla_scan():
     """The module, imported by the test: it imports torch_xla, which the current-torch
