@@ -76,6 +76,22 @@ def run_here(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(["xla-trainer", *args], code, out.getvalue(), err.getvalue())
 
 
+def run_spec_here(spec: str, out: str):
+    """Every command of the JSON list of `xla-trainer` arguments `spec`, in turn, in this process
+    (run_here); what each gave into `out`: the body of tests/xla_runs.py's and eager_runs.py's
+    processes, which run several trainings per process start."""
+    logging.basicConfig(handlers=[logging.NullHandler()])  # each run's log goes to its own stderr only
+    done = [run_here(args) for args in json.loads(Path(spec).read_text())]
+    Path(out).write_text(json.dumps([{"args": r.args, "code": r.returncode, "stdout": r.stdout, "stderr": r.stderr}
+                                     for r in done]))
+
+
+def read_spec_results(out) -> list[subprocess.CompletedProcess]:
+    """What run_spec_here wrote into `out`, run by run."""
+    return [subprocess.CompletedProcess(r["args"], r["code"], r["stdout"], r["stderr"])
+            for r in json.loads(Path(out).read_text())]
+
+
 def linprobe(digits_root, output_dir, init, *args: str) -> subprocess.Popen:
     """A linear probe on the digits, started in the background (the default: the demo's config)."""
     return subprocess.Popen(

@@ -4,13 +4,12 @@ torch and joining the process group, here once for all the runs. Tests call `run
 is `python eager_runs.py SPEC.json` under torchrun, and writes each run's exit code, stdout and
 stderr (the log included) into SPEC.json.<rank>.out."""
 import json
-import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO, run_here
+from conftest import REPO, read_spec_results, run_spec_here
 
 
 def run(processes: int, runs: list[list[str]], spec: Path, timeout: float = 900) -> list[list[subprocess.CompletedProcess]]:
@@ -21,14 +20,9 @@ def run(processes: int, runs: list[list[str]], spec: Path, timeout: float = 900)
                            f"--nproc_per_node={processes}", __file__, str(spec)],
                           cwd=REPO, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
-    ranks = [json.loads(Path(f"{spec}.{rank}.out").read_text()) for rank in range(processes)]
-    return [[subprocess.CompletedProcess(r["args"], r["code"], r["stdout"], r["stderr"]) for r in per_run]
-            for per_run in zip(*ranks)]
+    ranks = [read_spec_results(f"{spec}.{rank}.out") for rank in range(processes)]
+    return [list(per_run) for per_run in zip(*ranks)]
 
 
 if __name__ == "__main__":
-    logging.basicConfig(handlers=[logging.NullHandler()])  # each run's log goes to its own stderr only
-    spec = sys.argv[1]
-    done = [run_here(args) for args in json.load(open(spec))]
-    with open(f"{spec}.{os.environ['RANK']}.out", "w") as f:
-        json.dump([{"args": r.args, "code": r.returncode, "stdout": r.stdout, "stderr": r.stderr} for r in done], f)
+    run_spec_here(sys.argv[1], f"{sys.argv[1]}.{os.environ['RANK']}.out")

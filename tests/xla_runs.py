@@ -4,13 +4,12 @@ device count instead of once per run. Tests call `start` and then `results`; the
 is `python xla_runs.py SPEC.json`, which writes each run's exit code, stdout and stderr (the log
 included) into SPEC.json.out."""
 import json
-import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO, run_here
+from conftest import REPO, read_spec_results, run_spec_here
 
 
 def start(devices: int, runs: list[list[str]], spec: Path) -> subprocess.Popen:
@@ -24,8 +23,7 @@ def start(devices: int, runs: list[list[str]], spec: Path) -> subprocess.Popen:
 def results(proc: subprocess.Popen, spec: Path, timeout: float = 900) -> list[subprocess.CompletedProcess]:
     """What each run of `start` gave, once its process has ended."""
     assert proc.wait(timeout=timeout) == 0, f"xla_runs.py {spec} failed"
-    done = json.loads(Path(f"{spec}.out").read_text())
-    return [subprocess.CompletedProcess(r["args"], r["code"], r["stdout"], r["stderr"]) for r in done]
+    return read_spec_results(f"{spec}.out")
 
 
 def run(devices: int, runs: list[list[str]], spec: Path) -> list[subprocess.CompletedProcess]:
@@ -34,8 +32,4 @@ def run(devices: int, runs: list[list[str]], spec: Path) -> list[subprocess.Comp
 
 
 if __name__ == "__main__":
-    logging.basicConfig(handlers=[logging.NullHandler()])  # each run's log goes to its own stderr only
-    spec = sys.argv[1]
-    done = [run_here(args) for args in json.load(open(spec))]
-    with open(f"{spec}.out", "w") as f:
-        json.dump([{"args": r.args, "code": r.returncode, "stdout": r.stdout, "stderr": r.stderr} for r in done], f)
+    run_spec_here(sys.argv[1], f"{sys.argv[1]}.out")
