@@ -28,10 +28,15 @@ def test_top_level_help_imports_no_torch():
 
 
 def test_only_the_runtime_imports_torch_xla():
+    """runtime.py, and xla_scan.py (runtime.scan_blocks), an XLA-only part of it that runtime.py
+    alone imports, when it is asked for."""
     sources = [p for folder in ("xla_trainer", "models") for p in (REPO / folder).rglob("*.py")]
     importers = sorted(str(p.relative_to(REPO)) for p in sources
                        if re.search(r"^\s*(import|from) torch_xla", p.read_text(), re.M))
-    assert importers == ["xla_trainer/runtime.py"]
+    assert importers == ["xla_trainer/runtime.py", "xla_trainer/xla_scan.py"]
+    scan_importers = sorted(str(p.relative_to(REPO)) for p in sources
+                            if re.search(r"^\s*from \.?(xla_trainer\.)?xla_scan import|import .*xla_scan", p.read_text(), re.M))
+    assert scan_importers == ["xla_trainer/runtime.py"]
 
 
 def test_overrides_and_defaults():

@@ -1,4 +1,5 @@
-"""Device runtime: the one module that knows about torch_xla, CUDA and torch.distributed.
+"""Device runtime: the one module that knows about torch_xla (with xla_scan.py, an XLA-only part
+it imports for runtime.scan_blocks), CUDA and torch.distributed.
 
 Three backends behind one interface, so the train step is the same everywhere:
   xla  - XlaRuntime: SPMD over a ('data', 'fsdp') mesh of every device of every host (FSDPv2 when
