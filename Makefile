@@ -29,7 +29,7 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow"
 
-# The eager path (CPU, CUDA, DDP) on the current torch, in a second venv without torch_xla: the
+# The eager path (CPU, CUDA; DDP, FSDP2) on the current torch, in a second venv without torch_xla: the
 # tests not marked xla. torch_xla's last release pins torch 2.9 (.venv above); these are the newest
 # torch/torchvision pair the package registry resolves (2026-12-03: torchvision 0.29.2 and torch
 # 2.15.0 do not resolve). Pinned here only; the stamp names them, so a new pin reinstalls.
