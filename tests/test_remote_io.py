@@ -2,6 +2,7 @@
 import io
 import logging
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -134,6 +135,23 @@ def test_a_local_checkpoint_is_on_disk_before_its_commit_marker(embedded_root, t
     marker = next(i for i, p in enumerate(synced) if p.startswith(str(folder / ".commit.json.tmp-")))
     assert all(synced.index(w) < marker for w in written), synced
     assert str(folder) in synced[marker:]  # the rename onto commit.json made durable
+
+
+@pytest.mark.parametrize("where", ["gcs", "local"])
+def test_move_aside_twice_within_a_second_keeps_both(where, gcs_bucket, tmp_path):
+    """A file and a folder each set aside twice under one label: four distinct names, every byte kept."""
+    root = gcs_bucket if where == "gcs" else str(tmp_path)
+    fs, _ = filesystem(root)
+    moved = []
+    for version in (b"first", b"second"):
+        write_bytes_atomic(f"{root}/done.json", version)
+        write_bytes_atomic(f"{root}/6/data.bin", version)
+        moved += [remote_io.move_aside(f"{root}/done.json", "replaced"), remote_io.move_aside(f"{root}/6", "damaged")]
+    assert len(set(moved)) == 4 and not exists(f"{root}/done.json") and not exists(f"{root}/6/data.bin")
+    files, folders = moved[0::2], moved[1::2]
+    assert all(re.fullmatch(r".*/done\.json\.replaced-\d{8}T\d{6}Z(-\d+)?", f) for f in files), files
+    assert [fs.cat_file(f) for f in files] == [b"first", b"second"]
+    assert [fs.cat_file(f"{d}/data.bin") for d in folders] == [b"first", b"second"]
 
 
 def test_filesystem_is_one_instance_per_process(gcs_server):

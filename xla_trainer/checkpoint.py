@@ -10,7 +10,6 @@ checks a checkpoint first (`damage`: the commit marker, the metadata, each file'
 resumes from its newest intact one and sets damaged ones aside (renamed, never deleted).
 Restoring reads into the current model's placement, so a checkpoint saved on one backend, mesh
 or process count restores on any other."""
-import itertools
 import json
 import logging
 import pickle
@@ -27,7 +26,8 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.tensor import DTensor
 
 from .config import ConfigError
-from .data.remote_io import exists, filesystem, list_names, read_bytes, sync_to_disk, write_bytes_atomic
+from .data.remote_io import (exists, filesystem, list_names, move_aside, read_bytes, sync_to_disk,
+                              write_bytes_atomic)
 
 COMMITTED = "commit.json"  # written last, by process 0: the checkpoint is whole
 DCP_FILES = re.compile(r"(\.metadata|__\d+_\d+\.distcp)$")  # what a DCP save writes into its folder
@@ -228,13 +228,7 @@ class Checkpoints:
         self.steps = [s for s in self.steps if s != step]
         if self.runtime.is_main:
             path = self.location(step)
-            fs, local = filesystem(path)
-            aside = stamped = f"{local}.damaged-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
-            for n in itertools.count(1):  # set aside twice in a second: moved onto the first, it would merge
-                if not fs.exists(aside):
-                    break
-                aside = f"{stamped}-{n}"
-            fs.mv(local, aside, recursive=True)
+            aside = move_aside(path, "damaged")
             log.warning("checkpoint %s set aside as %s (%s); it is kept, not deleted", path, aside, why)
         self.runtime.barrier()
 

@@ -313,9 +313,7 @@ def forget_completion(output_dir: str):
     nothing reads that run as finished."""
     url = completion_url(output_dir)
     if remote_io.exists(url):
-        fs, path = remote_io.filesystem(url)
-        aside = f"{path}.replaced-{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%SZ}"
-        fs.mv(path, aside)
+        aside = remote_io.move_aside(url, "replaced")
         log.info("moved %s aside to %s: this run's schedule has steps left", url, aside)
 
 

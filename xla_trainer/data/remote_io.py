@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 import json
 import logging
 import os
@@ -218,9 +219,9 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
 def sync_to_disk(url: str) -> None:
     """On a local disk, every file of the folder `url`, and the folder's own entries, forced onto
     the disk (fsync): a record written after them (a checkpoint's commit.json) never outlives them
-    in a host crash or power loss. DCP's writer does
-    not do it for us on every torch: 2.9 calls os.sync(), 2.14 only flushes. An object store (gs://)
-    holds an upload durably once it returns: nothing to do."""
+    in a host crash or power loss. DCP's writer does not do it for us on every torch: 2.9 calls
+    os.sync(), 2.14 only flushes. An object store (gs://) holds an upload durably once it returns:
+    nothing to do."""
     if get_protocol(str(url)) != "file":
         return
     path = filesystem(url)[1]
@@ -236,6 +237,20 @@ def _fsync(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def move_aside(url: str, label: str) -> str:
+    """`url` (a file or a folder) renamed <url>.<label>-<UTC time>: kept, never deleted. A name
+    already taken (set aside twice within a second) gets -1, -2, ... after the time: moved onto the
+    first, the second would replace or merge into it. Returns the new path."""
+    fs, path = filesystem(url)
+    aside = stamped = f"{path}.{label}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    for n in itertools.count(1):
+        if not fs.exists(aside):
+            break
+        aside = f"{stamped}-{n}"
+    fs.mv(path, aside, recursive=fs.isdir(path))
+    return aside
 
 
 def exists(url: str) -> bool:
