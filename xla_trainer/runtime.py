@@ -541,9 +541,7 @@ class XlaRuntime(Runtime):
         block_types = tuple(blocks)
         for name, module in list(model.named_modules()):
             if block_types and isinstance(module, block_types):
-                parent_name, _, child = name.rpartition(".")
-                parent = model.get_submodule(parent_name) if parent_name else model
-                setattr(parent, child, FSDPv2(module, mesh=self.mesh, extra_data_axis="data"))
+                model.set_submodule(name, FSDPv2(module, mesh=self.mesh, extra_data_axis="data"))
         # the root's output is a dict of scalar losses: nothing to shard there
         return FSDPv2(model, mesh=self.mesh, shard_output=lambda output, mesh: None)
 

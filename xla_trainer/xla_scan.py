@@ -129,6 +129,5 @@ def scan_identical_blocks(model: nn.Module, block_types: tuple[type, ...]):
         if len({structure(b) for b in container}) > 1:
             raise ConfigError(f"runtime.scan_blocks: the blocks of {name} differ in structure; "
                               f"set runtime.scan_blocks=false")
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, ScannedBlocks(container))
+        model.set_submodule(name, ScannedBlocks(container))
         log.info("runtime.scan_blocks: %s (%d %s) may run as one scan", name, len(container), type(container[0]).__name__)
