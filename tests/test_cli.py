@@ -242,7 +242,7 @@ def test_bench_reports_one_graph_execution_per_step(tmp_path):
     assert report["compiles"] == report["compiles_after_warmup"] and report["step_compiles"] >= 1
     assert report["ir_nodes_per_step"] > 1000 and report["same_graph_every_step"]
     assert report["host_ms_per_step"] > 0 and report["device_ms_per_step"] > 0
-    assert set(report["trace_vs_tpu_step"]) == {"v4", "v5p", "v6e"}
+    assert set(report["host_vs_tpu_step"]) == {"v4", "v5p", "v6e"}
     assert 0 < report["trace_ms_per_step"] < report["host_ms_per_step"]
     assert any("_xla_step_marker" in function for function, _ in report["host_profile"])  # the dispatch
     assert report["images_per_sec"] > 0 and report["mfu"] is None  # no known peak for a CPU
@@ -251,21 +251,26 @@ def test_bench_reports_one_graph_execution_per_step(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.xla
-def test_bench_of_scanned_blocks_traces_a_smaller_graph(tmp_path):
-    """runtime.scan_blocks on a 4-block D-iGPT student: still one graph per step, compiled once,
-    the same every step, with fewer IR nodes than the loop over the blocks traces."""
+def test_bench_of_the_step_variants(tmp_path):
+    """A 4-block D-iGPT student traced at every step (the loop over the blocks, or
+    runtime.scan_blocks) or replayed (runtime.dynamo_step): each runs one graph per step, compiled
+    once, the same every step; the scan traces fewer IR nodes than the loop, the replay none."""
     reports = {}
-    for scan in ("false", "true"):
+    for variant, extra in (("loop", {}), ("scan", {"runtime.scan_blocks": "true"}),
+                           ("dynamo", {"runtime.dynamo_step": "true"})):
         overrides = tiny_overrides(tmp_path, tmp_path / "out", **{
             "backbone.depth": 4, "runtime.backend": "xla", "targets.source": "precomputed",
-            "teacher.pretrained": "null", "runtime.scan_blocks": scan})
+            "teacher.pretrained": "null", **extra})
         result = run_cli(["bench", "--config", "configs/digpt/demo.yaml", "--steps", "2", "--warmup", "2", *overrides],
                          env={"PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "1"})
         assert result.returncode == 0, result.stderr[-2000:]
-        reports[scan] = report = json.loads(result.stdout.strip().splitlines()[-1])
-        assert report["executions_per_step"] == 1 and report["host_fallbacks_per_step"] == 0
-        assert report["compiles"] == report["compiles_after_warmup"] and report["same_graph_every_step"]
-    assert reports["true"]["ir_nodes_per_step"] < reports["false"]["ir_nodes_per_step"]
+        reports[variant] = report = json.loads(result.stdout.strip().splitlines()[-1])
+        assert report["executions_per_step"] == 1 and report["host_fallbacks_per_step"] == 0, variant
+        assert report["compiles"] == report["compiles_after_warmup"] and report["same_graph_every_step"], variant
+        assert report["host_cpu_ms_per_step"] > 0
+    assert 0 < reports["scan"]["ir_nodes_per_step"] < reports["loop"]["ir_nodes_per_step"]
+    assert reports["loop"]["graphs_traced_per_step"] == reports["scan"]["graphs_traced_per_step"] == 1
+    assert reports["dynamo"]["graphs_traced_per_step"] == 0 and reports["dynamo"]["ir_nodes_per_step"] == 0
 
 
 @pytest.mark.parametrize("name", ["configs/digpt/vit_b16_in1k.yaml", "digpt/vit_b16_in1k.yaml"])

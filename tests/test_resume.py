@@ -55,8 +55,8 @@ def test_resumed_run_matches_uninterrupted(embedded_root, tmp_path):
 
 
 # backend -> (torchrun processes, 0 for one process without torchrun; runtime.mesh)
-PLACEMENTS = {"cpu": (0, "[-1,1]"), "xla": (0, "[-1,1]"), "xla-fsdp": (0, "[2,2]"), "ddp": (2, "[-1,1]"),
-              "fsdp2": (2, "[1,2]"), "hsdp": (4, "[2,2]")}
+PLACEMENTS = {"cpu": (0, "[-1,1]"), "xla": (0, "[-1,1]"), "xla-dynamo": (0, "[-1,1]"), "xla-fsdp": (0, "[2,2]"),
+              "ddp": (2, "[-1,1]"), "fsdp2": (2, "[1,2]"), "hsdp": (4, "[2,2]")}
 
 
 def pretrain_on(backend: str, data_root, out, stop: int):
@@ -64,7 +64,8 @@ def pretrain_on(backend: str, data_root, out, stop: int):
     args = ["pretrain", *toy_overrides(data_root, out, **{"objective.keep": 1.0, "train.ckpt_every": 100,
                                                           "train.stop_at_step": stop, "runtime.mesh": mesh})]
     if backend.startswith("xla"):
-        result = run_cli([*args, "runtime.backend=xla"], env=XLA4)
+        dynamo = "true" if backend == "xla-dynamo" else "false"
+        result = run_cli([*args, "runtime.backend=xla", f"runtime.dynamo_step={dynamo}"], env=XLA4)
     elif processes:
         result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                                  f"--nproc_per_node={processes}", "-m", "xla_trainer", *args],
@@ -75,9 +76,10 @@ def pretrain_on(backend: str, data_root, out, stop: int):
     return result
 
 
-# Every move between two of cpu, xla, ddp and fsdp2 once (xla: data-parallel, or FSDPv2 [2,2] next
-# to FSDP2; fsdp2: [1,2], or HSDP [2,2] on 4 processes once): 13 segments.
-CHAIN = ("cpu", "xla", "cpu", "ddp", "xla", "ddp", "cpu", "fsdp2", "xla-fsdp", "hsdp", "ddp", "fsdp2", "cpu")
+# Every move between two of cpu, xla, ddp and fsdp2 once (xla: data-parallel, once with
+# runtime.dynamo_step, or FSDPv2 [2,2] next to FSDP2; fsdp2: [1,2], or HSDP [2,2] on 4 processes
+# once): 13 segments.
+CHAIN = ("cpu", "xla", "cpu", "ddp", "xla-dynamo", "ddp", "cpu", "fsdp2", "xla-fsdp", "hsdp", "ddp", "fsdp2", "cpu")
 # Without torch_xla (make test-current-torch) the same chain less its XLA segments, so that the
 # moves between the eager backends stay tested on the current torch: 8 segments.
 if importlib.util.find_spec("torch_xla") is None:

@@ -14,7 +14,7 @@ from .bench_official import bench_batch, check_baseline, official_style_bench
 from .config import Config
 from .data import open_data
 from .flops import peak_flops, step_flops
-from .loop import Schedule, make_runtime, train_step
+from .loop import Schedule, make_runtime, step_function, train_step
 from .optim import peak_lr
 from .pretrain import build_job, check_config
 from .runtime import GraphCounters, Runtime, create_runtime
@@ -45,29 +45,32 @@ class StepTimer:
     def __init__(self, job, runtime: Runtime, lr: float):
         self.job, self.runtime, self.lr = job, runtime, lr
         self.traced = []  # when train_step's Python ended, each step: the rest of the call hands the graph over
-        self.step_fn = runtime.compile_fn(self._traced_step, "train_step")
+        # runtime.dynamo_step replays a graph traced once: its "tracing" is the whole call
+        self.step = step_function(job, runtime, "train_step") if runtime.dynamo_step else train_step
+        self.step_fn = self._traced_step if runtime.dynamo_step else runtime.compile_fn(self._traced_step, "train_step")
 
     def _traced_step(self, *args, **kwargs):
-        metrics = train_step(*args, **kwargs)
+        metrics = self.step(*args, **kwargs)
         self.traced.append(time.perf_counter())
         return metrics
 
-    def run(self, batches, one_at_a_time: bool = False) -> tuple[float, float, float]:
+    def run(self, batches, one_at_a_time: bool = False) -> tuple[float, float, float, float]:
         """Runs the steps, then waits for the device; `one_at_a_time`: waits after each step too.
-        (seconds the calls took, of which tracing, seconds waited for the device after them)."""
-        called = tracing = waited = 0.0
+        (seconds the calls took, of which tracing, seconds waited for the device after them, CPU
+        seconds of this thread in the calls)."""
+        called = tracing = waited = cpu = 0.0
         for step, device_batch in batches:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.thread_time()
             self.step_fn(self.job.step_model, self.job.teacher, self.job.optimizer, device_batch, self.lr, step,
                          runtime=self.runtime, settings=self.job.settings)
-            returned = time.perf_counter()
+            returned, cpu = time.perf_counter(), cpu + time.thread_time() - start_cpu
             called, tracing = called + returned - start, tracing + self.traced[-1] - start
             if one_at_a_time:
                 self.runtime.synchronize()
                 waited += time.perf_counter() - returned
         start = time.perf_counter()
         self.runtime.synchronize()
-        return called, tracing, waited + time.perf_counter() - start
+        return called, tracing, waited + time.perf_counter() - start, cpu
 
 
 def time_our_step(cfg: Config, runtime: Runtime, steps: int, warmup: int,
@@ -114,18 +117,21 @@ def host_side(timer: StepTimer, batches, counters: list, steps: int, seconds: fl
     """The XLA step's graph and host figures: `steps` more steps, each started on an idle device
     (their host time alone), against the counters before the warm-up, after it and after the
     timed steps; `profile_host`: one more step under cProfile."""
-    host_seconds, tracing, waited = timer.run(itertools.islice(batches, steps), one_at_a_time=True)
+    host_seconds, tracing, waited, cpu = timer.run(itertools.islice(batches, steps), one_at_a_time=True)
     counters.append(timer.runtime.graph_counters())
     warm, timed, host_timed = (later - earlier for earlier, later in zip(counters, counters[1:]))
     report = graph_report(warm, timed, steps, seconds, host_seconds / steps)
     report["trace_ms_per_step"] = 1000 * tracing / steps  # the rest of host_ms: hash, look up, dispatch
+    # the calling thread's CPU time: unlike wall time, not stretched when XLA:CPU's threads run the
+    # graph on the same cores (runtime.dynamo_step hands the graph over mid-call)
+    report["host_cpu_ms_per_step"] = 1000 * cpu / steps
     # ~ device_ms_per_step when a step call returns as soon as its graph is dispatched (the next
     # step's tracing may then overlap this one's execution); less: part of it ran inside the call
     report["device_ms_after_return"] = 1000 * waited / steps
     report["same_graph_every_step"] = timed.compiles == 0 and graph_shape(timed) == graph_shape(host_timed)
-    # tracing alone: the part of the host's time measured without the device's (on XLA:CPU the
-    # rest of the call also runs part of the graph), so a ratio above 1 is host-bound for sure
-    report["trace_vs_tpu_step"] = host_vs_tpu_step(report["trace_ms_per_step"], flops_per_image)
+    # the host's CPU time, not its wall time: on XLA:CPU the graph runs on the host's own cores
+    # and stretches the call (a TPU host's cores are its own)
+    report["host_vs_tpu_step"] = host_vs_tpu_step(report["host_cpu_ms_per_step"], flops_per_image)
     if profile_host:
         report["host_profile"] = host_profile(lambda: timer.run(itertools.islice(batches, 1), one_at_a_time=True))
     return report

@@ -170,6 +170,9 @@ class RuntimeConfig:
     # xla: the student's identical blocks run as one XLA loop (torch_xla scan): one block traced and
     # compiled instead of each (no drop path / dropout in them; data-parallel mesh only)
     scan_blocks: bool = False
+    # xla: the step traced once by dynamo (torch.compile, openxla) into one graph and replayed at
+    # every step, not re-traced in Python (AdamW, no train.ema; data-parallel mesh only)
+    dynamo_step: bool = False
     # cuda and cpu: torch.compile of the objective's forward and backward (off: compile time)
     torch_compile: bool = False
     # cuda: the step's levers (runtime.py), on by default where exact

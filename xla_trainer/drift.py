@@ -20,7 +20,7 @@ OPERATIONAL = {
     "train.take_over", "train.eval_every", "train.eval_batch", "train.init", "teacher.cache_dir",
     "targets.batch_size", "runtime.backend", "runtime.compile_cache", "runtime.mesh", "runtime.slices",
     "runtime.torch_compile", "runtime.fused_optimizer", "runtime.attention_masks", "runtime.sdpa_backends",
-    "runtime.ddp_static_graph"}
+    "runtime.ddp_static_graph", "runtime.scan_blocks", "runtime.dynamo_step"}  # the last two: the same step, traced otherwise
 MODEL_SECTIONS = ("objective", "backbone", "teacher", "probe")
 MODEL_KEYS = {"train.ema", "task"}
 # Streamed shards are dealt to hosts x loader workers and shuffled in a buffer: these change their

@@ -127,6 +127,15 @@ def train_step(model, teacher, optimizer, batch, lr, step, *, runtime: Runtime, 
     return metrics
 
 
+def step_function(job: "TrainingJob", runtime: Runtime, name: str):
+    """train_step as the runtime runs it for `job`: compiled (XLA: traced at every call, one
+    graph), or with runtime.dynamo_step traced once and replayed (dynamo_step.py)."""
+    if runtime.dynamo_step:
+        from .dynamo_step import DynamoStep  # it builds on this module's step parts
+        return DynamoStep(job, runtime)
+    return runtime.compile_fn(train_step, name)
+
+
 # --- around the step ----------------------------------------------------------------------------
 class TrainingDiverged(RuntimeError):
     """Non-finite steps the run may not go on past (train.nonfinite): exit 3."""
@@ -384,7 +393,7 @@ def run(job: TrainingJob, runtime: Runtime, batches, store, logger: MetricsLogge
     raises Interrupted after saving on SIGINT, TrainingDiverged on non-finite steps it may not
     go on past, RunLockLost when another launch took the run over."""
     schedule, pending = job.schedule, PendingMetrics()
-    step_fn = runtime.compile_fn(train_step, f"{job.name}_step")
+    step_fn = step_function(job, runtime, f"{job.name}_step")
     peak = peak_flops(runtime.device_kind())
     last_ckpt = store.location(start) if start else None
     total_skipped = 0.0

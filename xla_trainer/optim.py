@@ -5,6 +5,8 @@ import torch
 from torch.distributed.tensor import DTensor
 from timm.optim import Lars, param_groups_layer_decay, param_groups_weight_decay
 
+from .stacked_adamw import StackedAdamW
+
 
 def no_decay_names(model: torch.nn.Module) -> set[str]:
     """The parameter names the model's optional no_weight_decay() exempts (timm's convention)."""
@@ -22,12 +24,14 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, beta
     """AdamW, SGD or LARS over the trainable parameters, without decay on biases, 1-D parameters
     and the model's no_weight_decay() names. layer_decay < 1 scales each ViT layer's lr by
     layer_decay^(depth - layer) (timm's grouping, BEiT / MAE fine-tuning); `options` are the
-    runtime's AdamW options (capturable on XLA, fused on CUDA), for AdamW alone."""
+    runtime's AdamW options (stacked on XLA: StackedAdamW; fused on CUDA), for AdamW alone."""
     if layer_decay < 1.0:
         groups = param_groups_layer_decay(model, weight_decay, no_decay_names(model), layer_decay=layer_decay)
     else:
         groups = weight_decay_groups(model, weight_decay)
     groups = [g for g in groups if any(p.requires_grad for p in g["params"])]
+    if name == "adamw" and options.pop("stacked", False):
+        return StackedAdamW(groups, lr=lr, betas=tuple(betas))
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), **options)
     if name == "sgd":
@@ -53,7 +57,10 @@ def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, clip
     and every updated parameter and optimizer state are finite; otherwise all of them keep their
     values from before the step. The choice is a select on the device, not a host read: under XLA
     it fuses into the update (no sync, one graph); on eager backends it costs one copy of the
-    parameters and the optimizer state per step."""
+    parameters and the optimizer state per step. StackedAdamW (XLA) does all of it in stacks of
+    same-shaped tensors."""
+    if isinstance(optimizer, StackedAdamW):
+        return optimizer.guarded_step(clip_grad, loss_finite)
     params = [p for p in model.parameters() if p.grad is not None]
     grad_norm = total_norm([p.grad for p in params])
     if clip_grad:

@@ -55,6 +55,7 @@ class RuntimeInfo:
 class Runtime:
     backend = "cpu"
     backend_reason = "runtime.backend=cpu"
+    dynamo_step = False  # xla: the step traced once by dynamo and replayed (dynamo_step.py)
 
     def __init__(self, precision: str = "bf16"):
         self.precision = precision
@@ -483,9 +484,9 @@ class XlaRuntime(Runtime):
     backend = "xla"
 
     def __init__(self, precision: str = "bf16", compile_cache: str | None = None, mesh=(-1, 1),
-                 slices: int = 1, scan_blocks: bool = False):
+                 slices: int = 1, scan_blocks: bool = False, dynamo_step: bool = False):
         super().__init__(precision)
-        self.scan_blocks = scan_blocks
+        self.scan_blocks, self.dynamo_step = scan_blocks, dynamo_step
         os.environ.setdefault("PJRT_DEVICE", "TPU" if _tpu_present() else "CPU")
         import torch_xla
         import torch_xla.core.xla_model as xm
@@ -506,6 +507,11 @@ class XlaRuntime(Runtime):
             raise ValueError(f"runtime.scan_blocks runs the blocks' stacked weights through one loop, which "
                              f"FSDPv2's per-block sharding does not cover; with runtime.mesh {list(mesh)} (fsdp "
                              f"axis {self.fsdp_size}) set runtime.scan_blocks=false, or runtime.mesh=[-1, 1]")
+        if dynamo_step and (self.fsdp_size > 1 or scan_blocks):
+            raise ValueError(f"runtime.dynamo_step replays one graph whose outputs are the next step's inputs, "
+                             f"sharded as XLA chose (FSDPv2 and runtime.scan_blocks are not covered); with "
+                             f"runtime.mesh {list(mesh)} and runtime.scan_blocks={str(scan_blocks).lower()} set "
+                             f"runtime.dynamo_step=false, or runtime.mesh=[-1, 1] and runtime.scan_blocks=false")
         xs.set_global_mesh(self.mesh)
         if self.process_count > 1:
             self._ensure_process_group()  # host-side agreement (preemption) from the start
@@ -570,10 +576,10 @@ class XlaRuntime(Runtime):
         self._xm.wait_device_ops()
 
     def optimizer_options(self) -> dict:
-        # capturable keeps AdamW's step count on the device. Otherwise its bias corrections are
-        # host floats that round to exactly 1.0 in float32 (steps ~160 and ~340), which XLA folds
-        # into a constant: two recompilations in every run.
-        return {"capturable": True, "foreach": False}
+        # StackedAdamW: torch's capturable AdamW (the step count on the device; as host floats
+        # its bias corrections round to exactly 1.0 in float32 at steps ~160 and ~340, which XLA
+        # folds into a constant: two recompilations in every run), traced once per shape.
+        return {"stacked": True}
 
     def init_optimizer_state(self, optimizer):
         """Adam(W)'s state made on the device before the first step, each tensor sharded like its
@@ -581,20 +587,31 @@ class XlaRuntime(Runtime):
         one, a second compilation (minutes for a large model on a TPU)."""
         if not isinstance(optimizer, torch.optim.Adam) or optimizer.defaults.get("amsgrad"):
             return
-        replicate = lambda t: self._xs.mark_sharding(t, self.mesh, (None,) * t.dim())
         for group in optimizer.param_groups:
             for p in group["params"]:
                 if optimizer.state[p]:
                     continue
                 if not self._torch_xla._XLAC._get_xla_op_sharding(p):
-                    replicate(p)  # as the step's outputs are: the same input shardings every step
+                    self.replicate([p])  # as the step's outputs are: the same input shardings every step
                 step = torch.zeros((), device=p.device) if group["capturable"] else torch.tensor(0.0)
                 state = optimizer.state[p] = {"step": step, "exp_avg": torch.zeros_like(p),
                                               "exp_avg_sq": torch.zeros_like(p)}
                 if group["capturable"]:
-                    replicate(step)
+                    self.replicate([step])
                 self.shard_like((state["exp_avg"], state["exp_avg_sq"]), (p, p), sync=False)
         self._torch_xla.sync()
+
+    def donate(self, tensors):
+        """Their device buffers may be reused for the next replayed graph's outputs
+        (compile_replayed): none of them is read after it runs."""
+        for t in tensors:
+            self._torch_xla._XLAC._set_buffer_donation(t, True)
+
+    def replicate(self, tensors):
+        """Each tensor marked replicated over the mesh."""
+        for t in tensors:
+            self._xs.mark_sharding(t, self.mesh, (None,) * t.dim())
+        return tensors
 
     def shard_like(self, tensors, like, sync: bool = True):
         xla = self._torch_xla._XLAC
@@ -608,10 +625,38 @@ class XlaRuntime(Runtime):
             self._torch_xla.sync()
 
     def step_noise(self, shape, global_batch, seed, step):
-        # Reseeding the device generator is a scalar upload, not a new graph. Under SPMD the
-        # step sees the global batch, so it takes every row.
+        self.seed_step_noise(seed, step)
+        return self.draw_noise(shape, global_batch)
+
+    def seed_step_noise(self, seed: int, step: int):
+        # Reseeding the device generator is a scalar upload, not a new graph.
         self._xm.set_rng_state(_noise_seed(seed, step), device=self.device)
+
+    def draw_noise(self, shape, global_batch: int) -> torch.Tensor:
+        # under SPMD the step sees the global batch, so it takes every row
         return torch.rand((global_batch, *shape), device=self.device)
+
+    def compile_replayed(self, fn, before_run):
+        """`fn` traced once by dynamo into one XLA graph, then replayed at each call
+        (runtime.dynamo_step). torch_xla's openxla backend, with `before_run()` called just
+        before each replay: its own wrapper (torch._dynamo.backends.torchxla) extracts the graph
+        at the first call by running it, which draws from the device's generator, and then
+        replays it with the generator's state as the extraction left it."""
+        from functorch.compile import make_boxed_func
+        from torch._dynamo.backends.common import aot_autograd
+        from torch_xla._dynamo import dynamo_bridge
+
+        def forward_compiler(graph, example_inputs):
+            extracted = None
+
+            def run(*args):
+                nonlocal extracted
+                if extracted is None:
+                    extracted = dynamo_bridge.extract_compiled_graph(graph, args)
+                before_run()
+                return extracted(*args)
+            return make_boxed_func(run)
+        return torch.compile(fn, backend=aot_autograd(fw_compiler=forward_compiler), fullgraph=True, dynamic=False)
 
     def _batch_sharding(self, batch: dict) -> dict:
         # batch axis over every device ('data' x 'fsdp'); minibatch: each host passes its own rows
@@ -820,13 +865,16 @@ def create_runtime(backend: str = "auto", precision: str = "bf16", compile_cache
     check_sdpa_backends(options.sdpa_backends)
     backend, why = choose_backend(backend, devices or MachineDevices.probe())
     if backend == "xla":
-        runtime = XlaRuntime(precision, compile_cache, mesh, slices, options.scan_blocks)
+        runtime = XlaRuntime(precision, compile_cache, mesh, slices, options.scan_blocks, options.dynamo_step)
     else:
         if slices != 1:
             raise ConfigError("runtime.slices is for the xla backend (TPU slices over DCN); on cuda and cpu "
                               "leave it at 1")
         if options.scan_blocks:
             raise ConfigError("runtime.scan_blocks is for the xla backend; leave it false on cuda and cpu")
+        if options.dynamo_step:
+            raise ConfigError("runtime.dynamo_step is for the xla backend; on cuda and cpu use "
+                              "runtime.torch_compile")
         runtime = (CudaRuntime if backend == "cuda" else EagerRuntime)(precision, options, mesh)
     runtime.backend_reason = why
     return runtime
