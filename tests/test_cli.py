@@ -226,51 +226,35 @@ def test_info_xla_mesh():
 @pytest.mark.slow  # a subprocess or a whole training: not in the edit loop
 @pytest.mark.xla
 def test_bench_reports_one_graph_execution_per_step(tmp_path):
-    """`xla-trainer bench` on XLA:CPU, a tiny D-iGPT with precomputed targets whose student
+    """`xla-trainer bench` on XLA:CPU, a tiny 4-block D-iGPT with precomputed targets whose student
     segments (1x1 patches) are resized to the teacher's (2x2), as ViT-B/16's 7x7 are to ViT-H/14's
-    8x8: one graph per step, nothing run on the host, the compile count flat, a stable graph."""
-    overrides = tiny_overrides(tmp_path, tmp_path / "out", **{
-        "backbone.patch_size": 16, "runtime.backend": "xla", "targets.source": "precomputed",
-        "teacher.pretrained": "null"})
-    result = run_cli(["bench", "--config", "configs/digpt/demo.yaml", "--steps", "2", "--warmup", "2", "--profile-host",
-                      *overrides],
-                     env={"PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "1"})
-    assert result.returncode == 0, result.stderr[-2000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["executions_per_step"] == 1 and report["graphs_traced_per_step"] == 1
-    assert report["host_fallbacks_per_step"] == 0
-    assert report["compiles"] == report["compiles_after_warmup"] and report["step_compiles"] >= 1
-    assert report["ir_nodes_per_step"] > 1000 and report["same_graph_every_step"]
-    assert report["host_ms_per_step"] > 0 and report["device_ms_per_step"] > 0
-    assert set(report["host_vs_tpu_step"]) == {"v4", "v5p", "v6e"}
-    assert 0 < report["trace_ms_per_step"] < report["host_ms_per_step"]
-    assert any("_xla_step_marker" in function for function, _ in report["host_profile"])  # the dispatch
-    assert report["images_per_sec"] > 0 and report["mfu"] is None  # no known peak for a CPU
-    assert "graph executions" in result.stdout and "images/s" in result.stdout
-
-
-@pytest.mark.slow
-@pytest.mark.xla
-def test_bench_of_the_step_variants(tmp_path):
-    """A 4-block D-iGPT student traced at every step (the loop over the blocks, or
-    runtime.scan_blocks) or replayed (runtime.dynamo_step): each runs one graph per step, compiled
-    once, the same every step; the scan traces fewer IR nodes than the loop, the replay none."""
+    8x8, its step traced at every call (the loop over the blocks, or runtime.scan_blocks) or
+    replayed (runtime.dynamo_step): one graph per step, nothing run on the host, the compile count
+    flat, the same graph every step; the scan traces fewer IR nodes than the loop, the replay none."""
     reports = {}
     for variant, extra in (("loop", {}), ("scan", {"runtime.scan_blocks": "true"}),
                            ("dynamo", {"runtime.dynamo_step": "true"})):
         overrides = tiny_overrides(tmp_path, tmp_path / "out", **{
-            "backbone.depth": 4, "runtime.backend": "xla", "targets.source": "precomputed",
-            "teacher.pretrained": "null", **extra})
-        result = run_cli(["bench", "--config", "configs/digpt/demo.yaml", "--steps", "2", "--warmup", "2", *overrides],
-                         env={"PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "1"})
+            "backbone.patch_size": 16, "backbone.depth": 4, "runtime.backend": "xla",
+            "targets.source": "precomputed", "teacher.pretrained": "null", **extra})
+        result = run_cli(["bench", "--config", "configs/digpt/demo.yaml", "--steps", "2", "--warmup", "2",
+                          "--profile-host", *overrides], env={"PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "1"})
         assert result.returncode == 0, result.stderr[-2000:]
         reports[variant] = report = json.loads(result.stdout.strip().splitlines()[-1])
         assert report["executions_per_step"] == 1 and report["host_fallbacks_per_step"] == 0, variant
-        assert report["compiles"] == report["compiles_after_warmup"] and report["same_graph_every_step"], variant
-        assert report["host_cpu_ms_per_step"] > 0
-    assert 0 < reports["scan"]["ir_nodes_per_step"] < reports["loop"]["ir_nodes_per_step"]
-    assert reports["loop"]["graphs_traced_per_step"] == reports["scan"]["graphs_traced_per_step"] == 1
-    assert reports["dynamo"]["graphs_traced_per_step"] == 0 and reports["dynamo"]["ir_nodes_per_step"] == 0
+        assert report["compiles"] == report["compiles_after_warmup"] and report["step_compiles"] >= 1, variant
+        assert report["same_graph_every_step"], variant
+        assert report["host_ms_per_step"] > 0 and report["device_ms_per_step"] > 0
+        assert report["host_cpu_ms_per_step"] > 0 and set(report["host_vs_tpu_step"]) == {"v4", "v5p", "v6e"}
+        assert report["images_per_sec"] > 0 and report["mfu"] is None  # no known peak for a CPU
+        assert "graph executions" in result.stdout and "images/s" in result.stdout
+    loop, scan, dynamo = reports["loop"], reports["scan"], reports["dynamo"]
+    assert loop["graphs_traced_per_step"] == scan["graphs_traced_per_step"] == 1
+    assert 0 < scan["ir_nodes_per_step"] < loop["ir_nodes_per_step"] and loop["ir_nodes_per_step"] > 1000
+    assert 0 < loop["trace_ms_per_step"] < loop["host_ms_per_step"]
+    assert any("_xla_step_marker" in function for function, _ in loop["host_profile"])  # the dispatch
+    assert dynamo["graphs_traced_per_step"] == 0 and dynamo["ir_nodes_per_step"] == 0
+    assert any("_run_cached_graph" in function for function, _ in dynamo["host_profile"])  # the replay
 
 
 @pytest.mark.parametrize("name", ["configs/digpt/vit_b16_in1k.yaml", "digpt/vit_b16_in1k.yaml"])
