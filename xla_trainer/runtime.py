@@ -620,7 +620,7 @@ class XlaRuntime(Runtime):
             if sharding:
                 xla._xla_mark_sharding(t, sharding)
             else:  # an unmarked parameter is replicated
-                self._xs.mark_sharding(t, self.mesh, (None,) * t.dim())
+                self.replicate([t])
         if sync:
             self._torch_xla.sync()
 
