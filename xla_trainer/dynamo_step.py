@@ -2,8 +2,9 @@
 at every step, instead of re-traced op by op in Python at every step (loop.train_step).
 
 Why: torch_xla's lazy tensors run the step's Python at every step to rebuild its graph (forward,
-backward, update: ~200 ms for D-iGPT ViT-B/16 on a CPU host, longer than a v5p chip's step);
-a replay costs dynamo's guard checks and the hand-over of the step's tensors.
+backward, update: about 110 ms of host CPU for D-iGPT ViT-B/16 on the test VM, 0.6 of a v5p
+chip's step); a replay costs dynamo's guard checks and the hand-over of the step's tensors (about
+40 ms there; docs/performance.md).
 
 The step is written as a function of its tensors: gradients by torch.func.grad_and_value of the
 objective under torch.func.functional_call, the update by stacked_adamw.guarded_update. The new
